@@ -1,0 +1,1 @@
+"""FL methods, one module each, registered by name under the `raysim.algorithms` entry points."""

@@ -1,0 +1,111 @@
+"""FedAvg — McMahan et al., "Communication-Efficient Learning of Deep Networks from
+Decentralized Data", AISTATS 2017.
+
+Client k runs E epochs of SGD on its data from the global weights w_t; the server sets
+w_{t+1} = Σ_k (n_k / n) w_k^{t+1} over the sampled clients (Algorithm 1).
+
+Every other method inherits from this class and overrides only what differs:
+`local_objective` (the per-batch loss), `client_update` (what is sent back), `server_round`
+(what the server does with it), `broadcast` (what clients receive).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from raysim.aggregation import weighted_average
+from raysim.algorithm import (
+    Broadcast,
+    ClientContext,
+    ClientUpdate,
+    ServerState,
+    TaskInfo,
+    Weights,
+)
+from raysim.training import ClientData, make_optimizer
+
+BatchLoss = Callable[[Tensor, Tensor], Tensor]
+
+
+def copy_weights(model: nn.Module) -> Weights:
+    """A detached CPU copy of the model's state dict (safe to send and to keep)."""
+    return {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()}
+
+
+class FedAvg:
+    @dataclass(frozen=True)
+    class Config:
+        """FedAvg has no hyperparameters beyond the shared `train` section."""
+
+    stateful: ClassVar[bool] = False  # True: the engine keeps `ClientUpdate.state` per client
+
+    def __init__(self, config: Any = None, task: TaskInfo | None = None) -> None:
+        self.config = config if config is not None else self.Config()
+        self.task = task
+
+    # ---------------------------------------------------------------- server side
+    def init_server(self, model: nn.Module) -> ServerState:
+        return ServerState(weights=copy_weights(model))
+
+    def broadcast(self, state: ServerState) -> Broadcast:
+        return Broadcast(weights=state.weights)
+
+    def server_round(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
+        """w_{t+1} = Σ_k n_k w_k / Σ_k n_k, in client-id order (the engine sorts `updates`)."""
+        averaged = weighted_average([u.weights for u in updates], [u.num_samples for u in updates])
+        return ServerState(weights=averaged)
+
+    # ---------------------------------------------------------------- client side
+    def client_update(
+        self, ctx: ClientContext, model: nn.Module, broadcast: Broadcast, data: ClientData,
+        state: Any,
+    ) -> ClientUpdate:
+        model.load_state_dict(broadcast.weights)
+        objective = self.local_objective(ctx, model, broadcast, state)
+        metrics = self.train_locally(ctx, model, data, objective)
+        return ClientUpdate(weights=copy_weights(model), num_samples=len(data), metrics=metrics)
+
+    def local_objective(
+        self, ctx: ClientContext, model: nn.Module, broadcast: Broadcast, state: Any
+    ) -> BatchLoss:
+        """The loss of one batch; FedAvg: cross-entropy."""
+
+        def loss(x: Tensor, y: Tensor) -> Tensor:
+            return F.cross_entropy(model(x).logits, y)
+
+        return loss
+
+    def train_locally(
+        self, ctx: ClientContext, model: nn.Module, data: ClientData, objective: BatchLoss
+    ) -> dict[str, float]:
+        model.train()
+        optimizer = make_optimizer(model, ctx.train)
+        total, steps = torch.zeros((), device=ctx.device), 0
+        for _ in range(ctx.train.local_epochs):
+            for x, y in data.batches(ctx.train.batch_size, ctx.generator):
+                loss = objective(x, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.detach()
+                steps += 1
+        return {"train_loss": total.item() / max(steps, 1), "train_steps": float(steps)}
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate_batch(
+        self, model: nn.Module, broadcast: Broadcast, x: Tensor, y: Tensor
+    ) -> dict[str, float]:
+        """Sums over the batch; the engine adds them up and divides by `count`."""
+        logits = model(x).logits
+        return {
+            "accuracy": (logits.argmax(1) == y).sum().item(),
+            "loss": F.cross_entropy(logits, y, reduction="sum").item(),
+            "count": float(len(y)),
+        }

@@ -1,0 +1,42 @@
+"""FedProx — Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020.
+
+The only change to FedAvg is the client objective (Eq. 2):
+    h_k(w; w_t) = F_k(w) + μ/2 · ‖w − w_t‖²
+a proximal term that keeps local models near the global weights w_t they started from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from algorithms.fedavg import BatchLoss, FedAvg
+from raysim.algorithm import Broadcast, ClientContext
+
+
+class FedProx(FedAvg):
+    @dataclass(frozen=True)
+    class Config:
+        mu: float = 0.01  # proximal coefficient μ
+
+        def __post_init__(self) -> None:
+            from raysim.config import ConfigError
+
+            if self.mu < 0:
+                raise ConfigError(f"mu: must be >= 0 (got {self.mu})")
+
+    def local_objective(
+        self, ctx: ClientContext, model: nn.Module, broadcast: Broadcast, state: Any
+    ) -> BatchLoss:
+        base = super().local_objective(ctx, model, broadcast, state)
+        params = dict(model.named_parameters())
+        anchor = [broadcast.weights[name].to(ctx.device) for name in params]
+        mu = self.config.mu
+
+        def loss(x: Tensor, y: Tensor) -> Tensor:
+            proximal = sum((p - a).pow(2).sum() for p, a in zip(params.values(), anchor))
+            return base(x, y) + mu / 2 * proximal
+
+        return loss

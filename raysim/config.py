@@ -1,0 +1,338 @@
+"""Experiment configuration: YAML → typed, validated dataclasses, with dotted overrides.
+
+Every key a user can write is a dataclass field below, with its default. Parsing rejects unknown
+keys (suggesting the nearest valid one), wrong types and out-of-range values with a
+`ConfigError` naming the dotted key, before any Ray work starts. The algorithm's own
+hyperparameters (`algorithm: {name: fedprox, mu: 0.01}`) are validated against that algorithm's
+`Config` dataclass, so defaults live in exactly one place: the algorithm file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message names the key and the fix."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class PartitionConfig:
+    """How the training split is divided among clients (see `raysim.data.partition`)."""
+
+    kind: str = "dirichlet"
+    num_clients: int = 50
+    alpha: float = 0.5  # Dirichlet concentration: over labels (dirichlet*), over sizes (quantity)
+    classes_per_client: int = 2  # shards: exactly k classes per client
+    min_size: int = 2  # dirichlet / quantity: redraw until every client holds this many samples
+
+    def __post_init__(self) -> None:
+        from raysim.data import PARTITION_KINDS
+
+        _require(self.kind in PARTITION_KINDS, "kind",
+                 f"unknown partition {self.kind!r}; choose one of {', '.join(PARTITION_KINDS)}")
+        _require(self.num_clients >= 1, "num_clients", "must be >= 1")
+        _require(self.alpha > 0, "alpha", f"must be > 0 (got {self.alpha})")
+        _require(self.classes_per_client >= 1, "classes_per_client", "must be >= 1")
+        _require(self.min_size >= 1, "min_size", "must be >= 1")
+
+
+@dataclass
+class LongTailConfig:
+    """Global long tail applied before partitioning: class c keeps n_max·ρ^(−c/(C−1))."""
+
+    rho: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.rho >= 1, "rho", f"imbalance ratio must be >= 1 (got {self.rho})")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    root: str | None = None  # folder holding the dataset files (not needed for digits)
+    download: bool = False  # let torchvision fetch a missing dataset into root
+    test_fraction: float = 0.25  # held-out share, for datasets without an official test split
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    long_tail: LongTailConfig = field(default_factory=LongTailConfig)
+
+    def __post_init__(self) -> None:
+        from raysim.data import DATASETS
+
+        _require(self.dataset in DATASETS, "dataset",
+                 f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        _require(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"
+
+    def __post_init__(self) -> None:
+        from raysim.models import MODELS
+
+        _require(self.name in MODELS, "name",
+                 f"unknown model {self.name!r}; choose one of {', '.join(MODELS)}")
+
+
+@dataclass
+class TrainConfig:
+    """Local training on each client."""
+
+    local_epochs: int = 5
+    batch_size: int = 16
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    optimizer: str = "sgd"  # sgd | adam
+
+    def __post_init__(self) -> None:
+        _require(self.local_epochs >= 1, "local_epochs", "must be >= 1")
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _require(self.lr > 0, "lr", f"must be > 0 (got {self.lr})")
+        _require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _require(self.optimizer in ("sgd", "adam"), "optimizer", "choose one of sgd, adam")
+
+
+@dataclass
+class ActorResources:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.num_cpus >= 0, "num_cpus", "must be >= 0")
+        _require(self.num_gpus >= 0, "num_gpus", "must be >= 0")
+        _require(self.num_gpus <= 1 or self.num_gpus == int(self.num_gpus), "num_gpus",
+                 "fractions are allowed only below 1 (e.g. 0.25 packs four actors per GPU)")
+
+
+@dataclass
+class ResourcesConfig:
+    num_workers: int = 2
+    worker: ActorResources = field(default_factory=ActorResources)
+    server: ActorResources = field(default_factory=lambda: ActorResources(num_cpus=0.0))
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 1, "num_workers", "must be >= 1")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # online | offline | disabled
+    project: str = "raysim"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _require(self.mode in ("online", "offline", "disabled"), "mode",
+                 "choose one of online, offline, disabled")
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = True  # live progress line on the console
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class AlgorithmConfig:
+    """`name` picks a registered algorithm; the other keys are that algorithm's `Config`."""
+
+    name: str = "fedavg"
+    params: Any = None  # an instance of the algorithm's Config dataclass
+
+
+@dataclass
+class Config:
+    name: str = "experiment"
+    seed: int = 0
+    rounds: int = 20
+    clients_per_round: int = 10
+    eval_every: int = 1  # evaluate the global model every this many rounds (and after the last)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=lambda: _parse_algorithm({}, "algorithm"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 1, "rounds", "must be >= 1")
+        _require(self.eval_every >= 1, "eval_every", "must be >= 1")
+        _require(self.clients_per_round >= 1, "clients_per_round", "must be >= 1")
+        num_clients = self.data.partition.num_clients
+        _require(self.clients_per_round <= num_clients, "clients_per_round",
+                 f"{self.clients_per_round} > data.partition.num_clients ({num_clients}); "
+                 "lower clients_per_round or raise num_clients")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_dataclass(cls: type, raw: Any, path: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, checking keys, types and each class's ranges."""
+    where = path or "config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {_describe(raw)}")
+    if cls is AlgorithmConfig:
+        return _parse_algorithm(raw, path)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown key {dotted!r}{_suggest(str(key), fields, path)}")
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:  # a range check: prefix the section path
+        raise ConfigError(f"{path}.{error}" if path else str(error)) from None
+
+
+def _parse_algorithm(raw: dict, path: str) -> AlgorithmConfig:
+    from raysim.registry import algorithm_class
+
+    raw = dict(raw)
+    name = raw.pop("name", AlgorithmConfig.name)
+    _require(isinstance(name, str), f"{path}.name", f"expected a string, got {_describe(name)}")
+    try:
+        algorithm = algorithm_class(name)
+    except KeyError as error:
+        raise ConfigError(f"{path}.name: {error.args[0]}") from None
+    return AlgorithmConfig(name=name, params=parse_dataclass(algorithm.Config, raw, path))
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [option for option in options if option is not type(None)]
+        return _coerce(inner, value, key)
+    if dataclasses.is_dataclass(hint):
+        return parse_dataclass(hint, value, key)
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
+        return [_coerce(inner, item, f"{key}[{i}]") for i, item in enumerate(value)]
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"config field {key} has an unsupported type {hint!r}")
+    raise ConfigError(f"{key}: expected {hint.__name__}, got {_describe(value)}")
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _suggest(key: str, fields: dict, path: str) -> str:
+    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+    if close:
+        dotted = f"{path}.{close[0]}" if path else close[0]
+        return f"; did you mean {dotted!r}?"
+    return f"; valid keys here: {', '.join(fields)}"
+
+
+# --------------------------------------------------------------------------- overrides, I/O
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Set `a.b.c=value` in a raw config mapping; the value is read as YAML (numbers, lists)."""
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(
+            f"override {override!r}: expected KEY=VALUE, e.g. data.partition.alpha=0.1"
+        )
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+        node = child
+    node[leaf] = yaml.safe_load(text) if text.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML experiment file (or only defaults), apply `-o` overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return config_from_dict(raw, overrides)
+
+
+def config_from_dict(raw: dict, overrides: typing.Sequence[str] = ()) -> Config:
+    raw = _deep_copy(raw)
+    for override in overrides:
+        apply_override(raw, override)
+    return parse_dataclass(Config, raw)
+
+
+def config_to_dict(config: Any) -> dict:
+    """The resolved config as plain data: every key, defaults included (round-trips)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(config, AlgorithmConfig) and f.name == "params":
+            out.update(config_to_dict(value))
+        elif dataclasses.is_dataclass(value):
+            out[f.name] = config_to_dict(value)
+        else:
+            out[f.name] = list(value) if isinstance(value, list) else value
+    return out
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+def _deep_copy(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return {key: _deep_copy(value) for key, value in raw.items()}
+    if isinstance(raw, list):
+        return [_deep_copy(value) for value in raw]
+    return raw

@@ -1,0 +1,365 @@
+"""Datasets as in-memory numpy arrays, read straight from their standard on-disk formats.
+
+Keeping whole splits in memory lets the simulator hand clients cheap index views and lets
+partitioning work on plain label arrays. The files are parsed here rather than through
+torchvision's dataset classes because those verify md5 sums of the archives on every load,
+which rejects re-packed or partially copied data and costs time; torchvision is used only to
+download.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import pickle
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DATASETS",
+    "ArraySplit",
+    "Dataset",
+    "DatasetNotFoundError",
+    "DatasetSpec",
+    "check_dataset",
+    "load_dataset",
+]
+
+DATASETS: tuple[str, ...] = ("digits", "mnist", "fashionmnist", "cifar10", "cifar100", "svhn")
+
+_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+_CIFAR_STD = (0.2023, 0.1994, 0.2010)
+
+
+@dataclass(frozen=True)
+class ArraySplit:
+    """One split: images ``x`` as (N, C, H, W) and int64 labels ``y``."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise ValueError(f"x has {len(self.x)} samples but y has {len(self.y)}")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a model needs to know about a dataset, and how to normalise stored pixels."""
+
+    name: str
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: float
+    augment: str | None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset's spec together with its train and test splits."""
+
+    spec: DatasetSpec
+    train: ArraySplit
+    test: ArraySplit
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """Dataset files are missing; the message says what to put where."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Expected on-disk layouts
+# ---------------------------------------------------------------------------------------------
+
+_IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+_IDX_DIRS = {"mnist": "MNIST", "fashionmnist": "FashionMNIST"}
+_CIFAR10_DIR = "cifar-10-batches-py"
+_CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
+_CIFAR100_DIR = "cifar-100-python"
+_CIFAR100_FILES = ("train", "test", "meta")
+_SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
+
+
+def _idx_path(directory: Path, stem: str) -> Path | None:
+    for candidate in (directory / stem, directory / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _missing_message(name: str, root: Path) -> str | None:
+    """Return a not-found message if ``name``'s files are absent under ``root``, else None."""
+    if name in _IDX_DIRS:
+        directory = root / _IDX_DIRS[name] / "raw"
+        missing = [s for s in _IDX_FILES if _idx_path(directory, s) is None]
+        if missing:
+            return (
+                f"dataset {name!r} not found: expected {directory}/ ({', '.join(_IDX_FILES)}; "
+                f".gz variants accepted), missing {', '.join(missing)} — put the idx-ubyte files "
+                f"under data.root/{_IDX_DIRS[name]}/raw/, or set data.download: true"
+            )
+    elif name == "cifar10":
+        directory = root / _CIFAR10_DIR
+        missing = [f for f in _CIFAR10_FILES if not (directory / f).is_file()]
+        if missing:
+            return (
+                f"dataset 'cifar10' not found: expected {directory}/ (data_batch_1..5, "
+                f"test_batch, batches.meta), missing {', '.join(missing)} — extract "
+                "cifar-10-python.tar.gz into data.root, or set data.download: true"
+            )
+    elif name == "cifar100":
+        directory = root / _CIFAR100_DIR
+        missing = [f for f in _CIFAR100_FILES if not (directory / f).is_file()]
+        if missing:
+            return (
+                f"dataset 'cifar100' not found: expected {directory}/ (train, test, meta), "
+                f"missing {', '.join(missing)} — extract cifar-100-python.tar.gz into "
+                "data.root, or set data.download: true"
+            )
+    elif name == "svhn":
+        missing = [f for f in _SVHN_FILES if not (root / f).is_file()]
+        if missing:
+            return (
+                f"dataset 'svhn' not found: expected {root}/ (train_32x32.mat, test_32x32.mat), "
+                f"missing {', '.join(missing)} — put the .mat files directly in data.root, "
+                "or set data.download: true"
+            )
+    return None
+
+
+def check_dataset(name: str, root: str | None, download: bool) -> None:
+    """Fail fast, before any work is scheduled, if a dataset cannot be loaded as configured."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
+    if name == "digits":
+        return
+    if root is None:
+        action = "to download into" if download else "holding its files"
+        raise DatasetNotFoundError(
+            f"dataset {name!r} needs data.root (a directory {action}); set data.root in the "
+            "config" + ("" if download else ", and data.download: true to fetch it there")
+        )
+    if download:
+        return
+    message = _missing_message(name, Path(root))
+    if message is not None:
+        raise DatasetNotFoundError(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Parse an idx-ubyte file (big-endian header: 2 zero bytes, dtype code, ndim, dims)."""
+    opener: Callable[..., Any] = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4:
+        raise ValueError(f"{path}: too short to be an idx file")
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte idx file (magic {raw[:4].hex()})")
+    header = 4 + 4 * ndim
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    count = int(np.prod(dims)) if dims else 1
+    if len(raw) - header != count:
+        raise ValueError(
+            f"{path}: header says {dims} ({count} bytes) but found {len(raw) - header}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
+
+
+def _load_idx(name: str, root: Path) -> tuple[ArraySplit, ArraySplit]:
+    directory = root / _IDX_DIRS[name] / "raw"
+    arrays = []
+    for stem in _IDX_FILES:
+        path = _idx_path(directory, stem)
+        if path is None:
+            raise DatasetNotFoundError(_missing_message(name, root) or f"missing {stem}")
+        arrays.append(_read_idx(path))
+    x_tr, y_tr, x_te, y_te = arrays
+    return (
+        ArraySplit(x_tr[:, None, :, :], y_tr.astype(np.int64)),
+        ArraySplit(x_te[:, None, :, :], y_te.astype(np.int64)),
+    )
+
+
+def _get(d: dict[Any, Any], key: str) -> Any:
+    # Files pickled under Python 2 and loaded with encoding="latin1" have str keys; some
+    # re-pickled copies keep bytes keys. Accept both.
+    if key in d:
+        return d[key]
+    return d[key.encode()]
+
+
+def _read_cifar_batch(path: Path, label_key: str) -> ArraySplit:
+    # pickle is the official distribution format for CIFAR; only load files you trust.
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="latin1")
+    data = np.asarray(_get(batch, "data"), dtype=np.uint8)
+    labels = np.asarray(_get(batch, label_key), dtype=np.int64)
+    # Each row is 1024 red, then 1024 green, then 1024 blue values, each row-major 32x32.
+    return ArraySplit(data.reshape(-1, 3, 32, 32), labels)
+
+
+def _concat(splits: list[ArraySplit]) -> ArraySplit:
+    return ArraySplit(np.concatenate([s.x for s in splits]), np.concatenate([s.y for s in splits]))
+
+
+def _load_cifar10(root: Path) -> tuple[ArraySplit, ArraySplit]:
+    directory = root / _CIFAR10_DIR
+    train = _concat(
+        [_read_cifar_batch(directory / f"data_batch_{i}", "labels") for i in range(1, 6)]
+    )
+    return train, _read_cifar_batch(directory / "test_batch", "labels")
+
+
+def _load_cifar100(root: Path) -> tuple[ArraySplit, ArraySplit]:
+    directory = root / _CIFAR100_DIR
+    return (
+        _read_cifar_batch(directory / "train", "fine_labels"),
+        _read_cifar_batch(directory / "test", "fine_labels"),
+    )
+
+
+def _read_svhn(path: Path) -> ArraySplit:
+    from scipy.io import loadmat
+
+    mat = loadmat(str(path))
+    x = np.ascontiguousarray(np.asarray(mat["X"], dtype=np.uint8).transpose(3, 2, 0, 1))
+    y = np.asarray(mat["y"], dtype=np.int64).reshape(-1)
+    y[y == 10] = 0  # SVHN stores digit 0 as label 10
+    return ArraySplit(x, y)
+
+
+def _load_svhn(root: Path) -> tuple[ArraySplit, ArraySplit]:
+    return _read_svhn(root / "train_32x32.mat"), _read_svhn(root / "test_32x32.mat")
+
+
+def _read_bundled_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits.csv.gz (1797 × 64 pixels + label), read without importing
+    scikit-learn, which would add seconds to every start-up."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetNotFoundError("dataset 'digits' needs scikit-learn: pip install scikit-learn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    return table[:, :-1].reshape(-1, 1, 8, 8), table[:, -1].astype(np.int64)
+
+
+def stratified_split(
+    labels: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, a seeded round(n_c · test_fraction) of the samples go to the test split."""
+    rng = np.random.default_rng(seed)
+    test = []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        test.append(members[: int(round(len(members) * test_fraction))])
+    test_idx = np.sort(np.concatenate(test))
+    return np.setdiff1d(np.arange(len(labels)), test_idx), test_idx
+
+
+def _load_digits(test_fraction: float, split_seed: int) -> Dataset:
+    x, y = _read_bundled_digits()
+    tr_idx, te_idx = stratified_split(y, test_fraction, split_seed)
+    train = ArraySplit(x[tr_idx], y[tr_idx])
+    test = ArraySplit(x[te_idx], y[te_idx])
+    scaled = train.x.astype(np.float64) / 16.0
+    spec = DatasetSpec(
+        name="digits",
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        mean=(float(scaled.mean()),),
+        std=(float(scaled.std()),),
+        scale=16.0,
+        augment=None,
+    )
+    return Dataset(spec=spec, train=train, test=test)
+
+
+_SPECS = {
+    "mnist": DatasetSpec("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), 255.0, None),
+    "fashionmnist": DatasetSpec("fashionmnist", 10, (1, 28, 28), (0.2860,), (0.3530,), 255.0, None),
+    "cifar10": DatasetSpec("cifar10", 10, (3, 32, 32), _CIFAR_MEAN, _CIFAR_STD, 255.0, "crop_flip"),
+    "cifar100": DatasetSpec(
+        "cifar100", 100, (3, 32, 32), _CIFAR_MEAN, _CIFAR_STD, 255.0, "crop_flip"
+    ),
+    # Horizontal flips would change digit identity, so SVHN gets no augmentation.
+    "svhn": DatasetSpec(
+        "svhn", 10, (3, 32, 32), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), 255.0, None
+    ),
+}
+
+_LOADERS: dict[str, Callable[[Path], tuple[ArraySplit, ArraySplit]]] = {
+    "mnist": lambda root: _load_idx("mnist", root),
+    "fashionmnist": lambda root: _load_idx("fashionmnist", root),
+    "cifar10": _load_cifar10,
+    "cifar100": _load_cifar100,
+    "svhn": _load_svhn,
+}
+
+
+def _download(name: str, root: Path) -> None:
+    """Fetch the official files into ``root`` in the layout the parsers above expect."""
+    from torchvision import datasets as tvd
+
+    target = str(root)
+    if name == "svhn":
+        for split in ("train", "test"):
+            tvd.SVHN(target, split=split, download=True)
+        return
+    cls = {
+        "mnist": tvd.MNIST,
+        "fashionmnist": tvd.FashionMNIST,
+        "cifar10": tvd.CIFAR10,
+        "cifar100": tvd.CIFAR100,
+    }[name]
+    for train in (True, False):
+        cls(target, train=train, download=True)
+
+
+def load_dataset(
+    name: str,
+    root: str | None = None,
+    download: bool = False,
+    test_fraction: float = 0.25,
+    split_seed: int = 0,
+) -> Dataset:
+    """Load a dataset fully into memory.
+
+    ``test_fraction`` and ``split_seed`` only apply to ``digits``, which has no official test
+    split; the seed is separate from the run seed so the held-out set never moves between runs.
+    """
+    check_dataset(name, root, download)
+    if name == "digits":
+        if not 0.0 < test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        return _load_digits(test_fraction, split_seed)
+    assert root is not None  # guaranteed by check_dataset
+    root_path = Path(root)
+    if download and _missing_message(name, root_path) is not None:
+        root_path.mkdir(parents=True, exist_ok=True)
+        _download(name, root_path)
+        message = _missing_message(name, root_path)
+        if message is not None:
+            raise DatasetNotFoundError(f"download finished but files are still missing: {message}")
+    train, test = _LOADERS[name](root_path)
+    return Dataset(spec=_SPECS[name], train=train, test=test)

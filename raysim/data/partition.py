@@ -1,0 +1,354 @@
+"""Seeded partitioners that split a label array into per-client index sets.
+
+Every function is pure: all randomness comes from the explicit ``rng`` argument, so a
+partition is a deterministic function of (labels, arguments, seed). Each client receives a
+sorted ``int64`` array of indices into ``labels``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "PARTITION_KINDS",
+    "Partition",
+    "long_tail_indices",
+    "make_partition",
+    "partition_dirichlet",
+    "partition_dirichlet_equal",
+    "partition_iid",
+    "partition_quantity",
+    "partition_shards",
+]
+
+PARTITION_KINDS: tuple[str, ...] = ("iid", "dirichlet", "shards", "quantity", "dirichlet_equal")
+
+# Redraw budget for rejection-sampled partitions before giving up with a user error.
+_MAX_TRIES = 1000
+# Fixed stream tag so partitioning never shares random draws with other uses of the run seed.
+_PARTITION_STREAM_TAG = 0x9A27
+
+
+def _as_labels(labels: np.ndarray) -> np.ndarray:
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise ValueError(f"labels must be a 1-D array, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
+
+
+def _check_clients(num_clients: int, num_samples: int) -> None:
+    if num_clients < 1:
+        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+    if num_clients > num_samples:
+        raise ValueError(
+            f"cannot split {num_samples} samples among {num_clients} clients: "
+            "lower num_clients (every client needs at least one sample)"
+        )
+
+
+def _check_alpha(alpha: float) -> None:
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(f"Dirichlet alpha must be a positive finite number, got {alpha}")
+
+
+def _finish(parts: list[np.ndarray] | list[list[int]]) -> list[np.ndarray]:
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def _dirichlet_fill(
+    class_indices: list[np.ndarray],
+    num_workers: int,
+    alpha: float,
+    cap: float,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
+    """One NIID-Bench style pass: split each class by Dir(alpha) proportions.
+
+    Workers already holding ``>= cap`` samples get no share of later classes, which keeps
+    sizes from running away under small alpha.
+    """
+    buckets: list[list[np.ndarray]] = [[] for _ in range(num_workers)]
+    sizes = np.zeros(num_workers, dtype=np.int64)
+    for idx_c in class_indices:
+        p = rng.dirichlet(np.full(num_workers, alpha))
+        p = p * (sizes < cap)
+        total = p.sum()
+        if total <= 0:  # only possible once everything is assigned; nothing left to split
+            p = np.full(num_workers, 1.0 / num_workers)
+        else:
+            p = p / total
+        cuts = (np.cumsum(p) * len(idx_c)).astype(np.int64)[:-1]
+        for w, piece in enumerate(np.split(idx_c, cuts)):
+            buckets[w].append(piece)
+            sizes[w] += len(piece)
+    return [np.concatenate(b) if b else np.empty(0, dtype=np.int64) for b in buckets]
+
+
+def partition_iid(
+    labels: np.ndarray, num_clients: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Uniform random split into near-equal sizes: the homogeneous baseline."""
+    y = _as_labels(labels)
+    _check_clients(num_clients, len(y))
+    perm = rng.permutation(len(y))
+    return _finish(np.array_split(perm, num_clients))
+
+
+def partition_dirichlet(
+    labels: np.ndarray,
+    num_clients: int,
+    alpha: float,
+    rng: np.random.Generator,
+    min_size: int = 2,
+) -> list[np.ndarray]:
+    """Label skew via per-class Dir(alpha) proportions (NIID-Bench), redrawn until non-tiny."""
+    y = _as_labels(labels)
+    _check_clients(num_clients, len(y))
+    _check_alpha(alpha)
+    if num_clients * min_size > len(y):
+        raise ValueError(
+            f"cannot give {num_clients} clients at least min_size={min_size} samples each "
+            f"from {len(y)} samples: lower num_clients or min_size"
+        )
+    classes = np.unique(y)
+    by_class = [np.flatnonzero(y == c) for c in classes]
+    cap = len(y) / num_clients
+    for _ in range(_MAX_TRIES):
+        shuffled = [rng.permutation(idx) for idx in by_class]
+        parts = _dirichlet_fill(shuffled, num_clients, alpha, cap, rng)
+        if min(len(p) for p in parts) >= min_size:
+            return _finish(parts)
+    raise ValueError(
+        f"Dirichlet partition (alpha={alpha}) could not give all {num_clients} clients at least "
+        f"min_size={min_size} samples after {_MAX_TRIES} draws: lower num_clients or raise alpha"
+    )
+
+
+def partition_shards(
+    labels: np.ndarray,
+    num_clients: int,
+    classes_per_client: int,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
+    """Pathological skew: every client holds exactly ``classes_per_client`` distinct classes.
+
+    Classes are handed out least-used-first so each class is shared by about the same number
+    of clients; a class's samples are then split evenly among its holders.
+    """
+    y = _as_labels(labels)
+    _check_clients(num_clients, len(y))
+    classes = np.unique(y)
+    num_classes = len(classes)
+    k = classes_per_client
+    if k < 1:
+        raise ValueError(f"classes_per_client must be >= 1, got {k}")
+    if k > num_classes:
+        raise ValueError(
+            f"classes_per_client={k} exceeds the number of classes present ({num_classes}): "
+            "lower classes_per_client"
+        )
+    if num_clients * k < num_classes:
+        raise ValueError(
+            f"num_clients * classes_per_client = {num_clients * k} < {num_classes} classes, so "
+            "some classes would belong to no client: raise num_clients or classes_per_client"
+        )
+
+    usage = np.zeros(num_classes, dtype=np.int64)
+    holders: list[list[int]] = [[] for _ in range(num_classes)]
+    for client in range(num_clients):
+        order = np.lexsort((rng.random(num_classes), usage))
+        for pos in order[:k]:
+            holders[pos].append(client)
+            usage[pos] += 1
+
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for pos, cls in enumerate(classes):
+        idx_c = np.flatnonzero(y == cls)
+        owners = holders[pos]
+        if len(owners) > len(idx_c):
+            raise ValueError(
+                f"class {int(cls)} has {len(idx_c)} samples but would be split among "
+                f"{len(owners)} clients: lower num_clients or classes_per_client"
+            )
+        pieces = np.array_split(rng.permutation(idx_c), len(owners))
+        for owner, piece in zip(owners, pieces, strict=True):
+            parts[owner].append(piece)
+    return _finish([np.concatenate(p) for p in parts])
+
+
+def partition_quantity(
+    labels: np.ndarray,
+    num_clients: int,
+    alpha: float,
+    rng: np.random.Generator,
+    min_size: int = 2,
+) -> list[np.ndarray]:
+    """Quantity skew: IID labels, but client sizes follow Dir(alpha) over clients."""
+    y = _as_labels(labels)
+    _check_clients(num_clients, len(y))
+    _check_alpha(alpha)
+    if num_clients * min_size > len(y):
+        raise ValueError(
+            f"cannot give {num_clients} clients at least min_size={min_size} samples each "
+            f"from {len(y)} samples: lower num_clients or min_size"
+        )
+    perm = rng.permutation(len(y))
+    for _ in range(_MAX_TRIES):
+        p = rng.dirichlet(np.full(num_clients, alpha))
+        cuts = (np.cumsum(p) * len(y)).astype(np.int64)[:-1]
+        parts = np.split(perm, cuts)
+        if min(len(part) for part in parts) >= min_size:
+            return _finish(parts)
+    raise ValueError(
+        f"quantity-skew partition (alpha={alpha}) could not give all {num_clients} clients at "
+        f"least min_size={min_size} samples after {_MAX_TRIES} draws: "
+        "lower num_clients or raise alpha"
+    )
+
+
+def partition_dirichlet_equal(
+    labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Equal-size clients with Dirichlet-induced label skew (FedHPro / CReFF re-slicing).
+
+    Samples are Dirichlet-split among groups of up to 10 auxiliary workers, the workers'
+    lists are concatenated, and the result is cut into equal contiguous slices, so label
+    skew survives while every client has the same number of samples (+-1).
+    """
+    y = _as_labels(labels)
+    n = len(y)
+    _check_clients(num_clients, n)
+    _check_alpha(alpha)
+    aux = 10
+    num_chunks = math.ceil(num_clients / aux)
+    order = rng.permutation(n)  # shuffled (index, label) pairs
+
+    flat: list[np.ndarray] = []
+    start = 0
+    for chunk in range(num_chunks):
+        last = chunk == num_chunks - 1
+        n_w = num_clients - aux * (num_chunks - 1) if last else aux
+        stop = n if last else start + int(aux / num_clients * n)
+        chunk_idx = order[start:stop]
+        start = stop
+        size = len(chunk_idx)
+        chunk_labels = y[chunk_idx]
+        class_indices = [chunk_idx[chunk_labels == c] for c in np.unique(chunk_labels)]
+        need = int(0.5 * size / n_w)
+        for _ in range(_MAX_TRIES):
+            workers = _dirichlet_fill(class_indices, n_w, alpha, size / n_w, rng)
+            if min(len(w) for w in workers) >= need:
+                break
+        else:
+            raise ValueError(
+                f"equal-size Dirichlet partition (alpha={alpha}) could not give each auxiliary "
+                f"worker at least {need} samples after {_MAX_TRIES} draws: "
+                "lower num_clients or raise alpha"
+            )
+        flat.extend(workers)
+
+    pool = np.concatenate(flat)
+    return _finish(np.array_split(pool, num_clients))
+
+
+def long_tail_indices(labels: np.ndarray, rho: float, rng: np.random.Generator) -> np.ndarray:
+    """Indices of a globally long-tailed subset with imbalance ratio ``rho`` (head/tail).
+
+    Class ``c`` (in sorted label order, class 0 is the head) keeps
+    ``int(n_max * rho ** (-c / (C - 1)))`` samples, where ``n_max`` is the smallest class
+    count so the profile is exact even on slightly unbalanced datasets.
+    """
+    y = _as_labels(labels)
+    if not (rho >= 1 and math.isfinite(rho)):
+        raise ValueError(f"long-tail ratio rho must be a finite number >= 1, got {rho}")
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) == 0:
+        return np.empty(0, dtype=np.int64)
+    num_classes = len(classes)
+    n_max = int(counts.min())
+    kept: list[np.ndarray] = []
+    for c, cls in enumerate(classes):
+        if num_classes == 1:
+            n_c = n_max
+        else:
+            n_c = int(n_max * rho ** (-c / (num_classes - 1)))
+        idx_c = np.flatnonzero(y == cls)
+        kept.append(rng.permutation(idx_c)[:n_c])
+    return np.sort(np.concatenate(kept).astype(np.int64))
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Per-client index sets plus their label histograms, for reporting and sampling."""
+
+    client_indices: tuple[np.ndarray, ...]
+    num_classes: int
+    histograms: np.ndarray
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """Number of samples held by each client."""
+        return np.array([len(idx) for idx in self.client_indices], dtype=np.int64)
+
+    @property
+    def num_clients(self) -> int:
+        """Number of clients in the partition."""
+        return len(self.client_indices)
+
+
+def make_partition(
+    labels: np.ndarray,
+    num_classes: int,
+    *,
+    kind: str,
+    num_clients: int,
+    seed: int,
+    alpha: float = 0.5,
+    classes_per_client: int = 2,
+    min_size: int = 2,
+    long_tail_rho: float = 1.0,
+) -> Partition:
+    """Build the partition the config asks for, from a seed alone (reproducible across runs).
+
+    With ``long_tail_rho > 1`` the pool is first restricted to a long-tailed subset; the
+    returned indices always point into the original ``labels`` array.
+    """
+    if kind not in PARTITION_KINDS:
+        raise ValueError(
+            f"unknown partition kind {kind!r}; expected one of: {', '.join(PARTITION_KINDS)}"
+        )
+    y = _as_labels(labels)
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got range [{y.min()}, {y.max()}]")
+    rng = np.random.default_rng([seed, _PARTITION_STREAM_TAG])
+
+    if long_tail_rho < 1:
+        raise ValueError(f"long_tail_rho must be >= 1 (1 disables it), got {long_tail_rho}")
+    if long_tail_rho > 1:
+        pool = long_tail_indices(y, long_tail_rho, rng)
+    else:
+        pool = np.arange(len(y), dtype=np.int64)
+    sub = y[pool]
+
+    if kind == "iid":
+        parts = partition_iid(sub, num_clients, rng)
+    elif kind == "dirichlet":
+        parts = partition_dirichlet(sub, num_clients, alpha, rng, min_size=min_size)
+    elif kind == "shards":
+        parts = partition_shards(sub, num_clients, classes_per_client, rng)
+    elif kind == "quantity":
+        parts = partition_quantity(sub, num_clients, alpha, rng, min_size=min_size)
+    else:
+        parts = partition_dirichlet_equal(sub, num_clients, alpha, rng)
+
+    # pool is sorted, so mapping sorted local indices keeps each client's indices sorted.
+    client_indices = tuple(pool[p] for p in parts)
+    histograms = np.stack(
+        [np.bincount(y[idx], minlength=num_classes) for idx in client_indices]
+    ).astype(np.int64)
+    return Partition(client_indices=client_indices, num_classes=num_classes, histograms=histograms)

@@ -1,0 +1,1 @@
+"""The Ray side of raysim: driver, server actor and client workers."""

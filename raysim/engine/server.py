@@ -1,0 +1,63 @@
+"""The server: holds the global state and every client's persistent state, runs the algorithm's
+server step. Plain Python; the engine wraps it with `ray.remote` and its own resource request, so
+server-side learning (hyper-prototypes, trainable prototypes) can take a GPU fraction."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from raysim.algorithm import Broadcast, TaskInfo
+from raysim.config import Config
+from raysim.engine.worker import ClientResult, assigned_device
+from raysim.task import initial_model, make_algorithm
+
+
+class Server:
+    def __init__(self, config: Config, info: TaskInfo) -> None:
+        torch.set_num_threads(max(1, int(config.resources.server.num_cpus)))
+        self.device = assigned_device(config.resources.server.num_gpus)
+        self.algorithm = make_algorithm(config, info)
+        self.state = self.algorithm.init_server(initial_model(config, info))
+        self.client_states: dict[int, Any] = {}
+
+    def broadcast(self) -> Broadcast:
+        return self.algorithm.broadcast(self.state)
+
+    def states_for(self, client_ids: list[int]) -> list[Any]:
+        return [self.client_states.get(cid) for cid in client_ids]
+
+    def aggregate(self, round_index: int, *worker_results: list[ClientResult]) -> dict[str, Any]:
+        """Run the server step on this round's updates, in client-id order whatever the worker.
+
+        Returns the round's report: averaged client metrics, per-client seconds and failures.
+        """
+        results = sorted((r for batch in worker_results for r in batch), key=lambda r: r.client_id)
+        ok = [r for r in results if r.update is not None]
+        failures = {r.client_id: r.error for r in results if r.update is None}
+        metrics: dict[str, float] = {}
+        start = time.perf_counter()
+        if ok:
+            updates = [r.update for r in ok]
+            self.state = self.algorithm.server_round(self.state, updates)
+            if self.algorithm.stateful:
+                for r in ok:
+                    self.client_states[r.client_id] = r.update.state
+            samples = sum(u.num_samples for u in updates)
+            for key in updates[0].metrics:
+                weighted = sum(u.metrics[key] * u.num_samples for u in updates)
+                metrics[key] = weighted / samples
+            metrics["samples"] = float(samples)
+        metrics["clients_ok"] = float(len(ok))
+        metrics["clients_failed"] = float(len(failures))
+        return {
+            "metrics": metrics,
+            "failures": failures,
+            "server_seconds": time.perf_counter() - start,
+            "client_seconds": {r.client_id: r.seconds for r in ok},
+        }
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.state.weights

@@ -1,0 +1,146 @@
+"""The driver: samples clients, dispatches them to the worker pool, hands results to the server
+actor, evaluates, and yields one `RoundResult` per round. It stays thin: no model weights or
+client updates pass through it (object refs go straight from workers to the server)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+
+from raysim.config import Config
+from raysim.engine.server import Server
+from raysim.engine.worker import EVAL_BATCH, ClientWorker
+from raysim.registry import algorithm_class
+from raysim.seeding import sample_clients
+from raysim.task import Task
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    round: int  # 1-based
+    metrics: dict[str, float]  # client averages, test metrics when evaluated, timings
+    failures: dict[int, str] = field(default_factory=dict)  # client id → reason it was dropped
+    seconds: float = 0.0
+
+
+def balance(client_ids: Sequence[int], sizes: Sequence[int], num_workers: int) -> list[list[int]]:
+    """Longest-processing-time-first assignment: largest clients first, each to the least
+    loaded worker, so no worker idles while another finishes a big client. Deterministic."""
+    groups: list[list[int]] = [[] for _ in range(num_workers)]
+    loads = [0] * num_workers
+    for cid in sorted(client_ids, key=lambda c: (-int(sizes[c]), c)):
+        w = min(range(num_workers), key=lambda i: (loads[i], i))
+        groups[w].append(cid)
+        loads[w] += int(sizes[cid])
+    return groups
+
+
+def reduce_eval(sums: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Per-batch metric sums (in batch order) → test metrics, each divided by the sample count."""
+    count = sum(s["count"] for s in sums)
+    keys = [k for k in sums[0] if k != "count"]
+    return {f"test_{k}": float(np.sum([s[k] for s in sums], dtype=np.float64)) / count
+            for k in keys}
+
+
+class _RemoteClientWorker(ClientWorker):
+    """Takes the dataset refs nested in a list, so Ray does not pin them as constructor
+    arguments (which it warns about for restartable actors), and fetches them itself."""
+
+    def __init__(self, config: Config, data_refs: list, info: Any) -> None:
+        dataset, client_indices = ray.get(data_refs)
+        super().__init__(config, dataset, client_indices, info)
+
+
+class Simulation:
+    """One FL run on a Ray pool. `ray.init` must have been called."""
+
+    def __init__(self, config: Config, task: Task, num_workers: int | None = None) -> None:
+        self.config = config
+        self.task = task
+        self.num_workers = num_workers or config.resources.num_workers
+        self.stateful = algorithm_class(config.algorithm.name).stateful
+        self.sizes = task.partition.sizes
+        self.workers: list[Any] = []
+        self.server: Any = None
+
+    def start(self) -> list[dict[str, Any]]:
+        """Create the server and the worker pool; return once every worker is ready."""
+        res = self.config.resources
+        # Sent once, read zero-copy by every worker. The driver keeps the refs alive, so a
+        # restarted worker can read them again.
+        self._data_refs = [ray.put(self.task.dataset), ray.put(self.task.partition.client_indices)]
+        worker_cls = ray.remote(_RemoteClientWorker).options(
+            num_cpus=res.worker.num_cpus, num_gpus=res.worker.num_gpus,
+        )
+        self.workers = [
+            worker_cls.remote(self.config, self._data_refs, self.task.info)
+            for _ in range(self.num_workers)
+        ]
+        self.server = ray.remote(Server).options(
+            num_cpus=res.server.num_cpus, num_gpus=res.server.num_gpus
+        ).remote(self.config, self.task.info)
+        return ray.get([w.describe.remote() for w in self.workers])
+
+    def rounds(self) -> Iterator[RoundResult]:
+        """Run all rounds, one round of lookahead: round r+1 is dispatched before round r's
+        results are collected, so logging never leaves the workers idle."""
+        cfg = self.config
+        broadcast = self.server.broadcast.remote()
+        pending = None
+        last = time.perf_counter()
+        for r in range(1, cfg.rounds + 1):
+            report_ref = self._dispatch_training(r, broadcast)
+            broadcast = self.server.broadcast.remote()  # w_{r}, after the server step of round r
+            evaluate = r % cfg.eval_every == 0 or r == cfg.rounds
+            eval_refs = self._dispatch_evaluation(broadcast) if evaluate else []
+            if pending is not None:
+                result = self._collect(*pending, started=last)
+                last = time.perf_counter()
+                yield result
+            pending = (r, report_ref, eval_refs)
+        yield self._collect(*pending, started=last)
+
+    def _dispatch_training(self, r: int, broadcast: Any) -> Any:
+        cfg = self.config
+        sampled = sample_clients(cfg.seed, r, len(self.sizes), cfg.clients_per_round)
+        refs = []
+        for worker, group in zip(self.workers, balance(sampled, self.sizes, self.num_workers)):
+            if not group:
+                continue
+            states = self.server.states_for.remote(group) if self.stateful else [None] * len(group)
+            refs.append(worker.train.remote(broadcast, r, group, states))
+        return self.server.aggregate.remote(r, *refs)
+
+    def _dispatch_evaluation(self, broadcast: Any) -> list[Any]:
+        starts = list(range(0, len(self.task.dataset.test.y), EVAL_BATCH))
+        shards = np.array_split(np.array(starts), min(self.num_workers, len(starts)))
+        return [
+            worker.evaluate.remote(broadcast, shard.tolist())
+            for worker, shard in zip(self.workers, shards)
+        ]
+
+    def _collect(self, r: int, report_ref: Any, eval_refs: list[Any], started: float):
+        report = ray.get(report_ref)
+        metrics = dict(report["metrics"])
+        if eval_refs:
+            metrics.update(reduce_eval([s for part in ray.get(eval_refs) for s in part]))
+        seconds = time.perf_counter() - started
+        metrics["round_seconds"] = seconds
+        metrics["samples_per_second"] = metrics.get("samples", 0.0) * \
+            self.config.train.local_epochs / seconds
+        return RoundResult(round=r, metrics=metrics, failures=report["failures"], seconds=seconds)
+
+    def global_weights(self) -> dict:
+        return ray.get(self.server.weights.remote())
+
+    def shutdown(self) -> None:
+        for actor in [*self.workers, self.server]:
+            if actor is not None:
+                ray.kill(actor)
+        self.workers, self.server = [], None

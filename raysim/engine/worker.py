@@ -1,0 +1,124 @@
+"""A client worker: one long-lived process that hosts many virtual clients, one at a time.
+
+It receives the dataset once (zero-copy from the object store), builds the model and the
+algorithm once, and per client only loads the broadcast weights and swaps the index set.
+The class is plain Python; the engine wraps it with `ray.remote`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from raysim.algorithm import Broadcast, ClientContext, ClientUpdate, TaskInfo
+from raysim.config import Config
+from raysim.data import Dataset
+from raysim.seeding import client_generator
+from raysim.task import make_algorithm, new_model
+from raysim.training import ClientData, Preprocess, eval_batches, make_optimizer
+
+EVAL_BATCH = 512  # fixed test batches, so metrics do not depend on how shards are spread
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    client_id: int
+    update: ClientUpdate | None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def as_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Wrap a (read-only, object-store) numpy array without copying on CPU."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # non-writable array: we never write to it
+        return torch.from_numpy(array).to(device)
+
+
+def assigned_device(num_gpus: float) -> torch.device:
+    if num_gpus > 0 and torch.cuda.is_available():
+        return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU
+    return torch.device("cpu")
+
+
+def check_finite(update: ClientUpdate) -> str | None:
+    for name, tensor in update.weights.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return f"non-finite values in {name!r}"
+    return None
+
+
+class ClientWorker:
+    def __init__(
+        self, config: Config, dataset: Dataset, client_indices: tuple[np.ndarray, ...],
+        info: TaskInfo,
+    ) -> None:
+        torch.set_num_threads(max(1, math.floor(config.resources.worker.num_cpus)))
+        self.config = config
+        self.device = assigned_device(config.resources.worker.num_gpus)
+        self.algorithm = make_algorithm(config, info)
+        self.model = new_model(config, info.in_channels, info.num_classes).to(self.device)
+        self.preprocess = Preprocess(dataset.spec, self.device)
+        self.train_x = as_tensor(dataset.train.x, self.device)
+        self.train_y = as_tensor(dataset.train.y, self.device)
+        self.test_x = as_tensor(dataset.test.x, self.device)
+        self.test_y = as_tensor(dataset.test.y, self.device)
+        self.client_indices = client_indices
+        # The first optimiser built in a process imports torch._dynamo (~1 s): pay it now,
+        # not inside the first client's timed step.
+        make_optimizer(self.model, config.train)
+
+    def describe(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "device": str(self.device), "threads": torch.get_num_threads()}
+
+    def train(
+        self, broadcast: Broadcast, round_index: int, client_ids: list[int], states: list[Any]
+    ) -> list[ClientResult]:
+        return [
+            self._train_one(broadcast, round_index, cid, state)
+            for cid, state in zip(client_ids, states)
+        ]
+
+    def _train_one(
+        self, broadcast: Broadcast, round_index: int, client_id: int, state: Any
+    ) -> ClientResult:
+        start = time.perf_counter()
+        ctx = ClientContext(
+            client_id=client_id,
+            round=round_index,
+            generator=client_generator(self.config.seed, round_index, client_id),
+            device=self.device,
+            train=self.config.train,
+        )
+        indices = as_tensor(self.client_indices[client_id], self.device)
+        data = ClientData(self.train_x, self.train_y, indices, self.preprocess)
+        try:
+            update = self.algorithm.client_update(ctx, self.model, broadcast, data, state)
+        except Exception:  # reported and dropped by the driver; the round goes on
+            return ClientResult(client_id, None, traceback.format_exc(limit=8))
+        problem = check_finite(update)
+        if problem:
+            return ClientResult(client_id, None, problem)
+        return ClientResult(client_id, update, None, time.perf_counter() - start)
+
+    def evaluate(self, broadcast: Broadcast, batch_starts: list[int]) -> list[dict[str, float]]:
+        """Metric sums of the global model for the given fixed test batches."""
+        self.model.load_state_dict(broadcast.weights)
+        self.model.eval()
+        sums = []
+        total = len(self.test_y)
+        for start in batch_starts:
+            stop = min(start + EVAL_BATCH, total)
+            ((x, y),) = eval_batches(
+                self.test_x, self.test_y, self.preprocess, start, stop, EVAL_BATCH
+            )
+            sums.append(self.algorithm.evaluate_batch(self.model, broadcast, x, y))
+        return sums

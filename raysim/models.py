@@ -1,0 +1,95 @@
+"""Models. Every classifier returns `ModelOutput(features, logits)` and names its last layer
+`classifier`, so prototype methods can read features and the classifier weights uniformly."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+class ModelOutput(NamedTuple):
+    features: Tensor  # (B, feature_dim), the input of `classifier`
+    logits: Tensor  # (B, num_classes)
+
+
+class SmallCNN(nn.Module):
+    """conv3×3 32 → ReLU → conv3×3 64 → ReLU → avg-pool 4×4 → linear 128 → ReLU → classifier.
+
+    Small enough that framework overhead shows on the quickstart workload; the same network is
+    used when comparing against other simulators.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, feature_dim: int = 128) -> None:
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.encoder = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, feature_dim),
+            nn.ReLU(),
+        )
+        self.classifier = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        features = self.encoder(x)
+        return ModelOutput(features, self.classifier(features))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet10(nn.Module):
+    """CIFAR-style ResNet10 of the FedHPro code (spec §5): BasicBlock ×[1,1,1,1], widths
+    nf·(1,2,4,8) = 32/64/128/256, 3×3 stride-1 stem without max-pool, global average pool →
+    256-d feature → Linear `classifier`. The official file also builds an unused `encoder` MLP
+    (256→256→512) that only inflates the state dict; it is left out here."""
+
+    def __init__(self, in_channels: int, num_classes: int, nf: int = 32) -> None:
+        super().__init__()
+        self.feature_dim = 8 * nf
+        self.conv1 = nn.Conv2d(in_channels, nf, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(nf)
+        widths = [nf, 2 * nf, 4 * nf, 8 * nf]
+        strides = [1, 2, 2, 2]
+        blocks, in_planes = [], nf
+        for planes, stride in zip(widths, strides):
+            blocks.append(BasicBlock(in_planes, planes, stride))
+            in_planes = planes
+        self.layers = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        out = self.layers(torch.relu(self.bn1(self.conv1(x))))
+        features = self.pool(out).flatten(1)
+        return ModelOutput(features, self.classifier(features))
+
+
+MODELS = {"cnn": SmallCNN, "resnet10": ResNet10}
+
+
+def build_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return MODELS[name](in_channels, num_classes)

@@ -1,0 +1,102 @@
+"""Where per-round results go: the console, the run directory, (optionally) W&B.
+
+A sink has three calls: `start(run)`, `log_round(result)`, `finish(summary)`. Sinks never raise
+into the simulation loop for their own problems: logging must not stop a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raysim.engine.simulation import RoundResult
+
+
+class Sink:
+    def start(self, run: Any) -> None:
+        """`run` is the `raysim.run.Run` being executed (config, task, run_dir)."""
+
+    def log_round(self, result: RoundResult) -> None: ...
+
+    def finish(self, summary: dict[str, Any]) -> None: ...
+
+
+class ConsoleProgress(Sink):
+    """A live progress line on a terminal (one line per round when output is not a TTY)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.live = self.stream.isatty()
+        self.total = 0
+        self.last_test: dict[str, float] = {}
+
+    def start(self, run: Any) -> None:
+        self.total = run.config.rounds
+
+    def log_round(self, result: RoundResult) -> None:
+        m = result.metrics
+        self.last_test.update({k: v for k, v in m.items() if k.startswith("test_")})
+        width = 20
+        filled = round(width * result.round / max(self.total, 1))
+        bar = "#" * filled + "-" * (width - filled)
+        acc = self.last_test.get("test_accuracy")
+        acc_text = f"{acc:.4f}" if acc is not None else "  n/a "
+        text = (
+            f"round {result.round:>{len(str(self.total))}}/{self.total} [{bar}] acc {acc_text} "
+            f"loss {m.get('train_loss', float('nan')):.4f} | "
+            f"{result.seconds:.2f} s/round, {m.get('samples_per_second', 0):,.0f} samples/s"
+        )
+        for cid, reason in result.failures.items():
+            first = reason.strip().splitlines()[-1] if reason.strip() else "unknown error"
+            self._print(f"\nwarning: round {result.round}: client {cid} dropped: {first}\n")
+        if self.live:
+            end = "\n" if result.round == self.total else ""
+            self._print("\r" + text + " " * 4 + end)
+        else:
+            self._print(text + "\n")
+
+    def _print(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+
+class RunDirectory(Sink):
+    """`metrics.parquet` (one row per round and metric) and `summary.json` in the run dir."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.rows: dict[str, list] = {"round": [], "metric": [], "value": []}
+
+    def log_round(self, result: RoundResult) -> None:
+        for name, value in result.metrics.items():
+            self.rows["round"].append(result.round)
+            self.rows["metric"].append(name)
+            self.rows["value"].append(float(value))
+        self.write_metrics()  # small; rewritten each round so an interrupted run keeps its data
+
+    def write_metrics(self) -> None:
+        table = pa.table(
+            {
+                "round": pa.array(self.rows["round"], pa.int32()),
+                "metric": pa.array(self.rows["metric"], pa.string()),
+                "value": pa.array(self.rows["value"], pa.float64()),
+            }
+        )
+        atomic_write(self.run_dir / "metrics.parquet", lambda path: pq.write_table(table, path))
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        text = json.dumps(summary, indent=2)
+        atomic_write(self.run_dir / "summary.json", lambda path: Path(path).write_text(text))
+
+
+def atomic_write(target: Path, write) -> None:
+    """Write through a temporary file and rename, so readers never see half a file."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    write(tmp)
+    os.replace(tmp, target)

@@ -1,0 +1,92 @@
+"""Local-training building blocks shared by all algorithms: batches of one client's data,
+input preprocessing and augmentation, optimisers, and the evaluation loop."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from raysim.config import TrainConfig
+from raysim.data import DatasetSpec
+
+
+class Preprocess:
+    """Stored samples (uint8 images or raw digits) → normalised float model input.
+
+    Runs per batch on the worker's device, so datasets stay compact in memory; the optional
+    augmentation (`crop_flip`: 4-pixel-padded random crop + horizontal flip, per sample) draws
+    from the client's generator, never from the global RNG.
+    """
+
+    def __init__(self, spec: DatasetSpec, device: torch.device) -> None:
+        channels = len(spec.mean)
+        self.scale = float(spec.scale)
+        self.mean = torch.tensor(spec.mean, device=device).view(1, channels, 1, 1)
+        self.std = torch.tensor(spec.std, device=device).view(1, channels, 1, 1)
+        self.augment = spec.augment
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        x = (x.float() / self.scale - self.mean) / self.std
+        if generator is not None and self.augment == "crop_flip":
+            x = random_crop_flip(x, generator)
+        return x
+
+
+def random_crop_flip(x: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
+    """Per-sample random crop (zero padding) and horizontal flip, vectorised over the batch."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
+    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])[:, None, :, None]
+    cols = dx[:, None] + torch.arange(w, device=x.device)[None, :]
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    channel = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, channel, rows, cols]
+
+
+class ClientData:
+    """One client's view of the worker's dataset: an index set into tensors loaded once."""
+
+    def __init__(self, x: Tensor, y: Tensor, indices: Tensor, preprocess: Preprocess) -> None:
+        self.x, self.y, self.indices, self.preprocess = x, y, indices, preprocess
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def labels(self) -> Tensor:
+        return self.y[self.indices]
+
+    def batches(
+        self, batch_size: int, generator: torch.Generator, *, augment: bool = True
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """One shuffled epoch. A trailing batch of one sample is dropped: BatchNorm cannot
+        train on it, and it would make a model's behaviour depend on the client size mod B."""
+        order = torch.randperm(len(self.indices), generator=generator).to(self.indices.device)
+        for start in range(0, len(order), batch_size):
+            chunk = self.indices[order[start : start + batch_size]]
+            if len(chunk) < 2 and len(order) > 1:
+                continue
+            yield self.preprocess(self.x[chunk], generator if augment else None), self.y[chunk]
+
+
+def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    if train.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
+    )
+
+
+def eval_batches(
+    x: Tensor, y: Tensor, preprocess: Preprocess, start: int, stop: int, batch_size: int = 512
+) -> Iterator[tuple[Tensor, Tensor]]:
+    for lo in range(start, stop, batch_size):
+        hi = min(lo + batch_size, stop)
+        yield preprocess(x[lo:hi]), y[lo:hi]

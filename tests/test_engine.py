@@ -1,0 +1,128 @@
+"""The Ray engine, on a real local Ray: determinism, client state, failures, scheduling."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import ray
+import torch
+from conftest import small_config
+
+from raysim.config import ConfigError
+from raysim.engine.simulation import Simulation, balance, reduce_eval
+from raysim.run import fit_resources, prepare
+from raysim.seeding import client_generator, sample_clients
+
+TIMING = {"round_seconds", "samples_per_second"}
+
+
+def run_rounds(config, tmp_path, num_workers=None):
+    run = prepare(config, tmp_path / f"run{num_workers}")
+    simulation = Simulation(config, run.task, num_workers=num_workers)
+    simulation.start()
+    try:
+        results = list(simulation.rounds())
+        weights = simulation.global_weights()
+        states = ray.get(simulation.server.states_for.remote(list(range(12))))
+    finally:
+        simulation.shutdown()
+    return results, weights, states
+
+
+def without_timing(results):
+    return [{k: v for k, v in r.metrics.items() if k not in TIMING} for r in results]
+
+
+@pytest.mark.slow
+def test_same_seed_gives_identical_metrics_with_one_or_two_workers(ray_session, tmp_path):
+    config = small_config()
+    one, w1, _ = run_rounds(config, tmp_path, num_workers=1)
+    two, w2, _ = run_rounds(config, tmp_path, num_workers=2)
+    assert [r.round for r in one] == [1, 2, 3]
+    assert without_timing(one) == without_timing(two)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert "test_accuracy" in one[-1].metrics
+    # and a different seed really changes the run
+    other, _, _ = run_rounds(small_config(seed=4), tmp_path, num_workers=2)
+    assert without_timing(other) != without_timing(two)
+
+
+@pytest.mark.slow
+def test_client_state_persists_across_rounds_and_workers(ray_session, tmp_path):
+    config = small_config(**{"algorithm.name": "test_algorithms:Counting", "rounds": 4})
+    results, _, states = run_rounds(config, tmp_path, num_workers=2)
+    expected = [0] * 12
+    for r in range(1, 5):
+        for cid in sample_clients(config.seed, r, 12, 4):
+            expected[cid] += 1
+    assert [s or 0 for s in states] == expected
+    assert max(expected) >= 2  # some client really came back
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("mode", "reason"), [("raise", "client 0 is broken"),
+                                              ("nan", "non-finite values in 'classifier.bias'")])
+def test_failing_client_is_dropped_with_its_reason(ray_session, tmp_path, mode, reason):
+    config = small_config(**{"algorithm.name": "test_algorithms:FailsOnClientZero",
+                             "algorithm.mode": mode, "rounds": 6})
+    results, weights, _ = run_rounds(config, tmp_path)
+    dropped = [r for r in results if r.failures]
+    sampled_zero = [r for r in range(1, 7) if 0 in sample_clients(config.seed, r, 12, 4)]
+    assert [r.round for r in dropped] == sampled_zero and sampled_zero
+    for r in dropped:
+        assert reason in r.failures[0]
+        assert r.metrics["clients_failed"] == 1 and r.metrics["clients_ok"] == 3
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+
+
+def test_sampling_is_seeded_sorted_and_without_replacement():
+    a = sample_clients(0, 1, 50, 10)
+    assert a == sample_clients(0, 1, 50, 10)
+    assert a == sorted(set(a)) and len(a) == 10 and all(0 <= c < 50 for c in a)
+    assert a != sample_clients(0, 2, 50, 10) and a != sample_clients(1, 1, 50, 10)
+
+
+def test_client_generators_are_reproducible_and_distinct():
+    draw = lambda *key: torch.rand(3, generator=client_generator(*key))  # noqa: E731
+    assert torch.equal(draw(0, 1, 5), draw(0, 1, 5))
+    assert not torch.equal(draw(0, 1, 5), draw(0, 1, 6))
+    assert not torch.equal(draw(0, 1, 5), draw(0, 2, 5))
+
+
+def test_balance_assigns_largest_first_to_least_loaded_worker():
+    sizes = [10, 50, 20, 40, 30, 5]
+    groups = balance([0, 1, 2, 3, 4, 5], sizes, 2)
+    assert sorted(c for g in groups for c in g) == [0, 1, 2, 3, 4, 5]
+    assert groups == [[1, 2, 0], [3, 4, 5]]  # loads 80 / 75
+    assert balance([3], sizes, 3) == [[3], [], []]
+
+
+def test_reduce_eval_divides_sums_by_count():
+    sums = [{"accuracy": 3.0, "loss": 1.5, "count": 4.0},
+            {"accuracy": 1.0, "loss": 0.5, "count": 1.0}]
+    assert reduce_eval(sums) == {"test_accuracy": 0.8, "test_loss": 0.4}
+
+
+def test_fit_resources_falls_back_to_cpu_and_shrinks_the_pool():
+    config = small_config(**{"resources.worker.num_gpus": 0.25, "resources.num_workers": 4})
+    fitted, notes = fit_resources(config, {"CPU": 2.0})
+    assert fitted.resources.worker.num_gpus == 0.0
+    assert fitted.resources.num_workers == 2
+    assert notes == ["the cluster reports no GPU: workers and server run on CPU",
+                     "only 2 of resources.num_workers=4 fit"]
+    packed, notes = fit_resources(config, {"CPU": 16.0, "GPU": 1.0})
+    assert packed.resources.num_workers == 4 and notes == []  # four workers share one GPU
+    with pytest.raises(ConfigError, match="one worker needs 4.0 CPU"):
+        fit_resources(small_config(**{"resources.worker.num_cpus": 4}), {"CPU": 2.0})
+
+
+def test_run_directory_holds_resolved_config_and_histograms(tmp_path):
+    run = prepare(small_config(), tmp_path / "r")
+    assert (tmp_path / "r" / "config.yaml").read_text().startswith("name: test\n")
+    assert (tmp_path / "r" / "label_histograms.parquet").exists()
+    assert run.task.partition.num_clients == 12
+    assert math.isclose(run.task.partition.sizes.sum(), 1347)
+    assert dataclasses.asdict(run.task.info) == {"num_classes": 10, "in_channels": 1,
+                                                 "feature_dim": 128}

@@ -1,0 +1,316 @@
+"""Invariants of the seeded partitioners: coverage, determinism, skew and error messages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from raysim.data import (
+    PARTITION_KINDS,
+    Partition,
+    long_tail_indices,
+    make_partition,
+    partition_dirichlet,
+    partition_dirichlet_equal,
+    partition_iid,
+    partition_quantity,
+    partition_shards,
+)
+
+NUM_CLASSES = 10
+
+
+def _labels(counts: list[int], seed: int = 0) -> np.ndarray:
+    y = np.repeat(np.arange(len(counts)), counts)
+    return np.random.default_rng(seed).permutation(y)
+
+
+@pytest.fixture(scope="module")
+def labels() -> np.ndarray:
+    # Slightly unbalanced classes so long-tail n_max (the smallest class) is meaningful.
+    return _labels([300, 310, 295, 305, 320, 290, 300, 315, 300, 280])
+
+
+@pytest.fixture(scope="module")
+def big_labels() -> np.ndarray:
+    return _labels([1000] * NUM_CLASSES, seed=1)
+
+
+def _tv(hist: np.ndarray, global_dist: np.ndarray) -> np.ndarray:
+    dist = hist / hist.sum(axis=1, keepdims=True)
+    return 0.5 * np.abs(dist - global_dist).sum(axis=1)
+
+
+def _expected_long_tail_counts(labels: np.ndarray, rho: float) -> np.ndarray:
+    counts = np.bincount(labels)
+    n_max = counts.min()
+    c_total = len(counts)
+    return np.array([int(n_max * rho ** (-c / (c_total - 1))) for c in range(c_total)])
+
+
+def _make(labels: np.ndarray, kind: str, seed: int, rho: float = 1.0) -> Partition:
+    return make_partition(
+        labels,
+        NUM_CLASSES,
+        kind=kind,
+        num_clients=12,
+        seed=seed,
+        alpha=0.5,
+        classes_per_client=3,
+        long_tail_rho=rho,
+    )
+
+
+@pytest.mark.parametrize("rho", [1.0, 10.0])
+@pytest.mark.parametrize("kind", PARTITION_KINDS)
+def test_every_sample_in_exactly_one_client(labels: np.ndarray, kind: str, rho: float) -> None:
+    part = _make(labels, kind, seed=3, rho=rho)
+    assert part.num_clients == 12
+    assert part.num_classes == NUM_CLASSES
+    for idx in part.client_indices:
+        assert idx.dtype == np.int64
+        assert np.all(np.diff(idx) > 0), "indices must be sorted and unique within a client"
+    flat = np.concatenate(part.client_indices)
+    assert len(np.unique(flat)) == len(flat), "a sample is held by two clients"
+    if rho == 1.0:
+        np.testing.assert_array_equal(np.sort(flat), np.arange(len(labels)))
+    else:
+        # The pool is the long-tailed subset: the class profile follows the formula exactly.
+        counts = np.bincount(labels[flat], minlength=NUM_CLASSES)
+        np.testing.assert_array_equal(counts, _expected_long_tail_counts(labels, rho))
+
+
+@pytest.mark.parametrize("kind", PARTITION_KINDS)
+def test_histograms_and_sizes_match_indices(labels: np.ndarray, kind: str) -> None:
+    part = _make(labels, kind, seed=5, rho=4.0)
+    assert part.histograms.shape == (part.num_clients, NUM_CLASSES)
+    assert part.histograms.dtype == np.int64
+    for hist, idx in zip(part.histograms, part.client_indices, strict=True):
+        np.testing.assert_array_equal(hist, np.bincount(labels[idx], minlength=NUM_CLASSES))
+    np.testing.assert_array_equal(part.sizes, [len(i) for i in part.client_indices])
+    assert part.sizes.dtype == np.int64
+    np.testing.assert_array_equal(part.sizes, part.histograms.sum(axis=1))
+
+
+@pytest.mark.parametrize("kind", PARTITION_KINDS)
+def test_seed_determinism(labels: np.ndarray, kind: str) -> None:
+    a = _make(labels, kind, seed=7)
+    b = _make(labels, kind, seed=7)
+    c = _make(labels, kind, seed=8)
+    for x, y in zip(a.client_indices, b.client_indices, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert any(
+        not np.array_equal(x, y) for x, y in zip(a.client_indices, c.client_indices, strict=True)
+    )
+
+
+@pytest.mark.parametrize("kind", PARTITION_KINDS)
+def test_partitioners_do_not_modify_labels(labels: np.ndarray, kind: str) -> None:
+    before = labels.copy()
+    _make(labels, kind, seed=1, rho=3.0)
+    np.testing.assert_array_equal(labels, before)
+
+
+def test_raw_partitioners_share_the_rng_contract(labels: np.ndarray) -> None:
+    calls = [
+        lambda r: partition_iid(labels, 7, r),
+        lambda r: partition_dirichlet(labels, 7, 0.3, r),
+        lambda r: partition_shards(labels, 7, 2, r),
+        lambda r: partition_quantity(labels, 7, 1.0, r),
+        lambda r: partition_dirichlet_equal(labels, 7, 0.3, r),
+    ]
+    for call in calls:
+        first = call(np.random.default_rng(11))
+        second = call(np.random.default_rng(11))
+        assert len(first) == 7
+        for x, y in zip(first, second, strict=True):
+            np.testing.assert_array_equal(x, y)
+        assert sum(len(p) for p in first) == len(labels)
+
+
+# --- shards ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("num_clients", "k"), [(10, 2), (7, 3), (20, 1), (13, 10)])
+def test_shards_exactly_k_classes_and_balanced_usage(
+    labels: np.ndarray, num_clients: int, k: int
+) -> None:
+    parts = partition_shards(labels, num_clients, k, np.random.default_rng(0))
+    usage = np.zeros(NUM_CLASSES, dtype=int)
+    for idx in parts:
+        present = np.unique(labels[idx])
+        assert len(present) == k
+        usage[present] += 1
+    assert usage.max() - usage.min() <= 1
+    assert sum(len(p) for p in parts) == len(labels)
+    # Each class is split evenly among its holders.
+    for c in range(NUM_CLASSES):
+        shares = [np.sum(labels[idx] == c) for idx in parts if np.any(labels[idx] == c)]
+        assert max(shares) - min(shares) <= 1
+
+
+def test_shards_errors(labels: np.ndarray) -> None:
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=r"classes_per_client=11 exceeds .* \(10\)"):
+        partition_shards(labels, 5, 11, rng)
+    with pytest.raises(ValueError, match="some classes would belong to no client"):
+        partition_shards(labels, 4, 2, rng)
+    tiny = np.array([0, 0, 0, 1, 1, 1, 2])  # class 2 has a single sample
+    with pytest.raises(ValueError, match=r"class 2 has 1 samples but would be split among 2"):
+        partition_shards(tiny, 3, 2, rng)
+
+
+# --- long tail -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rho", [1.0, 2.0, 10.0, 100.0])
+def test_long_tail_counts_synthetic(labels: np.ndarray, rho: float) -> None:
+    kept = long_tail_indices(labels, rho, np.random.default_rng(0))
+    assert kept.dtype == np.int64
+    assert np.all(np.diff(kept) > 0)
+    counts = np.bincount(labels[kept], minlength=NUM_CLASSES)
+    np.testing.assert_array_equal(counts, _expected_long_tail_counts(labels, rho))
+    if rho == 1.0:
+        assert np.all(counts == np.bincount(labels).min())
+
+
+@pytest.mark.parametrize("rho", [10.0, 50.0])
+def test_long_tail_counts_digits(rho: float) -> None:
+    y = load_digits().target.astype(np.int64)
+    kept = long_tail_indices(y, rho, np.random.default_rng(1))
+    counts = np.bincount(y[kept], minlength=10)
+    expected = _expected_long_tail_counts(y, rho)
+    np.testing.assert_array_equal(counts, expected)
+    assert counts[0] == np.bincount(y).min()
+    assert counts[-1] == int(np.bincount(y).min() / rho)
+
+
+def test_long_tail_is_seeded(labels: np.ndarray) -> None:
+    a = long_tail_indices(labels, 10.0, np.random.default_rng(0))
+    b = long_tail_indices(labels, 10.0, np.random.default_rng(0))
+    c = long_tail_indices(labels, 10.0, np.random.default_rng(1))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_long_tail_rejects_rho_below_one(labels: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="rho must be a finite number >= 1"):
+        long_tail_indices(labels, 0.5, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="long_tail_rho must be >= 1"):
+        make_partition(labels, 10, kind="iid", num_clients=3, seed=0, long_tail_rho=0.9)
+
+
+# --- Dirichlet label skew --------------------------------------------------------------------
+
+
+def test_dirichlet_alpha_controls_skew(big_labels: np.ndarray) -> None:
+    global_dist = np.bincount(big_labels) / len(big_labels)
+    near_iid = make_partition(
+        big_labels, NUM_CLASSES, kind="dirichlet", num_clients=20, seed=0, alpha=1000.0
+    )
+    tv_iid = _tv(near_iid.histograms, global_dist)
+    assert tv_iid.max() < 0.15
+    skewed = make_partition(
+        big_labels, NUM_CLASSES, kind="dirichlet", num_clients=20, seed=0, alpha=0.05
+    )
+    tv_skew = _tv(skewed.histograms, global_dist)
+    assert tv_skew.mean() > 0.5
+    assert tv_skew.mean() > 4 * tv_iid.mean()
+    assert skewed.sizes.min() >= 2
+
+
+def test_dirichlet_respects_min_size(labels: np.ndarray) -> None:
+    parts = partition_dirichlet(labels, 10, 0.1, np.random.default_rng(0), min_size=50)
+    assert min(len(p) for p in parts) >= 50
+
+
+def test_dirichlet_impossible_request_message() -> None:
+    y = _labels([20] * 10)
+    with pytest.raises(ValueError, match="lower num_clients or raise alpha"):
+        partition_dirichlet(y, 50, 0.01, np.random.default_rng(0), min_size=2)
+    with pytest.raises(ValueError, match="min_size=5 samples each from 200 samples"):
+        partition_dirichlet(y, 50, 1.0, np.random.default_rng(0), min_size=5)
+    with pytest.raises(ValueError, match="alpha must be a positive"):
+        partition_dirichlet(y, 5, 0.0, np.random.default_rng(0))
+
+
+# --- equal-size Dirichlet ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_clients", [7, 10, 15, 25])
+def test_dirichlet_equal_sizes_differ_by_at_most_one(
+    big_labels: np.ndarray, num_clients: int
+) -> None:
+    parts = partition_dirichlet_equal(big_labels, num_clients, 0.5, np.random.default_rng(2))
+    sizes = np.array([len(p) for p in parts])
+    assert sizes.max() - sizes.min() <= 1
+    assert sizes.sum() == len(big_labels)
+    flat = np.concatenate(parts)
+    np.testing.assert_array_equal(np.sort(flat), np.arange(len(big_labels)))
+
+
+def test_dirichlet_equal_small_alpha_is_skewed(big_labels: np.ndarray) -> None:
+    part = make_partition(
+        big_labels, NUM_CLASSES, kind="dirichlet_equal", num_clients=20, seed=0, alpha=0.1
+    )
+    top2_share = np.sort(part.histograms, axis=1)[:, -2:].sum(axis=1) / part.sizes
+    assert np.mean(top2_share > 0.6) > 0.5, "most clients should be dominated by few classes"
+    iid = make_partition(big_labels, NUM_CLASSES, kind="iid", num_clients=20, seed=0)
+    iid_top2 = np.sort(iid.histograms, axis=1)[:, -2:].sum(axis=1) / iid.sizes
+    assert top2_share.mean() > iid_top2.mean() + 0.3
+
+
+# --- quantity skew -----------------------------------------------------------------------------
+
+
+def test_quantity_sizes_vary_but_labels_stay_iid(big_labels: np.ndarray) -> None:
+    part = make_partition(
+        big_labels, NUM_CLASSES, kind="quantity", num_clients=20, seed=0, alpha=0.5
+    )
+    assert part.sizes.max() / part.sizes.min() > 2
+    assert part.sizes.min() >= 2
+    global_dist = np.bincount(big_labels) / len(big_labels)
+    tv = _tv(part.histograms, global_dist)
+    large = part.sizes >= 200
+    assert large.sum() >= 5
+    assert tv[large].max() < 0.15
+    assert np.average(tv, weights=part.sizes) < 0.1
+
+
+def test_quantity_impossible_request_message() -> None:
+    y = _labels([100] * 10)
+    with pytest.raises(ValueError, match="lower num_clients or raise alpha"):
+        partition_quantity(y, 100, 0.01, np.random.default_rng(0), min_size=5)
+
+
+# --- generic errors ----------------------------------------------------------------------------
+
+
+def test_more_clients_than_samples() -> None:
+    y = np.array([0, 1, 0, 1, 2])
+    for call in (
+        lambda: partition_iid(y, 6, np.random.default_rng(0)),
+        lambda: partition_dirichlet_equal(y, 6, 0.5, np.random.default_rng(0)),
+    ):
+        with pytest.raises(ValueError, match="cannot split 5 samples among 6 clients"):
+            call()
+
+
+def test_unknown_kind_lists_choices(labels: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="unknown partition kind 'pathological'") as info:
+        make_partition(labels, NUM_CLASSES, kind="pathological", num_clients=3, seed=0)
+    for kind in PARTITION_KINDS:
+        assert kind in str(info.value)
+
+
+def test_labels_out_of_range(labels: np.ndarray) -> None:
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
+        make_partition(labels, 5, kind="iid", num_clients=3, seed=0)
+
+
+def test_partition_stream_is_independent_of_plain_seed(labels: np.ndarray) -> None:
+    # The partition must not coincide with draws from an untagged generator on the same seed.
+    part = make_partition(labels, NUM_CLASSES, kind="iid", num_clients=4, seed=0)
+    plain = partition_iid(labels, 4, np.random.default_rng(0))
+    assert not all(np.array_equal(a, b) for a, b in zip(part.client_indices, plain, strict=True))

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import torch
+
+from raysim.aggregation import weighted_average
+from raysim.data import DatasetSpec
+from raysim.training import ClientData, Preprocess, random_crop_flip
+
+SPEC = DatasetSpec("t", 2, (1, 2, 2), (0.5,), (0.25,), 10.0, None)
+
+
+def test_weighted_average_is_sample_weighted_and_casts_back():
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([4.0, 8.0]), "n": torch.tensor(6)}
+    out = weighted_average([a, b], [1, 2])
+    assert torch.allclose(out["w"], torch.tensor([3.0, 6.0]))
+    assert out["w"].dtype == torch.float32
+    assert out["n"].dtype == torch.int64 and out["n"].item() == 5
+
+
+def test_preprocess_scales_then_normalises():
+    x = torch.full((1, 1, 2, 2), 5.0)
+    assert torch.allclose(Preprocess(SPEC, torch.device("cpu"))(x), torch.zeros(1, 1, 2, 2))
+
+
+def test_epoch_visits_every_sample_once_and_drops_a_trailing_single():
+    x = torch.arange(10, dtype=torch.float32).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    y = torch.arange(10)
+    indices = torch.tensor([0, 2, 3, 5, 7, 9, 8])
+    data = ClientData(x, y, indices, Preprocess(SPEC, torch.device("cpu")))
+    batches = list(data.batches(3, torch.Generator().manual_seed(0)))
+    assert [len(b[1]) for b in batches] == [3, 3]  # 7 = 3 + 3 + 1: the single is dropped
+    seen = torch.cat([b[1] for b in batches])
+    assert len(set(seen.tolist())) == 6 and set(seen.tolist()) <= set(indices.tolist())
+    again = list(data.batches(3, torch.Generator().manual_seed(0)))
+    assert all(torch.equal(p[1], q[1]) for p, q in zip(batches, again))
+    assert torch.equal(data.labels, y[indices])
+
+
+def test_random_crop_flip_keeps_shape_and_is_a_shifted_or_flipped_copy():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
+    out = random_crop_flip(x, torch.Generator().manual_seed(1), padding=0)
+    for i in range(2):  # with no padding the only change left is the flip
+        assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(-1))
+    out = random_crop_flip(x, torch.Generator().manual_seed(2), padding=2)
+    assert out.shape == x.shape
+    same = random_crop_flip(x, torch.Generator().manual_seed(2), padding=2)
+    assert torch.equal(out, same)
+    # every output pixel is either padding (0) or some input pixel
+    assert set(out.unique().tolist()) <= set(x.unique().tolist()) | {0.0}
