@@ -14,6 +14,7 @@ import ray
 
 from raysim.config import Config
 from raysim.engine.server import Server
+from raysim.engine.transport import register_tensor_transport
 from raysim.engine.worker import EVAL_BATCH, ClientWorker
 from raysim.registry import algorithm_class
 from raysim.seeding import sample_clients
@@ -28,16 +29,21 @@ class RoundResult:
     seconds: float = 0.0
 
 
-def balance(client_ids: Sequence[int], sizes: Sequence[int], num_workers: int) -> list[list[int]]:
-    """Longest-processing-time-first assignment: largest clients first, each to the least
+def balance(client_ids: Sequence[int], costs: Sequence[int], num_workers: int) -> list[list[int]]:
+    """Longest-processing-time-first assignment: costliest clients first, each to the least
     loaded worker, so no worker idles while another finishes a big client. Deterministic."""
     groups: list[list[int]] = [[] for _ in range(num_workers)]
     loads = [0] * num_workers
-    for cid in sorted(client_ids, key=lambda c: (-int(sizes[c]), c)):
+    for cid in sorted(client_ids, key=lambda c: (-int(costs[c]), c)):
         w = min(range(num_workers), key=lambda i: (loads[i], i))
         groups[w].append(cid)
-        loads[w] += int(sizes[cid])
+        loads[w] += int(costs[cid])
     return groups
+
+
+def steps_per_epoch(sizes: np.ndarray, batch_size: int) -> np.ndarray:
+    """Optimizer steps per local epoch (a trailing batch of one sample is skipped)."""
+    return sizes // batch_size + (sizes % batch_size >= 2)
 
 
 def reduce_eval(sums: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -49,12 +55,16 @@ def reduce_eval(sums: Sequence[dict[str, float]]) -> dict[str, float]:
 
 
 class _RemoteClientWorker(ClientWorker):
-    """Takes the dataset refs nested in a list, so Ray does not pin them as constructor
-    arguments (which it warns about for restartable actors), and fetches them itself."""
-
     def __init__(self, config: Config, data_refs: list, info: Any) -> None:
+        register_tensor_transport()
         dataset, client_indices = ray.get(data_refs)
         super().__init__(config, dataset, client_indices, info)
+
+
+class _RemoteServer(Server):
+    def __init__(self, config: Config, info: Any) -> None:
+        register_tensor_transport()
+        super().__init__(config, info)
 
 
 class Simulation:
@@ -66,23 +76,24 @@ class Simulation:
         self.num_workers = num_workers or config.resources.num_workers
         self.stateful = algorithm_class(config.algorithm.name).stateful
         self.sizes = task.partition.sizes
+        self.costs = steps_per_epoch(self.sizes, config.train.batch_size)  # for balancing
         self.workers: list[Any] = []
         self.server: Any = None
 
     def start(self) -> list[dict[str, Any]]:
         """Create the server and the worker pool; return once every worker is ready."""
         res = self.config.resources
-        # Sent once, read zero-copy by every worker. The driver keeps the refs alive, so a
-        # restarted worker can read them again.
-        self._data_refs = [ray.put(self.task.dataset), ray.put(self.task.partition.client_indices)]
+        register_tensor_transport()
+        # Put once, read zero-copy by every worker on a node.
+        data_refs = [ray.put(self.task.dataset), ray.put(self.task.partition.client_indices)]
         worker_cls = ray.remote(_RemoteClientWorker).options(
             num_cpus=res.worker.num_cpus, num_gpus=res.worker.num_gpus,
         )
         self.workers = [
-            worker_cls.remote(self.config, self._data_refs, self.task.info)
+            worker_cls.remote(self.config, data_refs, self.task.info)
             for _ in range(self.num_workers)
         ]
-        self.server = ray.remote(Server).options(
+        self.server = ray.remote(_RemoteServer).options(
             num_cpus=res.server.num_cpus, num_gpus=res.server.num_gpus
         ).remote(self.config, self.task.info)
         return ray.get([w.describe.remote() for w in self.workers])
@@ -110,7 +121,7 @@ class Simulation:
         cfg = self.config
         sampled = sample_clients(cfg.seed, r, len(self.sizes), cfg.clients_per_round)
         refs = []
-        for worker, group in zip(self.workers, balance(sampled, self.sizes, self.num_workers)):
+        for worker, group in zip(self.workers, balance(sampled, self.costs, self.num_workers)):
             if not group:
                 continue
             states = self.server.states_for.remote(group) if self.stateful else [None] * len(group)
@@ -118,6 +129,8 @@ class Simulation:
         return self.server.aggregate.remote(r, *refs)
 
     def _dispatch_evaluation(self, broadcast: Any) -> list[Any]:
+        """Fixed test batches spread evenly, so evaluation adds the same load to every worker
+        (it sits on each worker's path to the next round)."""
         starts = list(range(0, len(self.task.dataset.test.y), EVAL_BATCH))
         shards = np.array_split(np.array(starts), min(self.num_workers, len(starts)))
         return [

@@ -25,7 +25,7 @@ from raysim.seeding import client_generator
 from raysim.task import make_algorithm, new_model
 from raysim.training import ClientData, Preprocess, eval_batches, make_optimizer
 
-EVAL_BATCH = 512  # fixed test batches, so metrics do not depend on how shards are spread
+EVAL_BATCH = 128  # fixed test batches, so metrics do not depend on how shards are spread
 
 
 @dataclass(frozen=True)
