@@ -24,6 +24,7 @@ from raysim.algorithm import (
     Broadcast,
     ClientContext,
     ClientUpdate,
+    ServerContext,
     ServerState,
     TaskInfo,
     Weights,
@@ -45,9 +46,13 @@ class FedAvg:
 
     stateful: ClassVar[bool] = False  # True: the engine keeps `ClientUpdate.state` per client
 
-    def __init__(self, config: Any = None, task: TaskInfo | None = None) -> None:
+    def __init__(
+        self, config: Any = None, task: TaskInfo | None = None,
+        device: torch.device | None = None,
+    ) -> None:
         self.config = config if config is not None else self.Config()
         self.task = task
+        self.device = device or torch.device("cpu")
 
     # ---------------------------------------------------------------- server side
     def init_server(self, model: nn.Module) -> ServerState:
@@ -56,7 +61,9 @@ class FedAvg:
     def broadcast(self, state: ServerState) -> Broadcast:
         return Broadcast(weights=state.weights)
 
-    def server_round(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
+    def server_round(
+        self, ctx: ServerContext, state: ServerState, updates: list[ClientUpdate]
+    ) -> ServerState:
         """w_{t+1} = Σ_k n_k w_k / Σ_k n_k, in client-id order (the engine sorts `updates`)."""
         averaged = weighted_average([u.weights for u in updates], [u.num_samples for u in updates])
         return ServerState(weights=averaged)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from algorithms.fedavg import BatchLoss, FedAvg
 from raysim.algorithm import Broadcast, ClientContext
+from raysim.config import require
 
 
 class FedProx(FedAvg):
@@ -22,10 +23,7 @@ class FedProx(FedAvg):
         mu: float = 0.01  # proximal coefficient μ
 
         def __post_init__(self) -> None:
-            from raysim.config import ConfigError
-
-            if self.mu < 0:
-                raise ConfigError(f"mu: must be >= 0 (got {self.mu})")
+            require(self.mu >= 0, "mu", f"must be >= 0 (got {self.mu})")
 
     def local_objective(
         self, ctx: ClientContext, model: nn.Module, broadcast: Broadcast, state: Any

@@ -24,7 +24,8 @@ class ConfigError(ValueError):
     """A user mistake in a config file or override; the message names the key and the fix."""
 
 
-def _require(condition: bool, key: str, message: str) -> None:
+def require(condition: bool, key: str, message: str) -> None:
+    """Range checks in config dataclasses (algorithms' included) raise through this."""
     if not condition:
         raise ConfigError(f"{key}: {message}")
 
@@ -38,16 +39,19 @@ class PartitionConfig:
     alpha: float = 0.5  # Dirichlet concentration: over labels (dirichlet*), over sizes (quantity)
     classes_per_client: int = 2  # shards: exactly k classes per client
     min_size: int = 2  # dirichlet / quantity: redraw until every client holds this many samples
+    within: str = "iid"  # domains: how each domain's samples are split among its clients
 
     def __post_init__(self) -> None:
-        from raysim.data import PARTITION_KINDS
+        from raysim.data import PARTITION_KINDS, WITHIN_DOMAIN_KINDS
 
-        _require(self.kind in PARTITION_KINDS, "kind",
+        require(self.kind in PARTITION_KINDS, "kind",
                  f"unknown partition {self.kind!r}; choose one of {', '.join(PARTITION_KINDS)}")
-        _require(self.num_clients >= 1, "num_clients", "must be >= 1")
-        _require(self.alpha > 0, "alpha", f"must be > 0 (got {self.alpha})")
-        _require(self.classes_per_client >= 1, "classes_per_client", "must be >= 1")
-        _require(self.min_size >= 1, "min_size", "must be >= 1")
+        require(self.num_clients >= 1, "num_clients", "must be >= 1")
+        require(self.alpha > 0, "alpha", f"must be > 0 (got {self.alpha})")
+        require(self.classes_per_client >= 1, "classes_per_client", "must be >= 1")
+        require(self.min_size >= 1, "min_size", "must be >= 1")
+        require(self.within in WITHIN_DOMAIN_KINDS, "within",
+                f"choose one of {', '.join(WITHIN_DOMAIN_KINDS)}")
 
 
 @dataclass
@@ -57,7 +61,7 @@ class LongTailConfig:
     rho: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(self.rho >= 1, "rho", f"imbalance ratio must be >= 1 (got {self.rho})")
+        require(self.rho >= 1, "rho", f"imbalance ratio must be >= 1 (got {self.rho})")
 
 
 @dataclass
@@ -72,9 +76,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         from raysim.data import DATASETS
 
-        _require(self.dataset in DATASETS, "dataset",
+        require(self.dataset in DATASETS, "dataset",
                  f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
-        _require(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)")
+        require(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)")
 
 
 @dataclass
@@ -84,7 +88,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         from raysim.models import MODELS
 
-        _require(self.name in MODELS, "name",
+        require(self.name in MODELS, "name",
                  f"unknown model {self.name!r}; choose one of {', '.join(MODELS)}")
 
 
@@ -100,12 +104,12 @@ class TrainConfig:
     optimizer: str = "sgd"  # sgd | adam
 
     def __post_init__(self) -> None:
-        _require(self.local_epochs >= 1, "local_epochs", "must be >= 1")
-        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
-        _require(self.lr > 0, "lr", f"must be > 0 (got {self.lr})")
-        _require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
-        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        _require(self.optimizer in ("sgd", "adam"), "optimizer", "choose one of sgd, adam")
+        require(self.local_epochs >= 1, "local_epochs", "must be >= 1")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(self.lr > 0, "lr", f"must be > 0 (got {self.lr})")
+        require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(self.optimizer in ("sgd", "adam"), "optimizer", "choose one of sgd, adam")
 
 
 @dataclass
@@ -114,9 +118,9 @@ class ActorResources:
     num_gpus: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(self.num_cpus >= 0, "num_cpus", "must be >= 0")
-        _require(self.num_gpus >= 0, "num_gpus", "must be >= 0")
-        _require(self.num_gpus <= 1 or self.num_gpus == int(self.num_gpus), "num_gpus",
+        require(self.num_cpus >= 0, "num_cpus", "must be >= 0")
+        require(self.num_gpus >= 0, "num_gpus", "must be >= 0")
+        require(self.num_gpus <= 1 or self.num_gpus == int(self.num_gpus), "num_gpus",
                  "fractions are allowed only below 1 (e.g. 0.25 packs four actors per GPU)")
 
 
@@ -127,7 +131,7 @@ class ResourcesConfig:
     server: ActorResources = field(default_factory=lambda: ActorResources(num_cpus=0.0))
 
     def __post_init__(self) -> None:
-        _require(self.num_workers >= 1, "num_workers", "must be >= 1")
+        require(self.num_workers >= 1, "num_workers", "must be >= 1")
 
 
 @dataclass
@@ -139,7 +143,7 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _require(self.mode in ("online", "offline", "disabled"), "mode",
+        require(self.mode in ("online", "offline", "disabled"), "mode",
                  "choose one of online, offline, disabled")
 
 
@@ -172,13 +176,28 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
-        _require(self.rounds >= 1, "rounds", "must be >= 1")
-        _require(self.eval_every >= 1, "eval_every", "must be >= 1")
-        _require(self.clients_per_round >= 1, "clients_per_round", "must be >= 1")
+        require(self.rounds >= 1, "rounds", "must be >= 1")
+        require(self.eval_every >= 1, "eval_every", "must be >= 1")
+        require(self.clients_per_round >= 1, "clients_per_round", "must be >= 1")
+        self._check_model_fits_algorithm()
         num_clients = self.data.partition.num_clients
-        _require(self.clients_per_round <= num_clients, "clients_per_round",
+        require(self.clients_per_round <= num_clients, "clients_per_round",
                  f"{self.clients_per_round} > data.partition.num_clients ({num_clients}); "
                  "lower clients_per_round or raise num_clients")
+
+
+    def _check_model_fits_algorithm(self) -> None:
+        from raysim.models import MODELS
+        from raysim.registry import algorithm_class
+
+        algorithm = algorithm_class(self.algorithm.name)
+        model = MODELS[self.model.name]
+        if getattr(algorithm, "needs_features", False) and not model.has_feature_head:
+            with_heads = [name for name, cls in MODELS.items() if cls.has_feature_head]
+            raise ConfigError(
+                f"algorithm.name: {self.algorithm.name} works on the model's features, but "
+                f"model {self.model.name!r} has no feature head; use one of {', '.join(with_heads)}"
+            )
 
 
 # --------------------------------------------------------------------------- parsing
@@ -212,7 +231,7 @@ def _parse_algorithm(raw: dict, path: str) -> AlgorithmConfig:
 
     raw = dict(raw)
     name = raw.pop("name", AlgorithmConfig.name)
-    _require(isinstance(name, str), f"{path}.name", f"expected a string, got {_describe(name)}")
+    require(isinstance(name, str), f"{path}.name", f"expected a string, got {_describe(name)}")
     try:
         algorithm = algorithm_class(name)
     except KeyError as error:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -10,8 +11,23 @@ from torch import Tensor, nn
 
 
 class ModelOutput(NamedTuple):
-    features: Tensor  # (B, feature_dim), the input of `classifier`
+    features: Tensor | None  # (B, feature_dim), the input of `classifier`; None: no feature head
     logits: Tensor  # (B, num_classes)
+
+
+class LogisticRegression(nn.Module):
+    """Multinomial logistic regression on the flattened input (the convex model of the FedProx
+    paper). It has no feature head, so prototype methods cannot run on it."""
+
+    has_feature_head = False
+
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int) -> None:
+        super().__init__()
+        self.feature_dim = None
+        self.classifier = nn.Linear(math.prod(input_shape), num_classes)
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        return ModelOutput(None, self.classifier(x.flatten(1)))
 
 
 class SmallCNN(nn.Module):
@@ -21,8 +37,13 @@ class SmallCNN(nn.Module):
     used when comparing against other simulators.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, feature_dim: int = 128) -> None:
+    has_feature_head = True
+
+    def __init__(
+        self, input_shape: tuple[int, int, int], num_classes: int, feature_dim: int = 128
+    ) -> None:
         super().__init__()
+        in_channels = input_shape[0]
         self.feature_dim = feature_dim
         self.encoder = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=1),
@@ -65,8 +86,11 @@ class ResNet10(nn.Module):
     256-d feature → Linear `classifier`. The official file also builds an unused `encoder` MLP
     (256→256→512) that only inflates the state dict; it is left out here."""
 
-    def __init__(self, in_channels: int, num_classes: int, nf: int = 32) -> None:
+    has_feature_head = True
+
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, nf: int = 32) -> None:
         super().__init__()
+        in_channels = input_shape[0]
         self.feature_dim = 8 * nf
         self.conv1 = nn.Conv2d(in_channels, nf, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(nf)
@@ -86,10 +110,10 @@ class ResNet10(nn.Module):
         return ModelOutput(features, self.classifier(features))
 
 
-MODELS = {"cnn": SmallCNN, "resnet10": ResNet10}
+MODELS = {"cnn": SmallCNN, "resnet10": ResNet10, "logreg": LogisticRegression}
 
 
-def build_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
+def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    return MODELS[name](in_channels, num_classes)
+    return MODELS[name](tuple(input_shape), num_classes)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 # purpose tags keep streams for different uses independent
-SAMPLING, CLIENT, MODEL_INIT = 0x5A, 0xC1, 0x1D
+SAMPLING, CLIENT, MODEL_INIT, SERVER = 0x5A, 0xC1, 0x1D, 0x5E
 
 
 def derive_seed(*parts: int) -> int:
@@ -20,6 +20,11 @@ def derive_seed(*parts: int) -> int:
 def client_generator(seed: int, round_index: int, client_id: int) -> torch.Generator:
     """The generator handed to a client step in `ClientContext.generator`."""
     return torch.Generator().manual_seed(derive_seed(seed, CLIENT, round_index, client_id))
+
+
+def server_generator(seed: int, round_index: int) -> torch.Generator:
+    """The generator handed to a server step in `ServerContext.generator`."""
+    return torch.Generator().manual_seed(derive_seed(seed, SERVER, round_index))
 
 
 def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int) -> list[int]:

@@ -30,26 +30,28 @@ def build_task(config: Config) -> Task:
         dataset.train.y, dataset.spec.num_classes, kind=part.kind, num_clients=part.num_clients,
         seed=config.seed, alpha=part.alpha, classes_per_client=part.classes_per_client,
         min_size=part.min_size, long_tail_rho=data.long_tail.rho,
+        domains=dataset.train.domain, within=part.within,
     )
-    probe = new_model(config, dataset.spec.input_shape[0], dataset.spec.num_classes)
+    probe = build_model(config.model.name, dataset.spec.input_shape, dataset.spec.num_classes)
     info = TaskInfo(
         num_classes=dataset.spec.num_classes,
-        in_channels=dataset.spec.input_shape[0],
+        input_shape=tuple(dataset.spec.input_shape),
         feature_dim=probe.feature_dim,
+        train=config.train,
     )
     return Task(dataset=dataset, partition=partition, info=info)
 
 
-def new_model(config: Config, in_channels: int, num_classes: int) -> nn.Module:
-    return build_model(config.model.name, in_channels, num_classes)
+def new_model(config: Config, info: TaskInfo) -> nn.Module:
+    return build_model(config.model.name, info.input_shape, info.num_classes)
 
 
 def initial_model(config: Config, info: TaskInfo) -> nn.Module:
     """The round-0 global model, initialised from the run seed without touching global RNG state."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(config.seed, MODEL_INIT))
-        return new_model(config, info.in_channels, info.num_classes)
+        return new_model(config, info)
 
 
-def make_algorithm(config: Config, info: TaskInfo):
-    return algorithm_class(config.algorithm.name)(config.algorithm.params, info)
+def make_algorithm(config: Config, info: TaskInfo, device: torch.device):
+    return algorithm_class(config.algorithm.name)(config.algorithm.params, info, device)

@@ -76,17 +76,17 @@ class ClientData:
             yield self.preprocess(self.x[chunk], generator if augment else None), self.y[chunk]
 
 
+    def ordered_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """All samples in index order, no augmentation: for passes that only read the model
+        (local prototypes, statistics)."""
+        for start in range(0, len(self.indices), batch_size):
+            chunk = self.indices[start : start + batch_size]
+            yield self.preprocess(self.x[chunk]), self.y[chunk]
+
+
 def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
     if train.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     return torch.optim.SGD(
         model.parameters(), lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
     )
-
-
-def eval_batches(
-    x: Tensor, y: Tensor, preprocess: Preprocess, start: int, stop: int, batch_size: int = 512
-) -> Iterator[tuple[Tensor, Tensor]]:
-    for lo in range(start, stop, batch_size):
-        hi = min(lo + batch_size, stop)
-        yield preprocess(x[lo:hi]), y[lo:hi]

@@ -14,6 +14,7 @@ from sklearn.datasets import load_digits
 
 from raysim.data import (
     DATASETS,
+    ArraySplit,
     DatasetNotFoundError,
     check_dataset,
     load_dataset,
@@ -82,11 +83,36 @@ def test_check_unknown_name_lists_datasets() -> None:
         assert name in str(info.value)
 
 
-def test_check_digits_needs_no_root() -> None:
-    check_dataset("digits", None, False)
+@pytest.mark.parametrize("name", ["digits", "digits_domains"])
+def test_check_embedded_datasets_need_no_root(name: str) -> None:
+    check_dataset(name, None, False)
+    check_dataset(name, None, True)
 
 
-@pytest.mark.parametrize("name", [n for n in DATASETS if n != "digits"])
+def test_digits_domains_is_wired_into_load_dataset() -> None:
+    ds = load_dataset("digits_domains", test_fraction=0.2, split_seed=3)
+    assert ds.spec.name == "digits_domains"
+    assert ds.spec.domains == ("mnist", "usps", "svhn", "syn")
+    assert ds.train.domain is not None and ds.test.domain is not None
+    assert abs(len(ds.test) / 4 / 1797 - 0.2) < 0.01
+    with pytest.raises(ValueError, match="test_fraction"):
+        load_dataset("digits_domains", test_fraction=0.0)
+
+
+def test_single_domain_datasets_have_no_domains() -> None:
+    ds = load_dataset("digits")
+    assert ds.spec.domains == ()
+    assert ds.train.domain is None and ds.test.domain is None
+
+
+def test_array_split_checks_domain_length() -> None:
+    x, y = np.zeros((3, 1, 2, 2)), np.zeros(3, dtype=np.int64)
+    assert ArraySplit(x, y, np.array([0, 1, 1])).domain is not None
+    with pytest.raises(ValueError, match="domain has 2 entries but y has 3"):
+        ArraySplit(x, y, np.array([0, 1]))
+
+
+@pytest.mark.parametrize("name", [n for n in DATASETS if n not in ("digits", "digits_domains")])
 @pytest.mark.parametrize("download", [False, True])
 def test_check_missing_root_names_data_root(name: str, download: bool) -> None:
     with pytest.raises(DatasetNotFoundError, match="data.root"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -124,5 +123,5 @@ def test_run_directory_holds_resolved_config_and_histograms(tmp_path):
     assert (tmp_path / "r" / "label_histograms.parquet").exists()
     assert run.task.partition.num_clients == 12
     assert math.isclose(run.task.partition.sizes.sum(), 1347)
-    assert dataclasses.asdict(run.task.info) == {"num_classes": 10, "in_channels": 1,
-                                                 "feature_dim": 128}
+    info = run.task.info
+    assert (info.num_classes, info.input_shape, info.feature_dim) == (10, (1, 8, 8), 128)

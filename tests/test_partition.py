@@ -13,6 +13,7 @@ from raysim.data import (
     make_partition,
     partition_dirichlet,
     partition_dirichlet_equal,
+    partition_domains,
     partition_iid,
     partition_quantity,
     partition_shards,
@@ -49,6 +50,11 @@ def _expected_long_tail_counts(labels: np.ndarray, rho: float) -> np.ndarray:
     return np.array([int(n_max * rho ** (-c / (c_total - 1))) for c in range(c_total)])
 
 
+def _domains(n: int, num_domains: int = 4, seed: int = 0) -> np.ndarray:
+    """Domain ids independent of the labels, every domain about equally common."""
+    return np.random.default_rng(seed).permutation(np.arange(n) % num_domains)
+
+
 def _make(labels: np.ndarray, kind: str, seed: int, rho: float = 1.0) -> Partition:
     return make_partition(
         labels,
@@ -59,6 +65,7 @@ def _make(labels: np.ndarray, kind: str, seed: int, rho: float = 1.0) -> Partiti
         alpha=0.5,
         classes_per_client=3,
         long_tail_rho=rho,
+        domains=_domains(len(labels)) if kind == "domains" else None,
     )
 
 
@@ -314,3 +321,115 @@ def test_partition_stream_is_independent_of_plain_seed(labels: np.ndarray) -> No
     part = make_partition(labels, NUM_CLASSES, kind="iid", num_clients=4, seed=0)
     plain = partition_iid(labels, 4, np.random.default_rng(0))
     assert not all(np.array_equal(a, b) for a, b in zip(part.client_indices, plain, strict=True))
+
+
+# --- domains (feature skew) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("within", ["iid", "dirichlet"])
+@pytest.mark.parametrize("num_clients", [4, 10, 13])
+def test_domains_clients_hold_one_domain_each(
+    labels: np.ndarray, num_clients: int, within: str
+) -> None:
+    domains = _domains(len(labels))
+    parts, client_domains = partition_domains(
+        labels, domains, num_clients, np.random.default_rng(0), within=within, alpha=0.5
+    )
+    assert len(parts) == num_clients
+    assert client_domains.dtype == np.int64
+    np.testing.assert_array_equal(client_domains, np.arange(num_clients) % 4)
+    flat = np.concatenate(parts)
+    np.testing.assert_array_equal(np.sort(flat), np.arange(len(labels)))
+    for idx, dom in zip(parts, client_domains):
+        assert idx.dtype == np.int64 and np.all(np.diff(idx) > 0)
+        assert np.all(domains[idx] == dom)
+    per_domain = np.bincount(client_domains, minlength=4)
+    assert per_domain.max() - per_domain.min() <= 1
+
+
+def test_domains_uses_the_domain_ids_present(labels: np.ndarray) -> None:
+    domains = np.array([3, 7, 9])[_domains(len(labels), num_domains=3)]
+    parts, client_domains = partition_domains(labels, domains, 5, np.random.default_rng(1))
+    np.testing.assert_array_equal(client_domains, [3, 7, 9, 3, 7])
+    for idx, dom in zip(parts, client_domains):
+        assert np.all(domains[idx] == dom)
+
+
+def test_make_partition_domains_with_long_tail(labels: np.ndarray) -> None:
+    domains = _domains(len(labels))
+    part = make_partition(
+        labels,
+        NUM_CLASSES,
+        kind="domains",
+        num_clients=9,
+        seed=2,
+        domains=domains,
+        long_tail_rho=10.0,
+        within="dirichlet",
+        alpha=1.0,
+    )
+    assert part.client_domains is not None
+    np.testing.assert_array_equal(part.client_domains, np.arange(9) % 4)
+    for idx, dom in zip(part.client_indices, part.client_domains):
+        assert np.all(domains[idx] == dom)
+    flat = np.concatenate(part.client_indices)
+    counts = np.bincount(labels[flat], minlength=NUM_CLASSES)
+    np.testing.assert_array_equal(counts, _expected_long_tail_counts(labels, 10.0))
+
+
+def test_dirichlet_within_domains_is_label_skewed(big_labels: np.ndarray) -> None:
+    domains = _domains(len(big_labels))
+    global_dist = np.bincount(big_labels) / len(big_labels)
+
+    def mean_tv(within: str) -> float:
+        part = make_partition(
+            big_labels,
+            NUM_CLASSES,
+            kind="domains",
+            num_clients=20,
+            seed=0,
+            domains=domains,
+            within=within,
+            alpha=0.05,
+        )
+        return float(_tv(part.histograms, global_dist).mean())
+
+    tv_iid, tv_skew = mean_tv("iid"), mean_tv("dirichlet")
+    assert tv_iid < 0.1
+    assert tv_skew > 0.4
+    assert tv_skew > 4 * tv_iid
+
+
+def test_other_kinds_record_majority_domain(labels: np.ndarray) -> None:
+    assert _make(labels, "shards", seed=0).client_domains is None
+    # Domains tied to labels, so shard clients (3 classes each) are dominated by one domain.
+    domains = labels % 4
+    part = make_partition(
+        labels, NUM_CLASSES, kind="shards", num_clients=12, seed=0, domains=domains
+    )
+    assert part.client_domains is not None and part.client_domains.dtype == np.int64
+    expected = [np.bincount(domains[idx]).argmax() for idx in part.client_indices]
+    np.testing.assert_array_equal(part.client_domains, expected)
+
+
+def test_domains_errors(labels: np.ndarray) -> None:
+    rng = np.random.default_rng(0)
+    domains = _domains(len(labels))
+    with pytest.raises(ValueError, match="needs at least 4 clients"):
+        partition_domains(labels, domains, 3, rng)
+    with pytest.raises(ValueError, match="needs a dataset with domains, e.g. digits_domains"):
+        make_partition(labels, NUM_CLASSES, kind="domains", num_clients=8, seed=0)
+    with pytest.raises(
+        ValueError, match=r"unknown within-domain partition 'shards'.*iid, dirichlet"
+    ):
+        make_partition(
+            labels,
+            NUM_CLASSES,
+            kind="domains",
+            num_clients=8,
+            seed=0,
+            domains=domains,
+            within="shards",
+        )
+    with pytest.raises(ValueError, match="domains has 5 entries but labels has"):
+        make_partition(labels, NUM_CLASSES, kind="iid", num_clients=8, seed=0, domains=domains[:5])

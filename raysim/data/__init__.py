@@ -11,11 +11,13 @@ from raysim.data.datasets import (
 )
 from raysim.data.partition import (
     PARTITION_KINDS,
+    WITHIN_DOMAIN_KINDS,
     Partition,
     long_tail_indices,
     make_partition,
     partition_dirichlet,
     partition_dirichlet_equal,
+    partition_domains,
     partition_iid,
     partition_quantity,
     partition_shards,
@@ -24,6 +26,7 @@ from raysim.data.partition import (
 __all__ = [
     "DATASETS",
     "PARTITION_KINDS",
+    "WITHIN_DOMAIN_KINDS",
     "ArraySplit",
     "Dataset",
     "DatasetNotFoundError",
@@ -35,6 +38,7 @@ __all__ = [
     "make_partition",
     "partition_dirichlet",
     "partition_dirichlet_equal",
+    "partition_domains",
     "partition_iid",
     "partition_quantity",
     "partition_shards",

@@ -30,7 +30,17 @@ __all__ = [
     "load_dataset",
 ]
 
-DATASETS: tuple[str, ...] = ("digits", "mnist", "fashionmnist", "cifar10", "cifar100", "svhn")
+DATASETS: tuple[str, ...] = (
+    "digits",
+    "digits_domains",
+    "mnist",
+    "fashionmnist",
+    "cifar10",
+    "cifar100",
+    "svhn",
+)
+# Built from scikit-learn's bundled digits, so they need no data.root.
+_EMBEDDED = ("digits", "digits_domains")
 
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 _CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -38,14 +48,18 @@ _CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 @dataclass(frozen=True)
 class ArraySplit:
-    """One split: images ``x`` as (N, C, H, W) and int64 labels ``y``."""
+    """One split: images ``x`` as (N, C, H, W), int64 labels ``y`` and, for multi-domain
+    datasets, an int64 domain id per sample (an index into ``DatasetSpec.domains``)."""
 
     x: np.ndarray
     y: np.ndarray
+    domain: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if len(self.x) != len(self.y):
             raise ValueError(f"x has {len(self.x)} samples but y has {len(self.y)}")
+        if self.domain is not None and len(self.domain) != len(self.y):
+            raise ValueError(f"domain has {len(self.domain)} entries but y has {len(self.y)}")
 
     def __len__(self) -> int:
         return len(self.y)
@@ -62,6 +76,8 @@ class DatasetSpec:
     std: tuple[float, ...]
     scale: float
     augment: str | None
+    # Domain names, indexed by domain id; empty for single-domain datasets.
+    domains: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -146,7 +162,7 @@ def check_dataset(name: str, root: str | None, download: bool) -> None:
     """Fail fast, before any work is scheduled, if a dataset cannot be loaded as configured."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
-    if name == "digits":
+    if name in _EMBEDDED:
         return
     if root is None:
         action = "to download into" if download else "holding its files"
@@ -345,14 +361,20 @@ def load_dataset(
 ) -> Dataset:
     """Load a dataset fully into memory.
 
-    ``test_fraction`` and ``split_seed`` only apply to ``digits``, which has no official test
-    split; the seed is separate from the run seed so the held-out set never moves between runs.
+    ``test_fraction`` and ``split_seed`` only apply to ``digits`` and ``digits_domains``, which
+    have no official test split; the seed is separate from the run seed so the held-out set (and
+    the domains' rendering) never moves between runs.
     """
     check_dataset(name, root, download)
-    if name == "digits":
+    if name in _EMBEDDED:
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-        return _load_digits(test_fraction, split_seed)
+        if name == "digits":
+            return _load_digits(test_fraction, split_seed)
+        # Imported here: that module builds on this one and pulls in scipy.ndimage.
+        from raysim.data.digits_domains import load_digits_domains
+
+        return load_digits_domains(test_fraction, split_seed)
     assert root is not None  # guaranteed by check_dataset
     root_path = Path(root)
     if download and _missing_message(name, root_path) is not None:

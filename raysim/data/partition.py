@@ -14,17 +14,28 @@ import numpy as np
 
 __all__ = [
     "PARTITION_KINDS",
+    "WITHIN_DOMAIN_KINDS",
     "Partition",
     "long_tail_indices",
     "make_partition",
     "partition_dirichlet",
     "partition_dirichlet_equal",
+    "partition_domains",
     "partition_iid",
     "partition_quantity",
     "partition_shards",
 ]
 
-PARTITION_KINDS: tuple[str, ...] = ("iid", "dirichlet", "shards", "quantity", "dirichlet_equal")
+PARTITION_KINDS: tuple[str, ...] = (
+    "iid",
+    "dirichlet",
+    "shards",
+    "quantity",
+    "dirichlet_equal",
+    "domains",
+)
+# How the ``domains`` partition splits one domain's samples among that domain's clients.
+WITHIN_DOMAIN_KINDS: tuple[str, ...] = ("iid", "dirichlet")
 
 # Redraw budget for rejection-sampled partitions before giving up with a user error.
 _MAX_TRIES = 1000
@@ -256,6 +267,61 @@ def partition_dirichlet_equal(
     return _finish(np.array_split(pool, num_clients))
 
 
+def _as_domains(domains: np.ndarray, num_samples: int) -> np.ndarray:
+    arr = _as_labels(domains)
+    if len(arr) != num_samples:
+        raise ValueError(f"domains has {len(arr)} entries but labels has {num_samples}")
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"domain ids must be >= 0, got {arr.min()}")
+    return arr
+
+
+def partition_domains(
+    labels: np.ndarray,
+    domains: np.ndarray,
+    num_clients: int,
+    rng: np.random.Generator,
+    *,
+    within: str = "iid",
+    alpha: float = 0.5,
+    min_size: int = 2,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Feature skew: every client holds samples of a single domain.
+
+    Client ``k`` gets the ``k % D``-th of the D domains present, so domains have equally many
+    clients (+-1); each domain's samples are then split among its clients by ``within``
+    ("iid", or "dirichlet" for label skew on top). Returns the client index sets and each
+    client's domain id.
+    """
+    if within not in WITHIN_DOMAIN_KINDS:
+        raise ValueError(
+            f"unknown within-domain partition {within!r}; expected one of: "
+            f"{', '.join(WITHIN_DOMAIN_KINDS)}"
+        )
+    y = _as_labels(labels)
+    d = _as_domains(domains, len(y))
+    _check_clients(num_clients, len(y))
+    present = np.unique(d)
+    if num_clients < len(present):
+        raise ValueError(
+            f"domains partition needs at least {len(present)} clients (one per domain), "
+            f"got num_clients={num_clients}"
+        )
+    client_domains = present[np.arange(num_clients) % len(present)]
+    parts: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * num_clients
+    for dom in present:
+        members = np.flatnonzero(d == dom)
+        clients = np.flatnonzero(client_domains == dom)
+        if within == "iid":
+            local = partition_iid(y[members], len(clients), rng)
+        else:
+            local = partition_dirichlet(y[members], len(clients), alpha, rng, min_size=min_size)
+        # members is sorted, so mapped sorted local indices stay sorted.
+        for client, idx in zip(clients, local):
+            parts[client] = members[idx]
+    return parts, client_domains.astype(np.int64)
+
+
 def long_tail_indices(labels: np.ndarray, rho: float, rng: np.random.Generator) -> np.ndarray:
     """Indices of a globally long-tailed subset with imbalance ratio ``rho`` (head/tail).
 
@@ -289,6 +355,9 @@ class Partition:
     client_indices: tuple[np.ndarray, ...]
     num_classes: int
     histograms: np.ndarray
+    # (num_clients,) int64 domain id per client (its majority domain unless the partition is
+    # by domain); None when the dataset has no domains.
+    client_domains: np.ndarray | None = None
 
     @property
     def sizes(self) -> np.ndarray:
@@ -312,17 +381,26 @@ def make_partition(
     classes_per_client: int = 2,
     min_size: int = 2,
     long_tail_rho: float = 1.0,
+    domains: np.ndarray | None = None,
+    within: str = "iid",
 ) -> Partition:
     """Build the partition the config asks for, from a seed alone (reproducible across runs).
 
     With ``long_tail_rho > 1`` the pool is first restricted to a long-tailed subset; the
-    returned indices always point into the original ``labels`` array.
+    returned indices always point into the original ``labels`` array. ``domains`` (a domain id
+    per sample) is required by kind "domains" and, for any kind, fills
+    ``Partition.client_domains``.
     """
     if kind not in PARTITION_KINDS:
         raise ValueError(
             f"unknown partition kind {kind!r}; expected one of: {', '.join(PARTITION_KINDS)}"
         )
+    if kind == "domains" and domains is None:
+        raise ValueError(
+            "partition kind 'domains' needs a dataset with domains, e.g. digits_domains"
+        )
     y = _as_labels(labels)
+    dom = None if domains is None else _as_domains(domains, len(y))
     if y.size and (y.min() < 0 or y.max() >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), got range [{y.min()}, {y.max()}]")
     rng = np.random.default_rng([seed, _PARTITION_STREAM_TAG])
@@ -335,7 +413,13 @@ def make_partition(
         pool = np.arange(len(y), dtype=np.int64)
     sub = y[pool]
 
-    if kind == "iid":
+    client_domains = None
+    if kind == "domains":
+        assert dom is not None
+        parts, client_domains = partition_domains(
+            sub, dom[pool], num_clients, rng, within=within, alpha=alpha, min_size=min_size
+        )
+    elif kind == "iid":
         parts = partition_iid(sub, num_clients, rng)
     elif kind == "dirichlet":
         parts = partition_dirichlet(sub, num_clients, alpha, rng, min_size=min_size)
@@ -351,4 +435,14 @@ def make_partition(
     histograms = np.stack(
         [np.bincount(y[idx], minlength=num_classes) for idx in client_indices]
     ).astype(np.int64)
-    return Partition(client_indices=client_indices, num_classes=num_classes, histograms=histograms)
+    if client_domains is None and dom is not None:
+        # Cheap to record for any kind, and lets reports break results down by domain.
+        client_domains = np.array(
+            [np.bincount(dom[idx]).argmax() for idx in client_indices], dtype=np.int64
+        )
+    return Partition(
+        client_indices=client_indices,
+        num_classes=num_classes,
+        histograms=histograms,
+        client_domains=client_domains,
+    )

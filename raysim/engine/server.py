@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 
-from raysim.algorithm import Broadcast, TaskInfo
+from raysim.algorithm import Broadcast, ServerContext, TaskInfo
 from raysim.config import Config
 from raysim.engine.worker import ClientResult, assigned_device
+from raysim.seeding import server_generator
 from raysim.task import initial_model, make_algorithm
 
 
@@ -19,7 +20,8 @@ class Server:
     def __init__(self, config: Config, info: TaskInfo) -> None:
         torch.set_num_threads(max(1, int(config.resources.server.num_cpus)))
         self.device = assigned_device(config.resources.server.num_gpus)
-        self.algorithm = make_algorithm(config, info)
+        self.seed = config.seed
+        self.algorithm = make_algorithm(config, info, self.device)
         self.state = self.algorithm.init_server(initial_model(config, info))
         self.client_states: dict[int, Any] = {}
 
@@ -41,7 +43,9 @@ class Server:
         start = time.perf_counter()
         if ok:
             updates = [r.update for r in ok]
-            self.state = self.algorithm.server_round(self.state, updates)
+            ctx = ServerContext(round_index, server_generator(self.seed, round_index), self.device)
+            self.state = self.algorithm.server_round(ctx, self.state, updates)
+            metrics.update({f"server_{k}": float(v) for k, v in self.state.metrics.items()})
             if self.algorithm.stateful:
                 for r in ok:
                     self.client_states[r.client_id] = r.update.state

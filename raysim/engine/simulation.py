@@ -15,7 +15,7 @@ import ray
 from raysim.config import Config
 from raysim.engine.server import Server
 from raysim.engine.transport import register_tensor_transport
-from raysim.engine.worker import EVAL_BATCH, ClientWorker
+from raysim.engine.worker import ClientWorker
 from raysim.registry import algorithm_class
 from raysim.seeding import sample_clients
 from raysim.task import Task
@@ -46,12 +46,43 @@ def steps_per_epoch(sizes: np.ndarray, batch_size: int) -> np.ndarray:
     return sizes // batch_size + (sizes % batch_size >= 2)
 
 
-def reduce_eval(sums: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Per-batch metric sums (in batch order) → test metrics, each divided by the sample count."""
+EVAL_BATCH = 128  # fixed test batches, so metrics do not depend on how they are spread
+
+
+def eval_batches(domains: np.ndarray | None, num_samples: int) -> list[tuple[int, list]]:
+    """Fixed test ranges [start, stop) of at most EVAL_BATCH samples, grouped by domain
+    (one group, id -1, without domains). Domains must be contiguous blocks of the test split."""
+    if domains is None:
+        blocks = [(-1, 0, num_samples)]
+    else:
+        change = np.flatnonzero(np.diff(domains)) + 1
+        starts, stops = np.r_[0, change], np.r_[change, num_samples]
+        blocks = [(int(domains[a]), int(a), int(b)) for a, b in zip(starts, stops)]
+        if len({d for d, _, _ in blocks}) != len(blocks):
+            raise ValueError("test samples of one domain must be contiguous")
+    return [(d, [(s, min(s + EVAL_BATCH, b)) for s in range(a, b, EVAL_BATCH)])
+            for d, a, b in blocks]
+
+
+def reduce_eval(sums: Sequence[dict[str, float]], prefix: str = "test_",
+                suffix: str = "") -> dict[str, float]:
+    """Per-batch metric sums (in batch order) → metrics, each divided by the sample count."""
     count = sum(s["count"] for s in sums)
     keys = [k for k in sums[0] if k != "count"]
-    return {f"test_{k}": float(np.sum([s[k] for s in sums], dtype=np.float64)) / count
+    return {f"{prefix}{k}{suffix}": float(np.sum([s[k] for s in sums], dtype=np.float64)) / count
             for k in keys}
+
+
+def reduce_domain_eval(groups: list[tuple[str, list[dict[str, float]]]]) -> dict[str, float]:
+    """Per-domain metrics (`test_accuracy/<domain>`) and their unweighted mean (`test_accuracy`),
+    so every domain counts the same whatever its test size."""
+    if len(groups) == 1 and groups[0][0] == "":
+        return reduce_eval(groups[0][1])
+    per_domain = {name: reduce_eval(sums) for name, sums in groups}
+    out = {f"{k}/{name}": v for name, metrics in per_domain.items() for k, v in metrics.items()}
+    for key in next(iter(per_domain.values())):
+        out[key] = float(np.mean([metrics[key] for metrics in per_domain.values()]))
+    return out
 
 
 class _RemoteClientWorker(ClientWorker):
@@ -77,6 +108,8 @@ class Simulation:
         self.stateful = algorithm_class(config.algorithm.name).stateful
         self.sizes = task.partition.sizes
         self.costs = steps_per_epoch(self.sizes, config.train.batch_size)  # for balancing
+        test = task.dataset.test
+        self.eval_groups = eval_batches(test.domain, len(test.y))
         self.workers: list[Any] = []
         self.server: Any = None
 
@@ -131,10 +164,10 @@ class Simulation:
     def _dispatch_evaluation(self, broadcast: Any) -> list[Any]:
         """Fixed test batches spread evenly, so evaluation adds the same load to every worker
         (it sits on each worker's path to the next round)."""
-        starts = list(range(0, len(self.task.dataset.test.y), EVAL_BATCH))
-        shards = np.array_split(np.array(starts), min(self.num_workers, len(starts)))
+        batches = [b for _, group in self.eval_groups for b in group]
+        shards = np.array_split(np.arange(len(batches)), min(self.num_workers, len(batches)))
         return [
-            worker.evaluate.remote(broadcast, shard.tolist())
+            worker.evaluate.remote(broadcast, [batches[i] for i in shard])
             for worker, shard in zip(self.workers, shards)
         ]
 
@@ -142,7 +175,11 @@ class Simulation:
         report = ray.get(report_ref)
         metrics = dict(report["metrics"])
         if eval_refs:
-            metrics.update(reduce_eval([s for part in ray.get(eval_refs) for s in part]))
+            sums = iter([s for part in ray.get(eval_refs) for s in part])  # in batch order
+            names = self.task.dataset.spec.domains
+            groups = [(names[d] if d >= 0 else "", [next(sums) for _ in batches])
+                      for d, batches in self.eval_groups]
+            metrics.update(reduce_domain_eval(groups))
         seconds = time.perf_counter() - started
         metrics["round_seconds"] = seconds
         metrics["samples_per_second"] = metrics.get("samples", 0.0) * \

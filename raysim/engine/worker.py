@@ -23,9 +23,7 @@ from raysim.config import Config
 from raysim.data import Dataset
 from raysim.seeding import client_generator
 from raysim.task import make_algorithm, new_model
-from raysim.training import ClientData, Preprocess, eval_batches, make_optimizer
-
-EVAL_BATCH = 128  # fixed test batches, so metrics do not depend on how shards are spread
+from raysim.training import ClientData, Preprocess, make_optimizer
 
 
 @dataclass(frozen=True)
@@ -64,8 +62,8 @@ class ClientWorker:
         torch.set_num_threads(max(1, math.floor(config.resources.worker.num_cpus)))
         self.config = config
         self.device = assigned_device(config.resources.worker.num_gpus)
-        self.algorithm = make_algorithm(config, info)
-        self.model = new_model(config, info.in_channels, info.num_classes).to(self.device)
+        self.algorithm = make_algorithm(config, info, self.device)
+        self.model = new_model(config, info).to(self.device)
         self.preprocess = Preprocess(dataset.spec, self.device)
         self.train_x = as_tensor(dataset.train.x, self.device)
         self.train_y = as_tensor(dataset.train.y, self.device)
@@ -109,16 +107,15 @@ class ClientWorker:
             return ClientResult(client_id, None, problem)
         return ClientResult(client_id, update, None, time.perf_counter() - start)
 
-    def evaluate(self, broadcast: Broadcast, batch_starts: list[int]) -> list[dict[str, float]]:
-        """Metric sums of the global model for the given fixed test batches."""
+    def evaluate(
+        self, broadcast: Broadcast, batches: list[tuple[int, int]]
+    ) -> list[dict[str, float]]:
+        """Metric sums of the global model over the given test ranges [start, stop)."""
         self.model.load_state_dict(broadcast.weights)
         self.model.eval()
         sums = []
-        total = len(self.test_y)
-        for start in batch_starts:
-            stop = min(start + EVAL_BATCH, total)
-            ((x, y),) = eval_batches(
-                self.test_x, self.test_y, self.preprocess, start, stop, EVAL_BATCH
-            )
-            sums.append(self.algorithm.evaluate_batch(self.model, broadcast, x, y))
+        for start, stop in batches:
+            x = self.preprocess(self.test_x[start:stop])
+            sums.append(self.algorithm.evaluate_batch(self.model, broadcast, x,
+                                                      self.test_y[start:stop]))
         return sums

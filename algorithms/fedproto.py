@@ -1,0 +1,173 @@
+"""FedProto — Tan et al., "FedProto: Federated Prototype Learning across Heterogeneous
+Clients", AAAI 2022.
+
+Clients exchange class prototypes: the mean feature of each class.
+- Client k, local prototype (Eq. 4):   p_k^c = mean_{(x, y=c) ∈ D_k} f(x)
+- Server, global prototype (Eq. 6):    P̄^c = Σ_k |D_{k,c}| p_k^c / Σ_k |D_{k,c}|
+- Client loss (Eq. 8):                  CE(g(f(x)), y) + λ · ‖f(x) − P̄^y‖²
+  with ‖·‖² as in the official code: `nn.MSELoss` over the batch, where samples whose class has
+  no global prototype yet contribute zero.
+- Optional nearest-prototype inference (§4.3): ŷ = argmin_c ‖f(x) − P̄^c‖.
+
+Reading choices, each a config key: the paper's setting shares no weights (every client keeps a
+personal model); raysim evaluates one global model, so weights are also averaged as in FedAvg,
+which is how prototype baselines are usually compared on a global test set. Prototypes are
+computed after local training in eval mode (the official code averages features seen during the
+training epochs instead). The official server averages clients uniformly; `weighted: true`
+follows Eq. 6.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from algorithms.fedavg import BatchLoss, FedAvg
+from raysim.algorithm import (
+    Broadcast,
+    ClientContext,
+    ClientUpdate,
+    ServerContext,
+    ServerState,
+    extend,
+)
+from raysim.config import require
+from raysim.prototypes import local_prototypes
+from raysim.training import ClientData
+
+
+@dataclass(frozen=True)
+class PrototypeBroadcast(Broadcast):
+    prototypes: Tensor | None = None  # (C, d) global prototypes; None before the first round
+    present: Tensor | None = None  # (C,) bool: classes some client has reported
+
+
+@dataclass(frozen=True)
+class PrototypeUpdate(ClientUpdate):
+    prototypes: Tensor | None = None  # (C, d) local class means (zero rows: absent classes)
+    counts: Tensor | None = None  # (C,) local samples per class
+
+
+@dataclass(frozen=True)
+class PrototypeState(ServerState):
+    prototypes: Tensor | None = None
+    present: Tensor | None = None
+
+
+def aggregate_prototypes(
+    updates: list[PrototypeUpdate], weighted: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Eq. 6: per class, the (sample-weighted) mean of the clients' prototypes of that class."""
+    protos = torch.stack([u.prototypes.double() for u in updates])  # (K, C, d)
+    counts = torch.stack([u.counts for u in updates]).double()  # (K, C)
+    weights = counts if weighted else (counts > 0).double()
+    total = weights.sum(0)  # (C,)
+    mean = (weights.unsqueeze(2) * protos).sum(0) / total.clamp(min=1e-12).unsqueeze(1)
+    return mean.float(), total > 0
+
+
+def prototype_alignment(features: Tensor, labels: Tensor, prototypes: Tensor,
+                        present: Tensor) -> Tensor:
+    """(1 / (B·d)) Σ_i ‖f_i − P̄^{y_i}‖² over samples whose class has a prototype (others add 0)."""
+    mask = present[labels].unsqueeze(1).to(features.dtype)
+    return (((features - prototypes[labels]) * mask) ** 2).mean()
+
+
+def tensors_to(broadcast: PrototypeBroadcast, device: torch.device) -> PrototypeBroadcast:
+    """The broadcast's prototype tensors on `device`, once per client (weights stay put)."""
+    moved = {
+        f.name: getattr(broadcast, f.name).to(device)
+        for f in dataclasses.fields(broadcast)
+        if f.name != "weights" and isinstance(getattr(broadcast, f.name), Tensor)
+    }
+    return dataclasses.replace(broadcast, **moved)
+
+
+class FedProto(FedAvg):
+    needs_features = True
+    state_type: type[PrototypeState] = PrototypeState
+    broadcast_type: type[PrototypeBroadcast] = PrototypeBroadcast
+
+    @dataclass(frozen=True)
+    class Config:
+        lam: float = 1.0  # λ, weight of the prototype term (official default 1)
+        weighted: bool = True  # Eq. 6 sample weighting; false = uniform over clients (code)
+        inference: str = "logits"  # logits | prototype (nearest global prototype)
+
+        def __post_init__(self) -> None:
+            require(self.lam > 0, "lam", f"must be > 0 (got {self.lam})")
+            require(self.inference in ("logits", "prototype"), "inference",
+                    "choose one of logits, prototype")
+
+    # ---------------------------------------------------------------- server side
+    def init_server(self, model: nn.Module) -> PrototypeState:
+        return extend(super().init_server(model), self.state_type)
+
+    def broadcast(self, state: PrototypeState) -> PrototypeBroadcast:
+        names = [f.name for f in dataclasses.fields(self.broadcast_type)]
+        return self.broadcast_type(**{name: getattr(state, name) for name in names})
+
+    def server_round(
+        self, ctx: ServerContext, state: PrototypeState, updates: list[PrototypeUpdate]
+    ) -> PrototypeState:
+        averaged = super().server_round(ctx, state, updates)
+        return self.aggregate_prototypes(ctx, state, averaged, updates)
+
+    def aggregate_prototypes(
+        self, ctx: ServerContext, state: PrototypeState, averaged: ServerState,
+        updates: list[PrototypeUpdate],
+    ) -> PrototypeState:
+        """Eq. 6 on top of FedAvg's weights."""
+        prototypes, present = aggregate_prototypes(updates, self.config.weighted)
+        return extend(averaged, self.state_type, prototypes=prototypes, present=present)
+
+    # ---------------------------------------------------------------- client side
+    def client_update(
+        self, ctx: ClientContext, model: nn.Module, broadcast: PrototypeBroadcast,
+        data: ClientData, state: Any,
+    ) -> PrototypeUpdate:
+        update = super().client_update(ctx, model, broadcast, data, state)
+        prototypes, counts = local_prototypes(model, data, self.task.num_classes)
+        return extend(update, PrototypeUpdate, prototypes=prototypes, counts=counts)
+
+    def local_objective(
+        self, ctx: ClientContext, model: nn.Module, broadcast: PrototypeBroadcast, state: Any
+    ) -> BatchLoss:
+        if broadcast.prototypes is None:  # round 1: nothing to align to yet
+            return super().local_objective(ctx, model, broadcast, state)
+        anchors = tensors_to(broadcast, ctx.device)
+
+        def loss(x: Tensor, y: Tensor) -> Tensor:
+            out = model(x)
+            return F.cross_entropy(out.logits, y) + self.alignment_loss(out.features, y, anchors)
+
+        return loss
+
+    def alignment_loss(self, features: Tensor, labels: Tensor,
+                       anchors: PrototypeBroadcast) -> Tensor:
+        """λ · ‖f(x) − P̄^y‖² (Eq. 8)."""
+        return self.config.lam * prototype_alignment(
+            features, labels, anchors.prototypes, anchors.present
+        )
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate_batch(
+        self, model: nn.Module, broadcast: PrototypeBroadcast, x: Tensor, y: Tensor
+    ) -> dict[str, float]:
+        if self.config.inference == "logits" or broadcast.prototypes is None:
+            return super().evaluate_batch(model, broadcast, x, y)
+        out = model(x)
+        prototypes = broadcast.prototypes.to(x.device)
+        distances = torch.cdist(out.features, prototypes)
+        distances[:, ~broadcast.present.to(x.device)] = float("inf")
+        return {
+            "accuracy": (distances.argmin(1) == y).sum().item(),
+            "loss": F.cross_entropy(out.logits, y, reduction="sum").item(),
+            "count": float(len(y)),
+        }

@@ -1,0 +1,107 @@
+"""FPL — Huang, Ye, Shi, Li, Du, "Rethinking Federated Learning with Domain Shift: A Prototype
+View", CVPR 2023.
+
+Clients send class prototypes as in FedProto. The server does not average them: for each class
+it clusters the clients' prototypes with FINCH (cosine) and keeps the cluster means,
+    P^c = {π_1^c, …, π_m^c},               and the unbiased prototype  ū^c = mean_j π_j^c  (§3.2)
+The client loss adds two terms for every sample (x, y) with z = f(x):
+    L_CPCL = −log [ Σ_{π ∈ P^y} exp(cos(z, π)/τ) / Σ_{π ∈ P} exp(cos(z, π)/τ) ]   (Eq. 6)
+    L_UPCR = ‖z − ū^y‖²   (Eq. 7; mean over dimensions, as `nn.MSELoss` in the official code)
+    L = CE + L_CPCL + L_UPCR
+where P holds the cluster prototypes of every class. Both terms are averaged over the samples
+whose class has prototypes. Weights are averaged as in FedAvg (the official code does too).
+The FINCH partition is the one the official server takes: the coarsest that FINCH keeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from algorithms.fedproto import FedProto, PrototypeBroadcast, PrototypeState, PrototypeUpdate
+from raysim.algorithm import ServerContext, ServerState, extend
+from raysim.config import require
+from raysim.finch import finch_cluster_means
+
+
+@dataclass(frozen=True)
+class ClusterBroadcast(PrototypeBroadcast):
+    clusters: Tensor | None = None  # (M, d) cluster prototypes of all classes
+    cluster_labels: Tensor | None = None  # (M,) class of each cluster prototype
+
+
+@dataclass(frozen=True)
+class ClusterState(PrototypeState):
+    clusters: Tensor | None = None
+    cluster_labels: Tensor | None = None
+
+
+def cluster_prototypes(
+    updates: list[PrototypeUpdate], num_classes: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """§3.2: FINCH per class over the prototypes of the clients holding that class.
+
+    Returns cluster prototypes (M, d), their classes (M,), unbiased prototypes (C, d) and the
+    (C,) mask of classes present.
+    """
+    dim = updates[0].prototypes.shape[1]
+    clusters, labels = [], []
+    unbiased = torch.zeros(num_classes, dim)
+    present = torch.zeros(num_classes, dtype=torch.bool)
+    for c in range(num_classes):
+        held = [u.prototypes[c] for u in updates if u.counts[c] > 0]
+        if not held:
+            continue
+        means = torch.from_numpy(finch_cluster_means(torch.stack(held), "cosine")).float()
+        clusters.append(means)
+        labels.append(torch.full((len(means),), c, dtype=torch.long))
+        unbiased[c] = means.mean(0)
+        present[c] = True
+    return torch.cat(clusters), torch.cat(labels), unbiased, present
+
+
+def cluster_contrastive_loss(z: Tensor, y: Tensor, clusters: Tensor, cluster_labels: Tensor,
+                             tau: float) -> Tensor:
+    """Eq. 6 per sample: multi-positive InfoNCE over the cluster prototypes (cosine / τ)."""
+    logits = F.normalize(z, dim=1) @ F.normalize(clusters, dim=1).T / tau  # (B, M)
+    positive = cluster_labels.unsqueeze(0) == y.unsqueeze(1)
+    positives = logits.masked_fill(~positive, -torch.inf)
+    return torch.logsumexp(logits, 1) - torch.logsumexp(positives, 1)
+
+
+class FPL(FedProto):
+    state_type = ClusterState
+    broadcast_type = ClusterBroadcast
+
+    @dataclass(frozen=True)
+    class Config:
+        tau: float = 0.02  # τ of L_CPCL (official `infoNCET` default)
+        inference: str = "logits"  # logits | prototype (nearest unbiased prototype)
+
+        def __post_init__(self) -> None:
+            require(self.tau > 0, "tau", f"must be > 0 (got {self.tau})")
+            require(self.inference in ("logits", "prototype"), "inference",
+                    "choose one of logits, prototype")
+
+    def aggregate_prototypes(
+        self, ctx: ServerContext, state: ClusterState, averaged: ServerState,
+        updates: list[PrototypeUpdate],
+    ) -> ClusterState:
+        clusters, labels, unbiased, present = cluster_prototypes(updates, self.task.num_classes)
+        return extend(averaged, ClusterState, prototypes=unbiased, present=present,
+                      clusters=clusters, cluster_labels=labels)
+
+    def alignment_loss(self, features: Tensor, labels: Tensor,
+                       anchors: ClusterBroadcast) -> Tensor:
+        """L_CPCL + L_UPCR over the samples whose class has prototypes."""
+        keep = anchors.present[labels]
+        if not keep.any():
+            return features.sum() * 0.0
+        z, y = features[keep], labels[keep]
+        cpcl = cluster_contrastive_loss(z, y, anchors.clusters, anchors.cluster_labels,
+                                        self.config.tau)
+        upcr = ((z - anchors.prototypes[y]) ** 2).mean()
+        return cpcl.mean() + upcr

@@ -1,0 +1,87 @@
+"""MOON — Li, He, Song, "Model-Contrastive Federated Learning", CVPR 2021.
+
+The client adds a model-contrastive term that pulls its representation z = f(x) towards the
+global model's z_glob and pushes it away from z_prev, the representation of this client's own
+model from its previous round (Eq. 3–4):
+
+    ℓ_con = −log [ exp(sim(z, z_glob)/τ) / (exp(sim(z, z_glob)/τ) + exp(sim(z, z_prev)/τ)) ]
+    ℓ = CE + μ · ℓ_con,          sim = cosine similarity
+
+The previous local model is client state that the engine keeps across rounds and workers; a
+client's first round uses the global model in its place (the official code starts every
+client's model pool from the initial global model, which makes ℓ_con the constant log 2).
+Reading choices: the representation is the model's feature (raysim models have no separate
+projection head), and the two frozen models run in eval mode.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from algorithms.fedavg import BatchLoss, FedAvg
+from raysim.algorithm import Broadcast, ClientContext, ClientUpdate, Weights
+from raysim.config import require
+from raysim.training import ClientData
+
+
+def model_contrastive_loss(z: Tensor, z_glob: Tensor, z_prev: Tensor, tau: float) -> Tensor:
+    """Eq. 3, averaged over the batch: cross-entropy with the global view as the positive."""
+    positive = F.cosine_similarity(z, z_glob, dim=1) / tau
+    negative = F.cosine_similarity(z, z_prev, dim=1) / tau
+    logits = torch.stack([positive, negative], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(z), dtype=torch.long, device=z.device))
+
+
+class MOON(FedAvg):
+    stateful = True  # state: this client's weights after its last round
+    needs_features = True
+
+    @dataclass(frozen=True)
+    class Config:
+        mu: float = 1.0  # μ (the paper uses 5 on CIFAR-10, 1 on CIFAR-100 / Tiny-ImageNet)
+        tau: float = 0.5  # τ, temperature
+
+        def __post_init__(self) -> None:
+            require(self.mu > 0, "mu", f"must be > 0 (got {self.mu})")
+            require(self.tau > 0, "tau", f"must be > 0 (got {self.tau})")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._frozen: dict[str, nn.Module] = {}  # reusable copies, built once per process
+
+    def frozen_model(self, role: str, model: nn.Module, weights: Weights) -> nn.Module:
+        if role not in self._frozen:
+            self._frozen[role] = copy.deepcopy(model).requires_grad_(False)
+        frozen = self._frozen[role]
+        frozen.load_state_dict(weights)
+        return frozen.eval()
+
+    def local_objective(
+        self, ctx: ClientContext, model: nn.Module, broadcast: Broadcast, state: Any
+    ) -> BatchLoss:
+        global_model = self.frozen_model("global", model, broadcast.weights)
+        previous_model = self.frozen_model("previous", model, state or broadcast.weights)
+        mu, tau = self.config.mu, self.config.tau
+
+        def loss(x: Tensor, y: Tensor) -> Tensor:
+            out = model(x)
+            with torch.no_grad():
+                z_glob = global_model(x).features
+                z_prev = previous_model(x).features
+            contrastive = model_contrastive_loss(out.features, z_glob, z_prev, tau)
+            return F.cross_entropy(out.logits, y) + mu * contrastive
+
+        return loss
+
+    def client_update(
+        self, ctx: ClientContext, model: nn.Module, broadcast: Broadcast, data: ClientData,
+        state: Any,
+    ) -> ClientUpdate:
+        update = super().client_update(ctx, model, broadcast, data, state)
+        return replace(update, state=update.weights)

@@ -1,0 +1,34 @@
+"""Class prototypes: per-class means of a model's features, the currency of prototype FL."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from raysim.training import ClientData
+
+
+def class_means(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """(C, d) mean feature per class (zero rows for absent classes) and (C,) counts."""
+    sums = torch.zeros(num_classes, features.shape[1], dtype=features.dtype,
+                       device=features.device).index_add_(0, labels, features)
+    counts = torch.bincount(labels, minlength=num_classes)
+    return sums / counts.clamp(min=1).unsqueeze(1).to(features.dtype), counts
+
+
+@torch.no_grad()
+def local_prototypes(
+    model: nn.Module, data: ClientData, num_classes: int, batch_size: int = 256
+) -> tuple[Tensor, Tensor]:
+    """p_k^c = mean of f(x) over client k's samples of class c, with the trained local model in
+    eval mode and no augmentation. Returned on the CPU, ready to send."""
+    model.eval()
+    sums, counts = None, torch.zeros(num_classes, dtype=torch.long)
+    for x, y in data.ordered_batches(batch_size):
+        features = model(x).features.double()
+        means, n = class_means(features, y, num_classes)
+        part = means * n.unsqueeze(1)
+        sums = part if sums is None else sums + part
+        counts += n.cpu()
+    prototypes = sums.cpu() / counts.clamp(min=1).unsqueeze(1)
+    return prototypes.float(), counts
