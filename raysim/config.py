@@ -312,16 +312,39 @@ def apply_override(raw: dict, override: str) -> None:
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a YAML experiment file (or only defaults), apply `-o` overrides, validate."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    raw = read_yaml(Path(path)) if path is not None else {}
     return config_from_dict(raw, overrides)
+
+
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file as a mapping. `base: other.yaml` (relative to this file) is read first and
+    this file's keys are merged over it, so an experiment lists only what differs."""
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys, got {_describe(raw)}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in seen:
+        raise ConfigError(f"{path}: `base` chain loops back to {base_path}")
+    return merge(read_yaml(base_path, (*seen, path.resolve())), raw)
+
+
+def merge(base: dict, update: dict) -> dict:
+    """`update` over `base`, recursively for nested mappings."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def config_from_dict(raw: dict, overrides: typing.Sequence[str] = ()) -> Config:

@@ -3,7 +3,8 @@ exact-value checks of the bundled algorithms' losses."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 
 from algorithms.fedavg import FedAvg
 from algorithms.fedprox import FedProx
+from algorithms.moon import MOON
 from raysim.algorithm import Broadcast, ClientContext, ClientUpdate
 from raysim.config import TrainConfig
 from raysim.models import ModelOutput
@@ -91,3 +93,23 @@ def test_fedprox_gradient_pulls_towards_global_weights():
     ).backward()
     # with x = 0 the CE gradient on W is zero, so grad W = μ (W − W_t) = −2 everywhere
     assert torch.allclose(model.classifier.weight.grad, torch.full((2, 2), -2.0))
+
+
+class RecordingMOON(MOON):
+    """MOON whose client state also logs, per participation, which process trained the client,
+    a digest of the previous-round model it was given, and a digest of the model it produced."""
+
+    def local_objective(self, ctx, model, broadcast, state):
+        return super().local_objective(ctx, model, broadcast, state and state["weights"])
+
+    def client_update(self, ctx, model, broadcast, data, state):
+        update = super().client_update(ctx, model, broadcast, data, state)
+        given = digest(state["weights"]) if state else None
+        history = (state["history"] if state else []) + [
+            (ctx.round, os.getpid(), given, digest(update.state))
+        ]
+        return replace(update, state={"weights": update.state, "history": history})
+
+
+def digest(weights) -> float:
+    return float(sum(t.double().sum() * (i + 1) for i, t in enumerate(weights.values())))

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import yaml
@@ -93,3 +95,30 @@ def test_bad_override_syntax_and_missing_file():
         apply_override({"rounds": 3}, "rounds.x=1")
     with pytest.raises(ConfigError, match="config file 'nope.yaml' not found"):
         load_config("nope.yaml")
+
+
+def test_base_file_is_merged_under_the_experiment(tmp_path):
+    (tmp_path / "setting.yaml").write_text(
+        "rounds: 7\ndata: {partition: {alpha: 0.2, num_clients: 30}}\ntrain: {lr: 0.1}\n")
+    (tmp_path / "exp.yaml").write_text(
+        "base: setting.yaml\ndata: {partition: {alpha: 0.9}}\nalgorithm: {name: fedprox}\n")
+    config = load_config(tmp_path / "exp.yaml")
+    assert config.rounds == 7 and config.train.lr == 0.1
+    assert config.data.partition.alpha == 0.9  # the experiment wins
+    assert config.data.partition.num_clients == 30  # nested keys merge
+    assert config.algorithm.name == "fedprox"
+
+
+def test_base_loops_and_missing_bases_are_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="`base` chain loops back"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml' not found"):
+        load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path("yaml").rglob("*.yaml")))
+def test_every_shipped_config_is_valid(path):
+    assert load_config(path).name
