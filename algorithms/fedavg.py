@@ -104,6 +104,11 @@ class FedAvg:
                 steps += 1
         return {"train_loss": total.item() / max(steps, 1), "train_steps": float(steps)}
 
+    def anchors(self, broadcast: Broadcast) -> tuple[Tensor, Tensor] | None:
+        """The global class anchors clients are pulled towards, (C, d), and the (C,) mask of
+        classes that have one; None for methods without anchors. Used for diagnostics only."""
+        return None
+
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate_batch(

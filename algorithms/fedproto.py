@@ -155,6 +155,11 @@ class FedProto(FedAvg):
             features, labels, anchors.prototypes, anchors.present
         )
 
+    def anchors(self, broadcast: PrototypeBroadcast) -> tuple[Tensor, Tensor] | None:
+        if broadcast.prototypes is None:
+            return None
+        return broadcast.prototypes, broadcast.present
+
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate_batch(

@@ -29,6 +29,7 @@ class TaskInfo:
     input_shape: tuple[int, int, int]  # (C, H, W)
     feature_dim: int | None  # None: the model has no feature head
     train: TrainConfig  # the clients' local training settings (some servers reuse them)
+    seed: int = 0  # the run seed: derive generators from it (raysim.seeding.derive_seed)
 
 
 @dataclass(frozen=True)

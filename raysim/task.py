@@ -38,6 +38,7 @@ def build_task(config: Config) -> Task:
         input_shape=tuple(dataset.spec.input_shape),
         feature_dim=probe.feature_dim,
         train=config.train,
+        seed=config.seed,
     )
     return Task(dataset=dataset, partition=partition, info=info)
 

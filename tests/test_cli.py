@@ -36,7 +36,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["data.dataset=imagenet"], "unknown dataset 'imagenet'; choose one of digits"),
         (["model.name=vit"], "unknown model 'vit'; choose one of cnn, resnet10, logreg"),
         (["algorithm.name=fedfoo"],
-         "unknown algorithm 'fedfoo'; choose one of fedavg, fedproto, fedprox, fedtgp, fpl, moon"),
+         "unknown algorithm 'fedfoo'; choose one of fedavg, fedhpro, fedproto, fedprox, fedtgp, "
+         "fpl, moon"),
         (["data.dataset=cifar10", "data.root=/nonexistent/data"],
          "/nonexistent/data/cifar-10-batches-py"),
         (["data.dataset=mnist"], "data.root"),

@@ -72,7 +72,7 @@ def test_scientific_notation_string_is_accepted_for_floats():
         ({"model": {"name": "vit"}},
          "model.name: unknown model 'vit'; choose one of cnn, resnet10, logreg"),
         ({"algorithm": {"name": "fedsomething"}},
-         "algorithm.name: unknown algorithm 'fedsomething'; choose one of fedavg, fedproto"),
+         "algorithm.name: unknown algorithm 'fedsomething'; choose one of fedavg, fedhpro"),
         ({"algorithm": {"name": "fedprox", "mu": -1}}, "algorithm.mu: must be >= 0"),
         ({"algorithm": {"name": "fedavg", "mu": 0.1}}, "unknown key 'algorithm.mu'"),
         ({"data": {"partition": {"kind": "zipf"}}},

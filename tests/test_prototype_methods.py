@@ -187,8 +187,12 @@ def run(config, tmp_path, num_workers=2):
 def test_each_method_learns_above_chance(ray_session, tmp_path, name):
     config = small_config(**{"algorithm.name": name, "rounds": 4, "train.local_epochs": 2})
     results, _ = run(config, tmp_path)
-    assert results[-1].metrics["test_accuracy"] > 0.3  # chance is 0.1
-    assert results[-1].metrics["clients_failed"] == 0
+    metrics = results[-1].metrics
+    assert metrics["test_accuracy"] > 0.3  # chance is 0.1
+    assert metrics["clients_failed"] == 0
+    has_anchors = name != "moon"  # the global anchors of the prototype methods are diagnosed
+    assert ("anchor_cosine" in metrics) == has_anchors
+    assert ("anchor_self_accuracy" in metrics) == has_anchors
 
 
 @pytest.mark.slow

@@ -11,9 +11,21 @@ import torch
 
 from raysim.algorithm import Broadcast, ServerContext, TaskInfo
 from raysim.config import Config
+from raysim.diagnostics import server_diagnostics
 from raysim.engine.worker import ClientResult, assigned_device
 from raysim.seeding import server_generator
 from raysim.task import initial_model, make_algorithm
+
+
+def average_client_metrics(updates: list) -> dict[str, float]:
+    """Sample-weighted mean of each client metric, over the clients that reported it."""
+    keys = dict.fromkeys(k for u in updates for k in u.metrics)
+    out = {}
+    for key in keys:
+        reporting = [u for u in updates if key in u.metrics]
+        total = sum(u.num_samples for u in reporting)
+        out[key] = sum(u.metrics[key] * u.num_samples for u in reporting) / total
+    return out
 
 
 class Server:
@@ -49,11 +61,9 @@ class Server:
             if self.algorithm.stateful:
                 for r in ok:
                     self.client_states[r.client_id] = r.update.state
-            samples = sum(u.num_samples for u in updates)
-            for key in updates[0].metrics:
-                weighted = sum(u.metrics[key] * u.num_samples for u in updates)
-                metrics[key] = weighted / samples
-            metrics["samples"] = float(samples)
+            metrics.update(self._diagnostics())
+            metrics.update(average_client_metrics(updates))
+            metrics["samples"] = float(sum(u.num_samples for u in updates))
         metrics["clients_ok"] = float(len(ok))
         metrics["clients_failed"] = float(len(failures))
         return {
@@ -62,6 +72,12 @@ class Server:
             "server_seconds": time.perf_counter() - start,
             "client_seconds": {r.client_id: r.seconds for r in ok},
         }
+
+    def _diagnostics(self) -> dict[str, float]:
+        anchors = self.algorithm.anchors(self.algorithm.broadcast(self.state))
+        if anchors is None:
+            return {}
+        return server_diagnostics(anchors[0].float().cpu(), anchors[1].cpu(), self.state.weights)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.state.weights

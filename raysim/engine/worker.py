@@ -7,6 +7,7 @@ The class is plain Python; the engine wraps it with `ray.remote`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -21,6 +22,8 @@ import torch
 from raysim.algorithm import Broadcast, ClientContext, ClientUpdate, TaskInfo
 from raysim.config import Config
 from raysim.data import Dataset
+from raysim.diagnostics import anchor_alignment
+from raysim.prototypes import local_prototypes
 from raysim.seeding import client_generator
 from raysim.task import make_algorithm, new_model
 from raysim.training import ClientData, Preprocess, make_optimizer
@@ -105,7 +108,22 @@ class ClientWorker:
         problem = check_finite(update)
         if problem:
             return ClientResult(client_id, None, problem)
+        update = self._with_anchor_alignment(update, broadcast, data)
         return ClientResult(client_id, update, None, time.perf_counter() - start)
+
+    def _with_anchor_alignment(
+        self, update: ClientUpdate, broadcast: Broadcast, data: ClientData
+    ) -> ClientUpdate:
+        """Diagnostic `anchor_cosine`: how well the trained local class means line up with the
+        global anchors this client was pulled towards (methods with anchors only)."""
+        anchors = self.algorithm.anchors(broadcast)
+        if anchors is None:
+            return update
+        means, counts = local_prototypes(self.model, data, len(anchors[0]))
+        cosine = anchor_alignment(means, counts, anchors[0].float(), anchors[1])
+        if cosine is None:
+            return update
+        return dataclasses.replace(update, metrics={**update.metrics, "anchor_cosine": cosine})
 
     def evaluate(
         self, broadcast: Broadcast, batches: list[tuple[int, int]]
