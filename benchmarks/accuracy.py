@@ -1,11 +1,14 @@
 """Accuracy of the FL methods on the offline settings, over several seeds.
 
-For every setting in yaml/settings/ and method in yaml/<setting>/<method>.yaml, runs each seed
-on one local Ray and reports the final test accuracy and the mean over the last 5 rounds
-(mean ± std over seeds). Domain settings also report each domain's final accuracy.
+For every setting and method (yaml/<setting>/<method>.yaml; FedHPro: yaml/fedhpro/
+<setting>_<variant>.yaml), runs each seed on one local Ray and reports the final test accuracy
+and the mean over the last 5 rounds (mean ± std over seeds). Domain settings also report each
+domain's final accuracy. `--ablation` runs FedHPro's ablations on the given settings instead.
 
     .venv/bin/python benchmarks/accuracy.py                       # everything, seeds 0 1 2
     .venv/bin/python benchmarks/accuracy.py --settings digits_a0.5 --methods fedavg fpl
+    .venv/bin/python benchmarks/accuracy.py --ablation --settings digits_a0.5 digits_lt100
+    .venv/bin/python benchmarks/accuracy.py --table results/a.json results/b.json  # re-print
 
 Writes benchmarks/results/accuracy.json (updated after every run) and prints a Markdown table.
 """
@@ -26,7 +29,24 @@ from raysim.sinks import Sink
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 SETTINGS = ["digits_a0.5", "digits_a0.1", "digits_domains"]
-METHODS = ["fedavg", "fedprox", "moon", "fedproto", "fpl", "fedtgp"]
+BASELINES = ["fedavg", "fedprox", "moon", "fedproto", "fpl", "fedtgp"]
+METHODS = [*BASELINES, "fedhpro-official", "fedhpro-paper"]
+# FedHPro ablations: label → overrides on top of the official variant
+ABLATIONS = {
+    "fedhpro-official": [],
+    "no CReFF branch": ["algorithm.creff=false"],
+    "no HPCL, no HPAL (= CReFF)": ["algorithm.hpcl=false", "algorithm.hpal=false"],
+    "HP distance cos": ["algorithm.distance=cos"],
+    "HP distance mse": ["algorithm.distance=mse"],
+    "fedhpro-paper": ["algorithm.variant=paper"],
+}
+
+
+def config_path(setting: str, method: str) -> Path:
+    if method.startswith("fedhpro"):
+        variant = "paper" if method.endswith("paper") else "official"
+        return ROOT / "yaml" / "fedhpro" / f"{setting}_{variant}.yaml"
+    return ROOT / "yaml" / setting / f"{method}.yaml"
 
 
 class Collect(Sink):
@@ -38,7 +58,9 @@ class Collect(Sink):
 
 
 def run_one(setting: str, method: str, seed: int, overrides: list[str]) -> dict:
-    config = load_config(ROOT / "yaml" / setting / f"{method}.yaml", [f"seed={seed}", *overrides])
+    path = config_path(setting, "fedhpro-official" if method in ABLATIONS else method)
+    extra = ABLATIONS.get(method, [])
+    config = load_config(path, [f"seed={seed}", *extra, *overrides])
     run = prepare(config, RESULTS / "scratch" / f"{setting}-{method}-{seed}")
     collect = Collect()
     summary = execute(run, [collect])
@@ -87,8 +109,17 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("-o", "--override", action="append", default=[])
+    parser.add_argument("--ablation", action="store_true", help="FedHPro ablations instead")
+    parser.add_argument("--table", nargs="+", help="only print the table of these JSON files")
     parser.add_argument("--out", default=str(RESULTS / "accuracy.json"))
     args = parser.parse_args()
+    if args.table:
+        results = [r for f in args.table for r in json.loads(Path(f).read_text())["results"]]
+        settings = list(dict.fromkeys(r["setting"] for r in results))
+        print(table(results, settings, list(dict.fromkeys(r["method"] for r in results))))
+        return
+    if args.ablation:
+        args.methods = list(ABLATIONS)
 
     results, started = [], time.perf_counter()
     for setting in args.settings:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import ray
 import torch
 from conftest import small_config
 
 from raysim.config import ConfigError
-from raysim.engine.simulation import Simulation, balance, reduce_eval
+from raysim.engine.evaluation import eval_batches, reduce_domain_eval, reduce_eval
+from raysim.engine.simulation import Simulation, balance
 from raysim.run import fit_resources, prepare
 from raysim.seeding import client_generator, sample_clients
 
@@ -125,3 +127,22 @@ def test_run_directory_holds_resolved_config_and_histograms(tmp_path):
     assert math.isclose(run.task.partition.sizes.sum(), 1347)
     info = run.task.info
     assert (info.num_classes, info.input_shape, info.feature_dim) == (10, (1, 8, 8), 128)
+
+
+def test_eval_batches_are_fixed_and_never_straddle_domains():
+    assert eval_batches(None, 300) == [(-1, [(0, 128), (128, 256), (256, 300)])]
+    domains = np.array([0] * 130 + [1] * 5 + [2] * 3)
+    groups = eval_batches(domains, len(domains))
+    assert groups == [(0, [(0, 128), (128, 130)]), (1, [(130, 135)]), (2, [(135, 138)])]
+    with pytest.raises(ValueError, match="contiguous"):
+        eval_batches(np.array([0, 1, 0]), 3)
+
+
+def test_domain_metrics_and_their_unweighted_mean():
+    groups = [("a", [{"accuracy": 9.0, "count": 10.0}]),
+              ("b", [{"accuracy": 1.0, "count": 2.0}, {"accuracy": 0.0, "count": 2.0}])]
+    metrics = reduce_domain_eval(groups)
+    assert metrics == {"test_accuracy/a": 0.9, "test_accuracy/b": 0.25,
+                       "test_accuracy": pytest.approx(0.575)}
+    assert reduce_domain_eval([("", [{"accuracy": 1.0, "count": 4.0}])]) == {
+        "test_accuracy": 0.25}

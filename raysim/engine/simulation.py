@@ -13,6 +13,7 @@ import numpy as np
 import ray
 
 from raysim.config import Config
+from raysim.engine.evaluation import eval_batches, reduce_domain_eval
 from raysim.engine.server import Server
 from raysim.engine.transport import register_tensor_transport
 from raysim.engine.worker import ClientWorker
@@ -44,45 +45,6 @@ def balance(client_ids: Sequence[int], costs: Sequence[int], num_workers: int) -
 def steps_per_epoch(sizes: np.ndarray, batch_size: int) -> np.ndarray:
     """Optimizer steps per local epoch (a trailing batch of one sample is skipped)."""
     return sizes // batch_size + (sizes % batch_size >= 2)
-
-
-EVAL_BATCH = 128  # fixed test batches, so metrics do not depend on how they are spread
-
-
-def eval_batches(domains: np.ndarray | None, num_samples: int) -> list[tuple[int, list]]:
-    """Fixed test ranges [start, stop) of at most EVAL_BATCH samples, grouped by domain
-    (one group, id -1, without domains). Domains must be contiguous blocks of the test split."""
-    if domains is None:
-        blocks = [(-1, 0, num_samples)]
-    else:
-        change = np.flatnonzero(np.diff(domains)) + 1
-        starts, stops = np.r_[0, change], np.r_[change, num_samples]
-        blocks = [(int(domains[a]), int(a), int(b)) for a, b in zip(starts, stops)]
-        if len({d for d, _, _ in blocks}) != len(blocks):
-            raise ValueError("test samples of one domain must be contiguous")
-    return [(d, [(s, min(s + EVAL_BATCH, b)) for s in range(a, b, EVAL_BATCH)])
-            for d, a, b in blocks]
-
-
-def reduce_eval(sums: Sequence[dict[str, float]], prefix: str = "test_",
-                suffix: str = "") -> dict[str, float]:
-    """Per-batch metric sums (in batch order) → metrics, each divided by the sample count."""
-    count = sum(s["count"] for s in sums)
-    keys = [k for k in sums[0] if k != "count"]
-    return {f"{prefix}{k}{suffix}": float(np.sum([s[k] for s in sums], dtype=np.float64)) / count
-            for k in keys}
-
-
-def reduce_domain_eval(groups: list[tuple[str, list[dict[str, float]]]]) -> dict[str, float]:
-    """Per-domain metrics (`test_accuracy/<domain>`) and their unweighted mean (`test_accuracy`),
-    so every domain counts the same whatever its test size."""
-    if len(groups) == 1 and groups[0][0] == "":
-        return reduce_eval(groups[0][1])
-    per_domain = {name: reduce_eval(sums) for name, sums in groups}
-    out = {f"{k}/{name}": v for name, metrics in per_domain.items() for k, v in metrics.items()}
-    for key in next(iter(per_domain.values())):
-        out[key] = float(np.mean([metrics[key] for metrics in per_domain.values()]))
-    return out
 
 
 class _RemoteClientWorker(ClientWorker):

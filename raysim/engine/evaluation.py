@@ -1,0 +1,45 @@
+"""Test-set evaluation spread over the workers: fixed batches (so metrics do not depend on the
+pool size), per-domain grouping, and the reduction of per-batch sums to metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+EVAL_BATCH = 128  # fixed test batches, so metrics do not depend on how they are spread
+
+
+def eval_batches(domains: np.ndarray | None, num_samples: int) -> list[tuple[int, list]]:
+    """Fixed test ranges [start, stop) of at most EVAL_BATCH samples, grouped by domain
+    (one group, id -1, without domains). Domains must be contiguous blocks of the test split."""
+    if domains is None:
+        blocks = [(-1, 0, num_samples)]
+    else:
+        change = np.flatnonzero(np.diff(domains)) + 1
+        starts, stops = np.r_[0, change], np.r_[change, num_samples]
+        blocks = [(int(domains[a]), int(a), int(b)) for a, b in zip(starts, stops)]
+        if len({d for d, _, _ in blocks}) != len(blocks):
+            raise ValueError("test samples of one domain must be contiguous")
+    return [(d, [(s, min(s + EVAL_BATCH, b)) for s in range(a, b, EVAL_BATCH)])
+            for d, a, b in blocks]
+
+
+def reduce_eval(sums: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Per-batch metric sums (in batch order) → `test_<metric>`, each divided by the count."""
+    count = sum(s["count"] for s in sums)
+    keys = [k for k in sums[0] if k != "count"]
+    return {f"test_{k}": float(np.sum([s[k] for s in sums], dtype=np.float64)) / count
+            for k in keys}
+
+
+def reduce_domain_eval(groups: list[tuple[str, list[dict[str, float]]]]) -> dict[str, float]:
+    """Per-domain metrics (`test_accuracy/<domain>`) and their unweighted mean (`test_accuracy`),
+    so every domain counts the same whatever its test size."""
+    if len(groups) == 1 and groups[0][0] == "":
+        return reduce_eval(groups[0][1])
+    per_domain = {name: reduce_eval(sums) for name, sums in groups}
+    out = {f"{k}/{name}": v for name, metrics in per_domain.items() for k, v in metrics.items()}
+    for key in next(iter(per_domain.values())):
+        out[key] = float(np.mean([metrics[key] for metrics in per_domain.values()]))
+    return out
