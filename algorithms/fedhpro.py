@@ -1,0 +1,502 @@
+"""FedHPro — federated learning with hyper-prototypes distilled from real-sample gradients
+(arXiv 2605.13475, ICML 2026; official code mala-lab/FedHPro). Section marks follow the method's
+specification: §1 round structure, §2 hyper-prototypes, §3 local objective. At code level
+FedHPro is CReFF plus a hyper-prototype regulariser on the clients.
+
+State: H ∈ R^{C·L×D}, L hyper-prototypes per class (rows [cL, (c+1)L) belong to class c), and
+F ∈ R^{C·M×D}, M "meta" (CReFF federated) features per class; both start N(0, 1) and persist.
+
+Client k, from the broadcast model θ (backbone f, classifier h0 = (W, b)) and H:
+- §1(a) real-sample gradients, BEFORE local training, with θ in eval mode: for each local class
+  c, up to `batch_real` of its samples, one Siamese DSA transform (`raysim.dsa`), features
+  z = f(x); with ℓ_c = CE(W z + b, c) (mean over the n_c samples) it sends
+  u_{k,c} = mean_i ∂ℓ_c/∂z_i = Wᵀ(p̄_c − e_c)/n_c and v_{k,c} = (∂ℓ_c/∂W, ∂ℓ_c/∂b).
+- §1(b), §3 local training: CE + HPCL + HPAL, with ẑ = z/‖z‖,
+      P_c = mean_l H_{c,l}/‖H_{c,l}‖ (not re-normalised),  a_ik = ⟨ẑ_i, P_k⟩/τ for all C classes,
+      HPCL = mean_i [log(Σ_k exp(a_ik) + m_k) − a_{i,y_i}]      (m_k = 0 without the margin)
+      HPAL = SmoothL1_{β=1}(ẑ_i, Q_{y_i}/‖Q_{y_i}‖), mean over B·D,  Q_c = mean_l H_{c,l}
+  and the client margin m_k = Σ_{c≠c' local} ⟨μ_c, μ_c'⟩/(C−1)² over its class-mean features μ.
+
+Server, after FedAvg of the weights, with ū_c, v̄_c the uniform means over the clients holding c:
+- §1 S2 (CReFF): `meta_steps` SGD steps on F minimising
+      Σ_c Σ_{p∈{W,b}} d_lw(∇_p CE(h0(F_c), c), v̄_c[p]),  d_lw = Σ_rows (1 − cos)  (layer-wise)
+- §1 S3: a fresh Linear(D, C) trained `crt_epochs` epochs on (F, labels) replaces the averaged
+  classifier in the new global model.
+- §1 S4, §2: `hp_steps` SGD steps on H minimising Σ_c d(mean_l ∇_{H_{c,l}} CE(h(H_c), c), ū_c).
+  Since the synthetic gradient is h.Wᵀ g(h(H)), H only ever moves inside the row space of the
+  classifiers used (§2); the rest of each hyper-prototype keeps its random initial value.
+Classes no client holds keep their F and H (they still serve as HPCL negatives).
+
+`variant: official` follows the code; `variant: paper` is the paper-intent reading of §9:
+- HP distance d: official "sign", the per-coordinate form the code degenerates to (§1),
+  Σ_i [1 − r_i s_i/(|r_i||s_i| + 1e-6)]; paper "cos", one cosine distance of the D-vectors;
+- S4 classifier h: official the S3 classifier just trained (the averaged one with `creff: false`);
+  paper h0, the classifier the clients' gradients were computed with;
+- HPCL weight: official λ_hpcl/B (the code divides the batch mean by B once more), paper λ_hpcl;
+- margin (off by default in both): official recomputed at every mini-batch from the current local
+  model on raw features (the code runs this pass in train mode, updating BatchNorm statistics;
+  here it runs in eval mode and leaves them alone); paper computed once per round, before local
+  training, with the received model in eval mode on L2-normalised features.
+
+Reading choices where the code or spec leaves room: λ_hpcl and λ_hpal scale the terms in both
+variants (their default 1 reproduces the code's weights); `distance` changes only the HP matching,
+S2 always uses CReFF's layer-wise distance; a margin m_k ≤ 0 is ignored like m_k = 0; the official
+`repeat_num` = 1 is the only setting (one DSA draw per class per round); in round 1 the code
+computes the real gradients with a separately initialised Linear, here with the initial model's
+classifier (from round 2 on both are the broadcast classifier); every random draw (sample choice,
+DSA, shuffles, fresh classifier init) comes from the seeded client or server generator.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from algorithms.fedavg import FedAvg, copy_weights
+from raysim.algorithm import (
+    Broadcast,
+    ClientContext,
+    ClientUpdate,
+    ServerContext,
+    ServerState,
+    extend,
+)
+from raysim.config import require
+from raysim.dsa import siamese_augment
+from raysim.seeding import derive_seed
+from raysim.training import ClientData
+
+HYPER_PROTOTYPE_INIT = 0x48B0  # derive_seed tag of the initial H and F
+VARIANTS = ("official", "paper")
+DISTANCES = ("sign", "cos", "mse")
+DEFAULT_DISTANCE = {"official": "sign", "paper": "cos"}
+EPS = 1e-6  # the official distances' denominator guard
+
+
+@dataclass(frozen=True)
+class HyperPrototypeBroadcast(Broadcast):
+    hyper_prototypes: Tensor | None = None  # (C·L, D) H
+
+
+@dataclass(frozen=True)
+class GradientUpdate(ClientUpdate):
+    feature_grads: Tensor | None = None  # (C, D) u_{k,c}; zero rows for absent classes
+    weight_grads: Tensor | None = None  # (C, C, D) ∂ℓ_c/∂W
+    bias_grads: Tensor | None = None  # (C, C) ∂ℓ_c/∂b
+    present: Tensor | None = None  # (C,) bool: classes this client holds
+
+
+@dataclass(frozen=True)
+class HyperPrototypeState(ServerState):
+    hyper_prototypes: Tensor | None = None  # (C·L, D)
+    hp_init: Tensor | None = None  # the initial H, for diagnostics
+    meta_features: Tensor | None = None  # (C·M, D) F; None with creff off
+
+
+# ---------------------------------------------------------------------------- losses (§3)
+
+
+def hpcl_anchors(hyper_prototypes: Tensor, num_classes: int) -> Tensor:
+    """P_c = mean_l H_{c,l}/‖H_{c,l}‖, (C, D); deliberately not re-normalised (official)."""
+    grouped = hyper_prototypes.view(num_classes, -1, hyper_prototypes.shape[1])
+    return F.normalize(grouped, dim=2).mean(1)
+
+
+def hpal_anchors(hyper_prototypes: Tensor, num_classes: int) -> Tensor:
+    """Q_c = mean_l H_{c,l}, the raw mean, (C, D)."""
+    return hyper_prototypes.view(num_classes, -1, hyper_prototypes.shape[1]).mean(1)
+
+
+def hpcl_loss(features: Tensor, labels: Tensor, anchors: Tensor, tau: float,
+              margin: float = 0.0) -> Tensor:
+    """mean_i [log(Σ_k exp(a_ik) + m) − a_{i,y_i}], a_ik = ⟨ẑ_i, P_k⟩/τ; m ≤ 0 means no margin.
+    The official 1/B is applied by the caller."""
+    logits = F.normalize(features, dim=1) @ anchors.T / tau
+    log_den = torch.logsumexp(logits, dim=1)
+    if margin > 0:
+        log_den = torch.logaddexp(log_den, torch.tensor(math.log(margin), device=logits.device,
+                                                        dtype=logits.dtype))
+    return (log_den - logits.gather(1, labels.view(-1, 1)).squeeze(1)).mean()
+
+
+def hpal_loss(features: Tensor, labels: Tensor, anchors: Tensor) -> Tensor:
+    """SmoothL1_{β=1}(ẑ_i, Q_{y_i}/‖Q_{y_i}‖), averaged over all B·D elements."""
+    return F.smooth_l1_loss(F.normalize(features, dim=1), F.normalize(anchors[labels], dim=1))
+
+
+@torch.no_grad()
+def client_margin(model: nn.Module, data: ClientData, num_classes: int,
+                  normalize: bool = False, batch_size: int = 100) -> float:
+    """m_k = Σ_{c≠c'} ⟨μ_c, μ_c'⟩/(C−1)² over the classes the client holds, μ_c its class-mean
+    feature (of L2-normalised features with `normalize`). Eval mode; the mode is restored."""
+    was_training = model.training
+    model.eval()
+    sums = counts = None
+    for x, y in data.ordered_batches(batch_size):
+        z = model(x).features.float()
+        if normalize:
+            z = F.normalize(z, dim=1)
+        if sums is None:
+            sums = torch.zeros(num_classes, z.shape[1], device=z.device)
+            counts = torch.zeros(num_classes, device=z.device)
+        sums.index_add_(0, y, z)
+        counts.index_add_(0, y, torch.ones_like(y, dtype=z.dtype))
+    model.train(was_training)
+    held = counts > 0
+    means = sums[held] / counts[held].unsqueeze(1)
+    products = means @ means.T
+    off_diagonal = products.sum() - products.diagonal().sum()
+    return (off_diagonal / max(num_classes - 1, 1) ** 2).item()
+
+
+class HyperPrototypeObjective:
+    """CE + w_cl·HPCL + w_al·HPAL of one batch (§3), keeping running sums for the metrics.
+    `margin` is m_k, or a function recomputing it at every batch (official variant)."""
+
+    def __init__(self, model: nn.Module, config: Any, num_classes: int,
+                 hyper_prototypes: Tensor, margin: float | Callable[[], float] = 0.0) -> None:
+        self.model, self.config, self.margin = model, config, margin
+        self.contrast_anchors = hpcl_anchors(hyper_prototypes, num_classes)
+        self.align_anchors = hpal_anchors(hyper_prototypes, num_classes)
+        self.sums = torch.zeros(3, device=hyper_prototypes.device)  # hpcl, hpal, margin
+        self.steps = 0
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        cfg = self.config
+        out = self.model(x)
+        loss = F.cross_entropy(out.logits, y)
+        terms = torch.zeros(3, device=self.sums.device)
+        if cfg.hpcl:
+            margin = self.margin() if callable(self.margin) else self.margin
+            contrast = hpcl_loss(out.features, y, self.contrast_anchors, cfg.tau, margin)
+            # the official code divides the batch mean by B once more
+            weight = cfg.lambda_hpcl / (len(y) if cfg.variant == "official" else 1)
+            loss = loss + weight * contrast
+            terms[0], terms[2] = contrast.detach(), margin
+        if cfg.hpal:
+            align = hpal_loss(out.features, y, self.align_anchors)
+            loss = loss + cfg.lambda_hpal * align
+            terms[1] = align.detach()
+        self.sums += terms
+        self.steps += 1
+        return loss
+
+    def metrics(self) -> dict[str, float]:
+        """Batch means of the unweighted HPCL and HPAL terms and of the margin used."""
+        hpcl, hpal, margin = (self.sums / max(self.steps, 1)).tolist()
+        return {"train_hpcl": hpcl, "train_hpal": hpal, "train_margin": margin}
+
+
+# ---------------------------------------------------------------------------- matching (§1, §2)
+
+
+def linear_ce_gradients(inputs: Tensor, labels: Tensor, weight: Tensor,
+                        bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ℓ_g = CE_mean(inputs_g Wᵀ + b, labels_g) for G groups of N inputs, in closed
+    form (differentiable, so they can be matched): w.r.t. the inputs (G, N, D), W (G, C, D) and
+    b (G, C). With r = (softmax − e_c)/N: ∂/∂x = r W, ∂/∂W = rᵀ x, ∂/∂b = Σ_n r."""
+    n = inputs.shape[1]
+    probs = torch.softmax(inputs @ weight.T + bias, dim=-1)
+    residual = (probs - F.one_hot(labels, weight.shape[0]).to(probs.dtype)[:, None, :]) / n
+    return residual @ weight, residual.transpose(1, 2) @ inputs, residual.sum(1)
+
+
+def row_cosine_distance(real: Tensor, synthetic: Tensor) -> Tensor:
+    """1 − ⟨r, s⟩/(‖r‖‖s‖ + 1e-6) along the last dimension (the official distance_wb per row)."""
+    dot = (real * synthetic).sum(-1)
+    return 1 - dot / (real.norm(dim=-1) * synthetic.norm(dim=-1) + EPS)
+
+
+def sign_distance(real: Tensor, synthetic: Tensor) -> Tensor:
+    """Σ_i [1 − r_i s_i/(|r_i||s_i| + 1e-6)] per row: the official 'matching' HP distance, which
+    applies distance_wb to 0-dim coordinates (§1) — a per-coordinate sign agreement."""
+    return (1 - real * synthetic / (real.abs() * synthetic.abs() + EPS)).sum(-1)
+
+
+def cosine_distance(real: Tensor, synthetic: Tensor) -> Tensor:
+    """1 − cosine of the whole vectors, per row."""
+    return row_cosine_distance(real, synthetic)
+
+
+def mse_distance(real: Tensor, synthetic: Tensor) -> Tensor:
+    """Σ_i (r_i − s_i)² per row."""
+    return ((real - synthetic) ** 2).sum(-1)
+
+
+HP_DISTANCES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "sign": sign_distance, "cos": cosine_distance, "mse": mse_distance,
+}
+
+
+def _descend(start: Tensor, loss_fn: Callable[[Tensor], Tensor], steps: int,
+             lr: float) -> tuple[Tensor, list[float]]:
+    """`steps` plain-SGD steps (the official optimiser) from a copy of `start`. Returns the
+    result and the losses before each step plus the loss of the result."""
+    param = start.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([param], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn(param)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    with torch.no_grad():
+        losses.append(loss_fn(param))
+    return param.detach(), torch.stack(losses).tolist()
+
+
+def match_meta_features(features: Tensor, weight: Tensor, bias: Tensor, real_weight: Tensor,
+                        real_bias: Tensor, held: Tensor, steps: int,
+                        lr: float) -> tuple[Tensor, list[float]]:
+    """S2 (CReFF): move F (C·M, D) so that each held class's classifier gradient under h0 = (W, b)
+    matches v̄_c layer-wise: Σ_c [Σ_rows d(∂W) + d(∂b)]. Rows of unheld classes are untouched."""
+    num_classes, dim = weight.shape
+    classes = held.nonzero().squeeze(1)
+
+    def loss(f: Tensor) -> Tensor:
+        groups = f.view(num_classes, -1, dim)[classes]
+        _, grad_w, grad_b = linear_ce_gradients(groups, classes, weight, bias)
+        return (row_cosine_distance(real_weight[classes], grad_w).sum()
+                + row_cosine_distance(real_bias[classes], grad_b).sum())
+
+    return _descend(features, loss, steps, lr)
+
+
+def match_hyper_prototypes(hyper_prototypes: Tensor, weight: Tensor, bias: Tensor,
+                           real_grads: Tensor, held: Tensor, distance: str, steps: int,
+                           lr: float) -> tuple[Tensor, list[float]]:
+    """S4: move H (C·L, D) so that, per held class, s_c = mean_l ∇_{H_{c,l}} CE(h(H_c), c)
+    matches ū_c under `distance`; summed over classes."""
+    num_classes, dim = weight.shape
+    classes = held.nonzero().squeeze(1)
+    measure = HP_DISTANCES[distance]
+
+    def loss(h: Tensor) -> Tensor:
+        groups = h.view(num_classes, -1, dim)[classes]
+        grad_inputs, _, _ = linear_ce_gradients(groups, classes, weight, bias)
+        return measure(real_grads[classes], grad_inputs.mean(1)).sum()
+
+    return _descend(hyper_prototypes, loss, steps, lr)
+
+
+def retrain_classifier(features: Tensor, labels: Tensor, num_classes: int, epochs: int,
+                       lr: float, batch_size: int, generator: torch.Generator) -> nn.Linear:
+    """S3: a fresh Linear(D, C) (default init, seeded from `generator` without touching the
+    global RNG) trained with plain SGD on shuffled batches of (features, labels)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        classifier = nn.Linear(features.shape[1], num_classes).to(features.device)
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=lr)
+    features, labels = features.detach(), labels.to(features.device)
+    for _ in range(epochs):
+        order = torch.randperm(len(labels), generator=generator).to(features.device)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            loss = F.cross_entropy(classifier(features[idx]), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return classifier.eval()
+
+
+def aggregate_gradients(updates: Sequence[GradientUpdate]) -> tuple[Tensor, Tensor, Tensor,
+                                                                      Tensor]:
+    """ū_c, v̄_c = (∂W, ∂b): uniform means over the clients holding c, summed in client order in
+    float64 (as the official code, not weighted by sample counts); and the (C,) held mask."""
+    present = torch.stack([u.present.cpu() for u in updates])  # (K, C)
+    count = present.sum(0).clamp(min=1).double()
+
+    def mean(name: str) -> Tensor:
+        total = None
+        for u, mask in zip(updates, present):
+            value = getattr(u, name).cpu().double()
+            value = value * mask.view(-1, *[1] * (value.dim() - 1))
+            total = value if total is None else total + value
+        return (total / count.view(-1, *[1] * (total.dim() - 1))).float()
+
+    return (mean("feature_grads"), mean("weight_grads"), mean("bias_grads"),
+            present.any(0))
+
+
+# ---------------------------------------------------------------------------- the method
+
+
+class FedHPro(FedAvg):
+    """CReFF's federated features and classifier re-training plus hyper-prototype learning."""
+
+    needs_features = True
+
+    @dataclass(frozen=True)
+    class Config:
+        """Defaults of the official code (README command for CIFAR-10)."""
+
+        variant: str = "official"  # official | paper (see the module docstring)
+        creff: bool = True  # S2 + S3: meta features and classifier re-training
+        hpcl: bool = True  # client contrastive term
+        hpal: bool = True  # client alignment term
+        margin: bool = False  # client margin m_k in HPCL (official default: off)
+        distance: str | None = None  # HP matching: sign | cos | mse; None: official sign, paper cos
+        dsa: bool = True  # Siamese augmentation of the real samples
+        hp_per_class: int = 5  # L
+        hp_steps: int = 30  # T_hp, server HP steps per round
+        hp_lr: float = 0.1
+        tau: float = 0.05  # HPCL temperature
+        batch_real: int = 100  # real samples per class for the gradients
+        meta_length: int = 50  # M, meta features per class
+        meta_steps: int = 100  # S2 steps per round
+        meta_lr: float = 0.1
+        crt_epochs: int = 100  # S3 epochs
+        crt_lr: float = 0.01
+        crt_batch: int = 50
+        lambda_hpcl: float = 1.0  # official variant: divided by B as in the code
+        lambda_hpal: float = 1.0
+
+        def __post_init__(self) -> None:
+            require(self.variant in VARIANTS, "variant", f"choose one of {', '.join(VARIANTS)}")
+            require(self.distance is None or self.distance in DISTANCES, "distance",
+                    f"choose one of {', '.join(DISTANCES)} (or leave unset)")
+            for key in ("tau", "hp_lr", "meta_lr", "crt_lr", "lambda_hpcl", "lambda_hpal"):
+                value = getattr(self, key)
+                require(value > 0, key, f"must be > 0 (got {value})")
+            for key in ("hp_per_class", "hp_steps", "batch_real", "meta_length", "meta_steps",
+                        "crt_epochs", "crt_batch"):
+                require(getattr(self, key) >= 1, key, "must be >= 1")
+
+    @property
+    def distance(self) -> str:
+        """The HP matching distance in force."""
+        return self.config.distance or DEFAULT_DISTANCE[self.config.variant]
+
+    # ---------------------------------------------------------------- server side
+    def init_server(self, model: nn.Module) -> HyperPrototypeState:
+        """H and F ~ N(0, 1) from the run seed (F only with creff)."""
+        cfg, classes, dim = self.config, self.task.num_classes, self.task.feature_dim
+        generator = torch.Generator().manual_seed(derive_seed(self.task.seed,
+                                                              HYPER_PROTOTYPE_INIT))
+        hyper = torch.randn(classes * cfg.hp_per_class, dim, generator=generator)
+        meta = torch.randn(classes * cfg.meta_length, dim, generator=generator) \
+            if cfg.creff else None
+        return extend(super().init_server(model), HyperPrototypeState, hyper_prototypes=hyper,
+                      hp_init=hyper.clone(), meta_features=meta)
+
+    def broadcast(self, state: HyperPrototypeState) -> HyperPrototypeBroadcast:
+        return HyperPrototypeBroadcast(weights=state.weights,
+                                       hyper_prototypes=state.hyper_prototypes)
+
+    def server_round(
+        self, ctx: ServerContext, state: HyperPrototypeState, updates: list[GradientUpdate]
+    ) -> HyperPrototypeState:
+        """FedAvg, then S2 (meta features), S3 (classifier re-training), S4 (hyper-prototypes)."""
+        cfg, device = self.config, ctx.device
+        weights = dict(super().server_round(ctx, state, updates).weights)
+        real_features, real_weight, real_bias, held = (
+            t.to(device) for t in aggregate_gradients(updates))
+        # h0: the classifier the clients computed their gradients with
+        w0 = state.weights["classifier.weight"].to(device).float()
+        b0 = state.weights["classifier.bias"].to(device).float()
+        metrics: dict[str, float] = {}
+        meta = None
+        if cfg.creff:
+            meta, losses = match_meta_features(state.meta_features.to(device), w0, b0,
+                                               real_weight, real_bias, held, cfg.meta_steps,
+                                               cfg.meta_lr)
+            labels = torch.arange(self.task.num_classes, device=device).repeat_interleave(
+                cfg.meta_length)
+            classifier = retrain_classifier(meta, labels, self.task.num_classes,
+                                            cfg.crt_epochs, cfg.crt_lr, cfg.crt_batch,
+                                            ctx.generator)
+            with torch.no_grad():
+                accuracy = (classifier(meta).argmax(1) == labels).float().mean().item()
+            weights["classifier.weight"] = classifier.weight.detach().cpu()
+            weights["classifier.bias"] = classifier.bias.detach().cpu()
+            metrics.update(meta_match_loss_first=losses[0], meta_match_loss_last=losses[-1],
+                           crt_accuracy=accuracy)
+            meta = meta.cpu()
+        if cfg.variant == "paper":
+            w, b = w0, b0
+        else:  # the code matches through the classifier it has just installed
+            w = weights["classifier.weight"].to(device).float()
+            b = weights["classifier.bias"].to(device).float()
+        hyper, losses = match_hyper_prototypes(state.hyper_prototypes.to(device), w, b,
+                                               real_features, held, self.distance,
+                                               cfg.hp_steps, cfg.hp_lr)
+        hyper = hyper.cpu()
+        init_cosine = F.cosine_similarity(hyper, state.hp_init, dim=1).mean().item()
+        metrics.update(hp_match_loss_first=losses[0], hp_match_loss_last=losses[-1],
+                       hp_init_cosine=init_cosine)
+        return HyperPrototypeState(weights=weights, metrics=metrics, hyper_prototypes=hyper,
+                                   hp_init=state.hp_init, meta_features=meta)
+
+    # ---------------------------------------------------------------- client side
+    def client_update(
+        self, ctx: ClientContext, model: nn.Module, broadcast: HyperPrototypeBroadcast,
+        data: ClientData, state: Any,
+    ) -> GradientUpdate:
+        """§1(a) gradients on the received model, then §1(b) local training."""
+        model.load_state_dict(broadcast.weights)
+        gradients = self.real_gradients(ctx, model, data)
+        objective = self.local_objective(ctx, model, broadcast, state, data)
+        metrics = self.train_locally(ctx, model, data, objective)
+        metrics.update(objective.metrics())
+        update = ClientUpdate(weights=copy_weights(model), num_samples=len(data), metrics=metrics)
+        return extend(update, GradientUpdate, **gradients)
+
+    def real_gradients(self, ctx: ClientContext, model: nn.Module,
+                       data: ClientData) -> dict[str, Tensor]:
+        """u_{k,c} and v_{k,c} for each local class, with the model in eval mode (§1(a))."""
+        classes = self.task.num_classes
+        model.eval()
+        weight, bias = model.classifier.weight, model.classifier.bias
+        feature_grads = torch.zeros(classes, weight.shape[1])
+        weight_grads = torch.zeros(classes, *weight.shape)
+        bias_grads = torch.zeros(classes, classes)
+        labels = data.labels
+        present = torch.bincount(labels, minlength=classes).cpu() > 0
+        for c in present.nonzero().squeeze(1).tolist():
+            members = data.indices[labels == c]
+            chosen = torch.randperm(len(members), generator=ctx.generator)[: self.config.batch_real]
+            x = data.preprocess(data.x[members[chosen.to(members.device)]])
+            if self.config.dsa:
+                x = siamese_augment(x, ctx.generator)
+            with torch.no_grad():
+                z = model(x).features
+            z = z.detach().requires_grad_(True)
+            target = torch.full((len(z),), c, dtype=torch.long, device=z.device)
+            loss = F.cross_entropy(model.classifier(z), target)
+            grad_z, grad_w, grad_b = torch.autograd.grad(loss, [z, weight, bias])
+            feature_grads[c] = grad_z.mean(0).cpu()
+            weight_grads[c], bias_grads[c] = grad_w.cpu(), grad_b.cpu()
+        return {"feature_grads": feature_grads, "weight_grads": weight_grads,
+                "bias_grads": bias_grads, "present": present}
+
+    def local_objective(
+        self, ctx: ClientContext, model: nn.Module, broadcast: HyperPrototypeBroadcast,
+        state: Any, data: ClientData | None = None,
+    ) -> HyperPrototypeObjective:
+        """CE + HPCL + HPAL (§3). The margin needs the client's data."""
+        cfg, classes = self.config, self.task.num_classes
+        margin: float | Callable[[], float] = 0.0
+        if cfg.margin and cfg.hpcl:
+            if data is None:
+                raise ValueError("the client margin needs the client's data")
+            if cfg.variant == "paper":  # once per round, from the received model
+                margin = client_margin(model, data, classes, normalize=True)
+            else:  # every mini-batch, from the current local model (the code's behaviour)
+                margin = functools.partial(client_margin, model, data, classes)
+        hyper = broadcast.hyper_prototypes.to(ctx.device)
+        return HyperPrototypeObjective(model, cfg, classes, hyper, margin)
+
+    def anchors(self, broadcast: HyperPrototypeBroadcast) -> tuple[Tensor, Tensor] | None:
+        """Q_c = mean_l H_{c,l} (raw mean), (C, D); every class has one."""
+        if broadcast.hyper_prototypes is None:
+            return None
+        anchors = hpal_anchors(broadcast.hyper_prototypes, self.task.num_classes)
+        return anchors, torch.ones(len(anchors), dtype=torch.bool)
