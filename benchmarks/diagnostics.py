@@ -35,7 +35,11 @@ def main() -> None:
     parser.add_argument("--setting", default="digits_a0.5")
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--plot-only", action="store_true", help="redraw from the saved JSON")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads((RESULTS / f"diagnostics_{args.setting}.json").read_text()), args.setting)
+        return
 
     curves: dict[str, dict[str, list[list[float]]]] = {}
     for method in args.methods:
@@ -56,7 +60,7 @@ def main() -> None:
           + " | ".join(KEYS) + " |")
     print("|---" * (len(KEYS) + 1) + "|")
     for method, by_key in curves.items():
-        cells = [np.nanmean([c[-1] for c in by_key[k]]) for k in KEYS]
+        cells = [np.mean([c[-1] for c in by_key[k]]) for k in KEYS]
         print(f"| {method} | " + " | ".join("—" if np.isnan(v) else f"{v:.3f}" for v in cells)
               + " |")
     plot(curves, args.setting)
@@ -70,10 +74,10 @@ def plot(curves: dict, setting: str) -> None:
 
     fig, axes = plt.subplots(1, len(KEYS), figsize=(4 * len(KEYS), 3.2))
     for ax, key in zip(axes, KEYS):
-        for method, by_key in curves.items():
-            values = np.nanmean(np.array(by_key[key], dtype=float), axis=0)
-            if not np.all(np.isnan(values)):
-                ax.plot(np.arange(1, len(values) + 1), values, label=method)
+        for index, (method, by_key) in enumerate(curves.items()):
+            values = np.array(by_key[key], dtype=float).mean(axis=0)  # over seeds
+            if not np.all(np.isnan(values)):  # one colour per method across the panels
+                ax.plot(np.arange(1, len(values) + 1), values, label=method, color=f"C{index}")
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("round")
     axes[0].legend(fontsize=7)
