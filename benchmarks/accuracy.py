@@ -118,7 +118,7 @@ def main() -> None:
         settings = list(dict.fromkeys(r["setting"] for r in results))
         print(table(results, settings, list(dict.fromkeys(r["method"] for r in results))))
         return
-    if args.ablation:
+    if args.ablation and args.methods == METHODS:
         args.methods = list(ABLATIONS)
 
     results, started = [], time.perf_counter()
