@@ -3,7 +3,8 @@
 Both run the same workload (default: yaml/quickstart.yaml): the same partition, the same
 sampled clients each round, the same local SGD steps and an evaluation every round. The plain
 loop runs with 1 and with 2 torch threads; "ideal 2-way" is half the 1-thread time (perfect
-parallelism over 2 cores, no overhead). All timings come from this one run, so compare ratios.
+parallelism over 2 cores, no overhead). All timings come from this one run, with the three loops
+interleaved in each repeat, so compare ratios.
 
     .venv/bin/python benchmarks/throughput.py [--config yaml/quickstart.yaml] [--repeats 1]
 
@@ -109,10 +110,9 @@ def main() -> None:
     config = load_config(args.config, args.override)
     run = prepare(config, RESULTS / "scratch")
     measured: dict[str, list[dict]] = {"plain_1_thread": [], "plain_2_threads": [], "raysim": []}
-    for _ in range(args.repeats):
+    for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits all three
         measured["plain_1_thread"].append(plain_pytorch(config, run.task, threads=1))
         measured["plain_2_threads"].append(plain_pytorch(config, run.task, threads=2))
-    for _ in range(args.repeats):
         measured["raysim"].append(raysim_rounds(config, run))
 
     seconds = {k: statistics.median(m["seconds"] for m in v) for k, v in measured.items()}
