@@ -55,13 +55,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _launch(config, args: argparse.Namespace, launched_at: float) -> int:
     from raysim.run import describe_partition, execute, prepare
-    from raysim.sinks import ConsoleProgress, RunDirectory
+    from raysim.sinks import ConsoleProgress, RunDirectory, WandbSink
 
     run = prepare(config, args.run_dir)
     print(f"raysim: {config.name}: {config.algorithm.name} on {config.data.dataset}, "
           f"{config.rounds} rounds × {config.clients_per_round} clients -> {run.run_dir}")
     print(f"raysim: {describe_partition(run.task)}")
     sinks = [RunDirectory(run.run_dir)]
+    if config.logging.wandb.mode != "disabled":
+        sinks.append(WandbSink(run.run_dir))
     if config.logging.progress and not args.quiet:
         sinks.append(ConsoleProgress())
     summary = execute(run, sinks, address=args.address, launched_at=launched_at)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import sys
+import threading
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -100,3 +102,71 @@ def atomic_write(target: Path, write) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     write(tmp)
     os.replace(tmp, target)
+
+
+def wandb_mode(requested: str) -> tuple[str, str | None]:
+    """`online` without credentials (WANDB_API_KEY or a netrc entry) becomes `offline`, with
+    the reason, so a run never waits on a login prompt."""
+    if requested != "online" or os.environ.get("WANDB_API_KEY"):
+        return requested, None
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return requested, None
+    return "offline", "no W&B API key found: logging offline (sync later with `wandb sync`)"
+
+
+class WandbSink(Sink):
+    """Weights & Biases logging on a background thread: a slow, unreachable or misconfigured
+    W&B never stalls the rounds. Its first error is printed once and W&B logging stops there;
+    the simulation goes on."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.queue: queue.Queue = queue.Queue()
+        self.thread: threading.Thread | None = None
+
+    def start(self, run: Any) -> None:
+        mode, note = wandb_mode(run.config.logging.wandb.mode)
+        if note:
+            print(f"raysim: warning: {note}", file=sys.stderr)
+        self.thread = threading.Thread(target=self._work, args=(run, mode), daemon=True)
+        self.thread.start()
+
+    def log_round(self, result: RoundResult) -> None:
+        self.queue.put(("log", dict(result.metrics), result.round))
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self.queue.put(("finish", summary, None))
+        if self.thread is not None:
+            self.thread.join(timeout=60)
+
+    def _work(self, run: Any, mode: str) -> None:
+        from raysim.config import config_to_dict
+
+        settings = run.config.logging.wandb
+        try:
+            os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            wb = wandb.init(
+                project=settings.project, entity=settings.entity, group=settings.group,
+                tags=settings.tags or None, name=run.config.name, mode=mode,
+                config=config_to_dict(run.config), dir=str(self.run_dir),
+            )
+            hist = run.task.partition.histograms
+            rows = [[c, k, int(hist[c, k])] for c in range(hist.shape[0])
+                    for k in range(hist.shape[1])]
+            wb.log({"label_histograms": wandb.Table(columns=["client", "label", "count"],
+                                                    data=rows)}, step=0)
+            while True:
+                kind, payload, step = self.queue.get()
+                if kind == "log":
+                    wb.log(payload, step=step)
+                    continue
+                wb.summary.update({k: v for k, v in payload.items() if k != "final"})
+                wb.summary.update({f"final/{k}": v for k, v in payload["final"].items()})
+                wb.finish()
+                return
+        except Exception as error:  # W&B must never take the simulation down
+            print(f"raysim: warning: W&B logging stopped: {error}", file=sys.stderr)
