@@ -70,6 +70,7 @@ from raysim.algorithm import (
 )
 from raysim.config import require
 from raysim.dsa import siamese_augment
+from raysim.prototypes import local_prototypes
 from raysim.seeding import derive_seed
 from raysim.training import ClientData
 
@@ -137,20 +138,9 @@ def client_margin(model: nn.Module, data: ClientData, num_classes: int,
     """m_k = Σ_{c≠c'} ⟨μ_c, μ_c'⟩/(C−1)² over the classes the client holds, μ_c its class-mean
     feature (of L2-normalised features with `normalize`). Eval mode; the mode is restored."""
     was_training = model.training
-    model.eval()
-    sums = counts = None
-    for x, y in data.ordered_batches(batch_size):
-        z = model(x).features.float()
-        if normalize:
-            z = F.normalize(z, dim=1)
-        if sums is None:
-            sums = torch.zeros(num_classes, z.shape[1], device=z.device)
-            counts = torch.zeros(num_classes, device=z.device)
-        sums.index_add_(0, y, z)
-        counts.index_add_(0, y, torch.ones_like(y, dtype=z.dtype))
+    means, counts = local_prototypes(model, data, num_classes, batch_size, normalize)
     model.train(was_training)
-    held = counts > 0
-    means = sums[held] / counts[held].unsqueeze(1)
+    means = means[counts > 0]
     products = means @ means.T
     off_diagonal = products.sum() - products.diagonal().sum()
     return (off_diagonal / max(num_classes - 1, 1) ** 2).item()

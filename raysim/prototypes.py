@@ -18,17 +18,22 @@ def class_means(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Ten
 
 @torch.no_grad()
 def local_prototypes(
-    model: nn.Module, data: ClientData, num_classes: int, batch_size: int = 256
+    model: nn.Module, data: ClientData, num_classes: int, batch_size: int = 256,
+    normalize: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """p_k^c = mean of f(x) over client k's samples of class c, with the trained local model in
-    eval mode and no augmentation. Returned on the CPU, ready to send."""
+    """p_k^c = mean of f(x) (of f(x)/‖f(x)‖ with `normalize`) over client k's samples of class
+    c, with the model in eval mode and no augmentation; and the (C,) counts. Summed in float64,
+    returned on the CPU, ready to send."""
     model.eval()
     sums, counts = None, torch.zeros(num_classes, dtype=torch.long)
     for x, y in data.ordered_batches(batch_size):
         features = model(x).features.double()
-        means, n = class_means(features, y, num_classes)
-        part = means * n.unsqueeze(1)
-        sums = part if sums is None else sums + part
-        counts += n.cpu()
+        if normalize:
+            features = torch.nn.functional.normalize(features, dim=1)
+        if sums is None:
+            sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64,
+                               device=features.device)
+        sums.index_add_(0, y, features)
+        counts += torch.bincount(y, minlength=num_classes).cpu()
     prototypes = sums.cpu() / counts.clamp(min=1).unsqueeze(1)
     return prototypes.float(), counts

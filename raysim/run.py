@@ -61,7 +61,7 @@ def default_run_dir(name: str) -> Path:
 def write_label_histograms(task: Task, path: Path) -> None:
     """Per-client label counts, long format: client, label, count."""
     hist = task.partition.histograms
-    clients, labels = np.nonzero(hist >= 0)
+    clients, labels = (grid.ravel() for grid in np.indices(hist.shape))
     table = pa.table({
         "client": pa.array(clients, pa.int32()),
         "label": pa.array(labels, pa.int32()),

@@ -119,7 +119,11 @@ class ClientWorker:
         anchors = self.algorithm.anchors(broadcast)
         if anchors is None:
             return update
-        means, counts = local_prototypes(self.model, data, len(anchors[0]))
+        sent = getattr(update, "prototypes", None)
+        if sent is not None:  # the method already sends its local class means: reuse them
+            means, counts = sent, update.counts
+        else:
+            means, counts = local_prototypes(self.model, data, len(anchors[0]))
         cosine = anchor_alignment(means, counts, anchors[0].float(), anchors[1])
         if cosine is None:
             return update
