@@ -78,6 +78,11 @@ def prototype_alignment(features: Tensor, labels: Tensor, prototypes: Tensor,
     return (((features - prototypes[labels]) * mask) ** 2).mean()
 
 
+def check_inference(inference: str) -> None:
+    """The prototype methods' `inference` key: the classifier, or the nearest global prototype."""
+    require(inference in ("logits", "prototype"), "inference", "choose one of logits, prototype")
+
+
 def tensors_to(broadcast: PrototypeBroadcast, device: torch.device) -> PrototypeBroadcast:
     """The broadcast's prototype tensors on `device`, once per client (weights stay put)."""
     moved = {
@@ -101,8 +106,7 @@ class FedProto(FedAvg):
 
         def __post_init__(self) -> None:
             require(self.lam > 0, "lam", f"must be > 0 (got {self.lam})")
-            require(self.inference in ("logits", "prototype"), "inference",
-                    "choose one of logits, prototype")
+            check_inference(self.inference)
 
     # ---------------------------------------------------------------- server side
     def init_server(self, model: nn.Module) -> PrototypeState:

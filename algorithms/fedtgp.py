@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from algorithms.fedproto import FedProto, PrototypeState, PrototypeUpdate
+from algorithms.fedproto import FedProto, PrototypeState, PrototypeUpdate, check_inference
 from raysim.algorithm import ServerContext, ServerState, extend
 from raysim.config import require
 
@@ -86,8 +86,7 @@ class FedTGP(FedProto):
             require(self.server_lr is None or self.server_lr > 0, "server_lr", "must be > 0")
             require(self.server_batch_size is None or self.server_batch_size >= 1,
                     "server_batch_size", "must be >= 1")
-            require(self.inference in ("logits", "prototype"), "inference",
-                    "choose one of logits, prototype")
+            check_inference(self.inference)
 
     def aggregate_prototypes(
         self, ctx: ServerContext, state: TrainablePrototypeState, averaged: ServerState,

@@ -21,7 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from algorithms.fedproto import FedProto, PrototypeBroadcast, PrototypeState, PrototypeUpdate
+from algorithms.fedproto import (
+    FedProto,
+    PrototypeBroadcast,
+    PrototypeState,
+    PrototypeUpdate,
+    check_inference,
+)
 from raysim.algorithm import ServerContext, ServerState, extend
 from raysim.config import require
 from raysim.finch import finch_cluster_means
@@ -83,8 +89,7 @@ class FPL(FedProto):
 
         def __post_init__(self) -> None:
             require(self.tau > 0, "tau", f"must be > 0 (got {self.tau})")
-            require(self.inference in ("logits", "prototype"), "inference",
-                    "choose one of logits, prototype")
+            check_inference(self.inference)
 
     def aggregate_prototypes(
         self, ctx: ServerContext, state: ClusterState, averaged: ServerState,
