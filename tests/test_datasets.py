@@ -83,7 +83,10 @@ def test_check_unknown_name_lists_datasets() -> None:
         assert name in str(info.value)
 
 
-@pytest.mark.parametrize("name", ["digits", "digits_domains"])
+EMBEDDED = ("digits", "digits_domains", "synthetic_organ", "synthetic_nuclei")
+
+
+@pytest.mark.parametrize("name", EMBEDDED)
 def test_check_embedded_datasets_need_no_root(name: str) -> None:
     check_dataset(name, None, False)
     check_dataset(name, None, True)
@@ -112,7 +115,7 @@ def test_array_split_checks_domain_length() -> None:
         ArraySplit(x, y, np.array([0, 1]))
 
 
-@pytest.mark.parametrize("name", [n for n in DATASETS if n not in ("digits", "digits_domains")])
+@pytest.mark.parametrize("name", [n for n in DATASETS if n not in EMBEDDED])
 @pytest.mark.parametrize("download", [False, True])
 def test_check_missing_root_names_data_root(name: str, download: bool) -> None:
     with pytest.raises(DatasetNotFoundError, match="data.root"):

@@ -1,5 +1,8 @@
 """Datasets as in-memory numpy arrays, read straight from their standard on-disk formats.
 
+Classification sets store int64 labels per image; segmentation sets (``DatasetSpec.task ==
+"segmentation"``) store a uint8 {0, 1} mask per image and a site id per sample.
+
 Keeping whole splits in memory lets the simulator hand clients cheap index views and lets
 partitioning work on plain label arrays. The files are parsed here rather than through
 torchvision's dataset classes because those verify md5 sums of the archives on every load,
@@ -16,17 +19,23 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from raysim.config import SyntheticConfig
 
 __all__ = [
     "DATASETS",
     "ArraySplit",
     "Dataset",
+    "DatasetFormatError",
     "DatasetNotFoundError",
     "DatasetSpec",
+    "channel_stats",
     "check_dataset",
+    "dataset_task",
     "load_dataset",
 ]
 
@@ -38,9 +47,21 @@ DATASETS: tuple[str, ...] = (
     "cifar10",
     "cifar100",
     "svhn",
+    "synthetic_organ",
+    "synthetic_nuclei",
+    "prostate_mri",
+    "nuclei",
 )
-# Built from scikit-learn's bundled digits, so they need no data.root.
-_EMBEDDED = ("digits", "digits_domains")
+# Built from scikit-learn's bundled digits or generated offline, so they need no data.root.
+_EMBEDDED = ("digits", "digits_domains", "synthetic_organ", "synthetic_nuclei")
+_SYNTHETIC = {"synthetic_organ": "organ", "synthetic_nuclei": "nuclei"}
+# Read from their distributions' layouts; there is nothing official to download.
+_MEDICAL = ("prostate_mri", "nuclei")
+
+
+def dataset_task(name: str) -> str:
+    """"segmentation" or "classification", known from the name alone (before loading)."""
+    return "segmentation" if name in _SYNTHETIC or name in _MEDICAL else "classification"
 
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 _CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -48,8 +69,9 @@ _CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 @dataclass(frozen=True)
 class ArraySplit:
-    """One split: images ``x`` as (N, C, H, W), int64 labels ``y`` and, for multi-domain
-    datasets, an int64 domain id per sample (an index into ``DatasetSpec.domains``)."""
+    """One split: images ``x`` as (N, C, H, W); ``y`` int64 labels (N,) or, for segmentation,
+    uint8 masks (N, H, W) in {0, 1}; and, for multi-domain datasets, an int64 domain id per
+    sample (an index into ``DatasetSpec.domains``)."""
 
     x: np.ndarray
     y: np.ndarray
@@ -58,6 +80,13 @@ class ArraySplit:
     def __post_init__(self) -> None:
         if len(self.x) != len(self.y):
             raise ValueError(f"x has {len(self.x)} samples but y has {len(self.y)}")
+        if self.y.ndim == 3 and self.y.shape[1:] != self.x.shape[-2:]:
+            raise ValueError(
+                f"masks are {self.y.shape[1]}x{self.y.shape[2]} but images are "
+                f"{self.x.shape[-2]}x{self.x.shape[-1]}"
+            )
+        if self.y.ndim not in (1, 3):
+            raise ValueError(f"y must be labels (N,) or masks (N, H, W), got shape {self.y.shape}")
         if self.domain is not None and len(self.domain) != len(self.y):
             raise ValueError(f"domain has {len(self.domain)} entries but y has {len(self.y)}")
 
@@ -78,19 +107,27 @@ class DatasetSpec:
     augment: str | None
     # Domain names, indexed by domain id; empty for single-domain datasets.
     domains: tuple[str, ...] = ()
+    # "classification" (a label per image) or "segmentation" (a mask per image, pixel classes).
+    task: str = "classification"
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """A dataset's spec together with its train and test splits."""
+    """A dataset's spec with its train and test splits and, where the dataset defines one, a
+    validation split for model selection (the test split is never used to select)."""
 
     spec: DatasetSpec
     train: ArraySplit
     test: ArraySplit
+    val: ArraySplit | None = None
 
 
 class DatasetNotFoundError(FileNotFoundError):
     """Dataset files are missing; the message says what to put where."""
+
+
+class DatasetFormatError(ValueError):
+    """Dataset files exist but their contents are unusable; the message names the file."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +200,18 @@ def check_dataset(name: str, root: str | None, download: bool) -> None:
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
     if name in _EMBEDDED:
+        return
+    if name in _MEDICAL:
+        from raysim.data.medical import missing_message
+
+        if root is None:
+            raise DatasetNotFoundError(
+                f"dataset {name!r} needs data.root (a directory holding its files); set "
+                "data.root in the config (it cannot be downloaded automatically)"
+            )
+        message = missing_message(name, Path(root))
+        if message is not None:
+            raise DatasetNotFoundError(message)
         return
     if root is None:
         action = "to download into" if download else "holding its files"
@@ -280,6 +329,23 @@ def _read_bundled_digits() -> tuple[np.ndarray, np.ndarray]:
     return table[:, :-1].reshape(-1, 1, 8, 8), table[:, -1].astype(np.int64)
 
 
+def channel_stats(x: np.ndarray, scale: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of ``x / scale`` for (N, C, H, W) arrays, in chunks so large
+    uint8 image sets are never converted to float all at once."""
+    n, channels = len(x), x.shape[1]
+    total = np.zeros(channels)
+    squares = np.zeros(channels)
+    step = max(1, (1 << 24) // max(1, int(np.prod(x.shape[1:]))))
+    for start in range(0, n, step):
+        chunk = x[start : start + step].astype(np.float64) / scale
+        total += chunk.sum(axis=(0, 2, 3))
+        squares += (chunk * chunk).sum(axis=(0, 2, 3))
+    count = max(1, n * x.shape[2] * x.shape[3])
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean * mean, 0.0))
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
 def stratified_split(
     labels: np.ndarray, test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -358,14 +424,45 @@ def load_dataset(
     download: bool = False,
     test_fraction: float = 0.25,
     split_seed: int = 0,
+    *,
+    synthetic: SyntheticConfig | None = None,
+    image_size: int | None = None,
+    val_fraction: float = 0.2,
 ) -> Dataset:
     """Load a dataset fully into memory.
 
-    ``test_fraction`` and ``split_seed`` only apply to ``digits`` and ``digits_domains``, which
-    have no official test split; the seed is separate from the run seed so the held-out set (and
-    the domains' rendering) never moves between runs.
+    ``test_fraction`` only applies to ``digits`` and ``digits_domains``, which have no official
+    test split. ``split_seed`` seeds every data-side draw (held-out splits, rendering, the
+    synthetic sites, the medical sets' slice permutation and validation hold-out); it is
+    separate from the run seed so the data never moves between runs. ``synthetic`` sizes the
+    ``synthetic_*`` sets (defaults: ``SyntheticConfig()``); ``image_size`` resizes the medical
+    sets' images to a square (None keeps the native size) and ``val_fraction`` is the share of
+    each nuclei site's training list held out for validation.
     """
     check_dataset(name, root, download)
+    if name in _SYNTHETIC:
+        from raysim.data.synthetic_sites import load_synthetic
+
+        if synthetic is None:
+            from raysim.config import SyntheticConfig
+
+            synthetic = SyntheticConfig()
+        return load_synthetic(
+            _SYNTHETIC[name],
+            sites=synthetic.sites,
+            train_per_site=synthetic.train_per_site,
+            val_per_site=synthetic.val_per_site,
+            test_per_site=synthetic.test_per_site,
+            image_size=synthetic.image_size,
+            seed=split_seed,
+        )
+    if name in _MEDICAL:
+        from raysim.data.medical import load_nuclei, load_prostate_mri
+
+        assert root is not None  # guaranteed by check_dataset
+        if name == "prostate_mri":
+            return load_prostate_mri(root, image_size=image_size, seed=split_seed)
+        return load_nuclei(root, image_size=image_size, val_fraction=val_fraction, seed=split_seed)
     if name in _EMBEDDED:
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
