@@ -7,6 +7,9 @@ w_{t+1} = Σ_k (n_k / n) w_k^{t+1} over the sampled clients (Algorithm 1).
 Every other method inherits from this class and overrides only what differs:
 `local_objective` (the per-batch loss), `client_update` (what is sent back), `server_round`
 (what the server does with it), `broadcast` (what clients receive).
+
+The same steps run segmentation tasks: the supervised loss is then the (CE + soft Dice)/2 of
+the FedBCS code (spec fedbcs §4.2) and evaluation reports foreground Dice, HD95 and ASD.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from raysim.algorithm import (
     TaskInfo,
     Weights,
 )
+from raysim.segmentation import joint_loss, segmentation_sums
 from raysim.training import ClientData, make_optimizer
 
 BatchLoss = Callable[[Tensor, Tensor], Tensor]
@@ -54,6 +58,11 @@ class FedAvg:
         self.task = task
         self.device = device or torch.device("cpu")
 
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """The model this method trains, built from the configured one (FedBCS adds style
+        recalibration and fusion layers); every process builds it the same way."""
+        return model
+
     # ---------------------------------------------------------------- server side
     def init_server(self, model: nn.Module) -> ServerState:
         return ServerState(weights=copy_weights(model))
@@ -75,24 +84,52 @@ class FedAvg:
     ) -> ClientUpdate:
         model.load_state_dict(broadcast.weights)
         objective = self.local_objective(ctx, model, broadcast, state)
-        metrics = self.train_locally(ctx, model, data, objective)
-        return ClientUpdate(weights=copy_weights(model), num_samples=len(data), metrics=metrics)
+        optimizer = self.client_optimizer(ctx, model, state)
+        metrics = self.train_locally(ctx, model, data, objective, optimizer)
+        return ClientUpdate(weights=copy_weights(model), num_samples=len(data), metrics=metrics,
+                            state=self.next_state(ctx, optimizer))
+
+    def task_loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        """The supervised loss: cross-entropy, or (CE + soft Dice)/2 for segmentation."""
+        if self.task is not None and self.task.kind == "segmentation":
+            return joint_loss(logits, y)
+        return F.cross_entropy(logits, y)
 
     def local_objective(
         self, ctx: ClientContext, model: nn.Module, broadcast: Broadcast, state: Any
     ) -> BatchLoss:
-        """The loss of one batch; FedAvg: cross-entropy."""
+        """The loss of one batch; FedAvg: the supervised loss alone."""
 
         def loss(x: Tensor, y: Tensor) -> Tensor:
-            return F.cross_entropy(model(x).logits, y)
+            return self.task_loss(model(x).logits, y)
 
         return loss
 
+    def client_optimizer(
+        self, ctx: ClientContext, model: nn.Module, state: Any
+    ) -> torch.optim.Optimizer:
+        """A fresh optimiser, or with `train.keep_optimizer_state` the one this client left off
+        with (its moments survive rounds; the weights are the global ones)."""
+        optimizer = make_optimizer(model, ctx.train)
+        if ctx.train.keep_optimizer_state and state and "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        return optimizer
+
+    def next_state(self, ctx: ClientContext, optimizer: torch.optim.Optimizer) -> Any:
+        """What the engine keeps for this client until its next round (None: nothing)."""
+        if not ctx.train.keep_optimizer_state:
+            return None
+        saved = optimizer.state_dict()
+        state = {k: {n: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
+                     for n, v in s.items()} for k, s in saved["state"].items()}
+        return {"optimizer": {"state": state, "param_groups": saved["param_groups"]}}
+
     def train_locally(
-        self, ctx: ClientContext, model: nn.Module, data: ClientData, objective: BatchLoss
+        self, ctx: ClientContext, model: nn.Module, data: ClientData, objective: BatchLoss,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> dict[str, float]:
         model.train()
-        optimizer = make_optimizer(model, ctx.train)
+        optimizer = optimizer or make_optimizer(model, ctx.train)
         total, steps = torch.zeros((), device=ctx.device), 0
         for _ in range(ctx.train.local_epochs):
             for x, y in data.batches(ctx.train.batch_size, ctx.generator):
@@ -116,6 +153,9 @@ class FedAvg:
     ) -> dict[str, float]:
         """Sums over the batch; the engine adds them up and divides by `count`."""
         logits = model(x).logits
+        if self.task is not None and self.task.kind == "segmentation":
+            loss = joint_loss(logits, y).item() * len(y)
+            return {**segmentation_sums(logits.argmax(1), y), "loss": loss}
         return {
             "accuracy": (logits.argmax(1) == y).sum().item(),
             "loss": F.cross_entropy(logits, y, reduction="sum").item(),

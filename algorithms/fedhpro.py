@@ -434,9 +434,11 @@ class FedHPro(FedAvg):
         model.load_state_dict(broadcast.weights)
         gradients = self.real_gradients(ctx, model, data)
         objective = self.local_objective(ctx, model, broadcast, state, data)
-        metrics = self.train_locally(ctx, model, data, objective)
+        optimizer = self.client_optimizer(ctx, model, state)
+        metrics = self.train_locally(ctx, model, data, objective, optimizer)
         metrics.update(objective.metrics())
-        update = ClientUpdate(weights=copy_weights(model), num_samples=len(data), metrics=metrics)
+        update = ClientUpdate(weights=copy_weights(model), num_samples=len(data), metrics=metrics,
+                              state=self.next_state(ctx, optimizer))
         return extend(update, GradientUpdate, **gradients)
 
     def real_gradients(self, ctx: ClientContext, model: nn.Module,

@@ -15,6 +15,7 @@ The FINCH partition is the one the official server takes: the coarsest that FINC
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,19 +47,20 @@ class ClusterState(PrototypeState):
 
 
 def cluster_prototypes(
-    updates: list[PrototypeUpdate], num_classes: int
+    prototypes: Sequence[Tensor], counts: Sequence[Tensor], num_classes: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """§3.2: FINCH per class over the prototypes of the clients holding that class.
+    """§3.2: FINCH per class over the prototypes (C, d) of the clients whose `counts` (C,) show
+    that class; a class held by one client keeps that client's prototype.
 
     Returns cluster prototypes (M, d), their classes (M,), unbiased prototypes (C, d) and the
     (C,) mask of classes present.
     """
-    dim = updates[0].prototypes.shape[1]
+    dim = prototypes[0].shape[1]
     clusters, labels = [], []
     unbiased = torch.zeros(num_classes, dim)
     present = torch.zeros(num_classes, dtype=torch.bool)
     for c in range(num_classes):
-        held = [u.prototypes[c] for u in updates if u.counts[c] > 0]
+        held = [p[c] for p, n in zip(prototypes, counts) if n[c] > 0]
         if not held:
             continue
         means = torch.from_numpy(finch_cluster_means(torch.stack(held), "cosine")).float()
@@ -95,7 +97,8 @@ class FPL(FedProto):
         self, ctx: ServerContext, state: ClusterState, averaged: ServerState,
         updates: list[PrototypeUpdate],
     ) -> ClusterState:
-        clusters, labels, unbiased, present = cluster_prototypes(updates, self.task.num_classes)
+        clusters, labels, unbiased, present = cluster_prototypes(
+            [u.prototypes for u in updates], [u.counts for u in updates], self.task.num_classes)
         return extend(averaged, ClusterState, prototypes=unbiased, present=present,
                       clusters=clusters, cluster_labels=labels)
 

@@ -39,7 +39,7 @@ def model_contrastive_loss(z: Tensor, z_glob: Tensor, z_prev: Tensor, tau: float
 
 
 class MOON(FedAvg):
-    stateful = True  # state: this client's weights after its last round
+    stateful = True  # state["previous"]: this client's weights after its last round
     needs_features = True
 
     @dataclass(frozen=True)
@@ -66,7 +66,8 @@ class MOON(FedAvg):
         self, ctx: ClientContext, model: nn.Module, broadcast: Broadcast, state: Any
     ) -> BatchLoss:
         global_model = self.frozen_model("global", model, broadcast.weights)
-        previous_model = self.frozen_model("previous", model, state or broadcast.weights)
+        previous = state.get("previous") if state else None
+        previous_model = self.frozen_model("previous", model, previous or broadcast.weights)
         mu, tau = self.config.mu, self.config.tau
 
         def loss(x: Tensor, y: Tensor) -> Tensor:
@@ -84,4 +85,4 @@ class MOON(FedAvg):
         state: Any,
     ) -> ClientUpdate:
         update = super().client_update(ctx, model, broadcast, data, state)
-        return replace(update, state=update.weights)
+        return replace(update, state={**(update.state or {}), "previous": update.weights})

@@ -24,7 +24,7 @@ import numpy as np
 
 from raysim.config import load_config
 from raysim.run import execute, prepare
-from raysim.sinks import Sink
+from raysim.sinks import CollectRounds
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -49,20 +49,12 @@ def config_path(setting: str, method: str) -> Path:
     return ROOT / "yaml" / setting / f"{method}.yaml"
 
 
-class Collect(Sink):
-    def __init__(self) -> None:
-        self.rounds: list[dict[str, float]] = []
-
-    def log_round(self, result) -> None:
-        self.rounds.append(result.metrics)
-
-
 def run_one(setting: str, method: str, seed: int, overrides: list[str]) -> dict:
     path = config_path(setting, "fedhpro-official" if method in ABLATIONS else method)
     extra = ABLATIONS.get(method, [])
     config = load_config(path, [f"seed={seed}", *extra, *overrides])
     run = prepare(config, RESULTS / "scratch" / f"{setting}-{method}-{seed}")
-    collect = Collect()
+    collect = CollectRounds()
     summary = execute(run, [collect])
     accuracy = [m["test_accuracy"] for m in collect.rounds if "test_accuracy" in m]
     final = collect.rounds[-1]

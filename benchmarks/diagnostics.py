@@ -19,10 +19,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-from accuracy import RESULTS, Collect, config_path
+from accuracy import RESULTS, config_path
 
 from raysim.config import load_config
 from raysim.run import execute, prepare
+from raysim.sinks import CollectRounds
 
 FIGURES = Path(__file__).parent / "figures"
 METHODS = ["fedproto", "fpl", "fedtgp", "fedhpro-official", "fedhpro-paper"]
@@ -45,7 +46,7 @@ def main() -> None:
     for method in args.methods:
         for seed in args.seeds:
             config = load_config(config_path(args.setting, method), [f"seed={seed}"])
-            collect = Collect()
+            collect = CollectRounds()
             execute(prepare(config, RESULTS / "scratch" / f"diag-{method}-{seed}"), [collect])
             for key in KEYS:
                 values = [m.get(key, np.nan) for m in collect.rounds]

@@ -30,6 +30,7 @@ class TaskInfo:
     feature_dim: int | None  # None: the model has no feature head
     train: TrainConfig  # the clients' local training settings (some servers reuse them)
     seed: int = 0  # the run seed: derive generators from it (raysim.seeding.derive_seed)
+    kind: str = "classification"  # or "segmentation": labels are (H, W) masks
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,25 @@ class LongTailConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """Size of the offline multi-site segmentation sets (synthetic_organ, synthetic_nuclei)."""
+
+    sites: int = 4
+    train_per_site: int = 48
+    val_per_site: int = 12
+    test_per_site: int = 24
+    image_size: int = 64  # square; a multiple of 16 so a 4-level U-Net divides it evenly
+
+    def __post_init__(self) -> None:
+        require(self.sites >= 1, "sites", "must be >= 1")
+        require(self.train_per_site >= 1, "train_per_site", "must be >= 1")
+        require(self.val_per_site >= 1, "val_per_site", "must be >= 1")
+        require(self.test_per_site >= 1, "test_per_site", "must be >= 1")
+        require(self.image_size >= 32 and self.image_size % 16 == 0, "image_size",
+                f"must be a multiple of 16 and >= 32 (got {self.image_size})")
+
+
+@dataclass
 class DataConfig:
     dataset: str = "digits"
     root: str | None = None  # folder holding the dataset files (not needed for digits)
@@ -72,6 +91,9 @@ class DataConfig:
     test_fraction: float = 0.25  # held-out share, for datasets without an official test split
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     long_tail: LongTailConfig = field(default_factory=LongTailConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    image_size: int | None = None  # prostate_mri / nuclei: resize to this square; None = native
+    val_fraction: float = 0.2  # nuclei: share of each site's train list held out for validation
 
     def __post_init__(self) -> None:
         from raysim.data import DATASETS
@@ -79,17 +101,26 @@ class DataConfig:
         require(self.dataset in DATASETS, "dataset",
                  f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
         require(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)")
+        require(self.image_size is None or (self.image_size >= 16 and self.image_size % 16 == 0),
+                "image_size", f"must be a multiple of 16 (got {self.image_size})")
+        require(0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)")
 
 
 @dataclass
 class ModelConfig:
     name: str = "cnn"
+    width: int | None = None  # base width (unet: 32, resnet10: 32); None: the model's default
 
     def __post_init__(self) -> None:
-        from raysim.models import MODELS
+        from raysim.models import MODELS, WIDTH_ARGUMENT
 
         require(self.name in MODELS, "name",
                  f"unknown model {self.name!r}; choose one of {', '.join(MODELS)}")
+        if self.width is not None:
+            require(self.name in WIDTH_ARGUMENT, "width",
+                    f"model {self.name!r} has no width setting; models with one: "
+                    f"{', '.join(WIDTH_ARGUMENT)}")
+            require(self.width >= 1, "width", "must be >= 1")
 
 
 @dataclass
@@ -102,6 +133,9 @@ class TrainConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     optimizer: str = "sgd"  # sgd | adam
+    # Keep each client's optimiser state (momentum, Adam moments) across its rounds, as the
+    # FedBCS code does; the weights still restart from the global model every round.
+    keep_optimizer_state: bool = False
 
     def __post_init__(self) -> None:
         require(self.local_epochs >= 1, "local_epochs", "must be >= 1")
@@ -168,6 +202,9 @@ class Config:
     rounds: int = 20
     clients_per_round: int = 10
     eval_every: int = 1  # evaluate the global model every this many rounds (and after the last)
+    # Fixed evaluation batches: models whose BatchNorm uses batch statistics at test time (the
+    # FedBCS U-Net) give results that depend on it (the FedBCS code uses 16).
+    eval_batch_size: int = 128
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=lambda: _parse_algorithm({}, "algorithm"))
@@ -178,6 +215,7 @@ class Config:
     def __post_init__(self) -> None:
         require(self.rounds >= 1, "rounds", "must be >= 1")
         require(self.eval_every >= 1, "eval_every", "must be >= 1")
+        require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         require(self.clients_per_round >= 1, "clients_per_round", "must be >= 1")
         self._check_model_fits_algorithm()
         num_clients = self.data.partition.num_clients
@@ -187,11 +225,26 @@ class Config:
 
 
     def _check_model_fits_algorithm(self) -> None:
-        from raysim.models import MODELS
+        from raysim.data.datasets import dataset_task
+        from raysim.models import MODELS, model_task
         from raysim.registry import algorithm_class
 
         algorithm = algorithm_class(self.algorithm.name)
         model = MODELS[self.model.name]
+        task = dataset_task(self.data.dataset)
+        if model_task(self.model.name) != task:
+            fitting = [name for name in MODELS if model_task(name) == task]
+            raise ConfigError(
+                f"model.name: {self.model.name!r} is not a {task} model, but dataset "
+                f"{self.data.dataset!r} is a {task} task; use one of {', '.join(fitting)}"
+            )
+        needed = getattr(algorithm, "requires_model_task", None)
+        if needed is not None and model_task(self.model.name) != needed:
+            fitting = [name for name in MODELS if model_task(name) == needed]
+            raise ConfigError(
+                f"model.name: {self.algorithm.name} needs a {needed} model; use one of "
+                f"{', '.join(fitting)}"
+            )
         if getattr(algorithm, "needs_features", False) and not model.has_feature_head:
             with_heads = [name for name, cls in MODELS.items() if cls.has_feature_head]
             raise ConfigError(
@@ -300,14 +353,20 @@ def apply_override(raw: dict, override: str) -> None:
         raise ConfigError(
             f"override {override!r}: expected KEY=VALUE, e.g. data.partition.alpha=0.1"
         )
-    *parents, leaf = key.strip().split(".")
+    set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else None,
+               where=f"override {override!r}")
+
+
+def set_dotted(raw: dict, key: str, value: Any, where: str | None = None) -> None:
+    """Set `a.b.c` in a raw config mapping, creating sections on the way."""
+    *parents, leaf = key.split(".")
     node = raw
     for part in parents:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+            raise ConfigError(f"{where or key}: {part!r} is not a section")
         node = child
-    node[leaf] = yaml.safe_load(text) if text.strip() else None
+    node[leaf] = value
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:

@@ -1,5 +1,7 @@
 """Models. Every classifier returns `ModelOutput(features, logits)` and names its last layer
-`classifier`, so prototype methods can read features and the classifier weights uniformly."""
+`classifier`, so prototype methods can read features and the classifier weights uniformly.
+Segmentation models return `SegmentationOutput(logits, encoder, decoder)`: per-pixel logits plus
+the named multi-level feature maps that multi-level prototype methods read."""
 
 from __future__ import annotations
 
@@ -13,6 +15,12 @@ from torch import Tensor, nn
 class ModelOutput(NamedTuple):
     features: Tensor | None  # (B, feature_dim), the input of `classifier`; None: no feature head
     logits: Tensor  # (B, num_classes)
+
+
+class SegmentationOutput(NamedTuple):
+    logits: Tensor  # (B, num_classes, H, W)
+    encoder: tuple[Tensor, ...]  # encoder stages, finest (H) first
+    decoder: tuple[Tensor, ...]  # decoder stages, finest (H) first
 
 
 class LogisticRegression(nn.Module):
@@ -113,10 +121,79 @@ class ResNet10(nn.Module):
         return ModelOutput(features, self.classifier(features))
 
 
-MODELS = {"cnn": SmallCNN, "resnet10": ResNet10, "logreg": LogisticRegression}
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    """[Conv3×3 (no bias) → BN → ReLU] ×2. BN has neither affine parameters nor running
+    statistics, as in the FedBCS/HarmoFL U-Net: it always normalises with the current batch's
+    statistics (test time included) and leaves nothing but conv weights to aggregate."""
+    layers: list[nn.Module] = []
+    for c_in in (in_channels, out_channels):
+        layers += [
+            nn.Conv2d(c_in, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels, affine=False, track_running_stats=False),
+            nn.ReLU(inplace=True),
+        ]
+    return nn.Sequential(*layers)
 
 
-def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+class UNet(nn.Module):
+    """2-D U-Net of the FedBCS spec (§4.1): widths w·(1, 2, 4, 8) over four max-pooled encoder
+    stages, a 16w bottleneck, transposed-conv up-sampling with concatenated skips and a 1×1 head.
+    w = 32 is the official network (7,757,186 parameters for 3 → 2 channels).
+
+    `recalibrate[i]` runs on encoder stage i's output before it is used anywhere (next stage,
+    skip connection, features); it is the identity unless a method installs a module there
+    (FedBCS's style recalibration after stages 2–4). Input sides must be multiples of 16.
+    """
+
+    has_feature_head = False
+    task = "segmentation"
+
+    def __init__(
+        self, input_shape: tuple[int, int, int], num_classes: int, width: int = 32
+    ) -> None:
+        super().__init__()
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        self.encoder_channels = tuple(widths)
+        self.decoder_channels = tuple(widths)
+        ins = [input_shape[0], *widths[:-1]]
+        self.encoders = nn.ModuleList(conv_block(i, o) for i, o in zip(ins, widths))
+        self.recalibrate = nn.ModuleList(nn.Identity() for _ in widths)
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = conv_block(widths[-1], 2 * widths[-1])
+        ups = [2 * widths[-1], *widths[:0:-1]]  # 16w, 8w, 4w, 2w
+        self.upconvs = nn.ModuleList(nn.ConvTranspose2d(u, o, 2, stride=2)
+                                     for u, o in zip(ups, widths[::-1]))
+        self.decoders = nn.ModuleList(conv_block(2 * o, o) for o in widths[::-1])
+        self.head = nn.Conv2d(width, num_classes, 1)
+
+    def forward(self, x: Tensor) -> SegmentationOutput:
+        encoder = []
+        for i, (block, recalibrate) in enumerate(zip(self.encoders, self.recalibrate)):
+            x = recalibrate(block(x if i == 0 else self.pool(x)))
+            encoder.append(x)
+        x = self.bottleneck(self.pool(x))
+        decoder = []
+        for up, block, skip in zip(self.upconvs, self.decoders, reversed(encoder)):
+            x = block(torch.cat([up(x), skip], 1))
+            decoder.append(x)
+        return SegmentationOutput(self.head(x), tuple(encoder), tuple(reversed(decoder)))
+
+
+MODELS = {
+    "cnn": SmallCNN, "resnet10": ResNet10, "logreg": LogisticRegression, "unet": UNet,
+}
+# The keyword `model.width` sets, for the models that have one.
+WIDTH_ARGUMENT = {"resnet10": "nf", "unet": "width"}
+
+
+def model_task(name: str) -> str:
+    return getattr(MODELS[name], "task", "classification")
+
+
+def build_model(
+    name: str, input_shape: tuple[int, int, int], num_classes: int, width: int | None = None
+) -> nn.Module:
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    return MODELS[name](tuple(input_shape), num_classes)
+    kwargs = {WIDTH_ARGUMENT[name]: width} if width is not None else {}
+    return MODELS[name](tuple(input_shape), num_classes, **kwargs)

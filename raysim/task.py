@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,35 +25,61 @@ class Task:
 
 def build_task(config: Config) -> Task:
     data = config.data
-    dataset = load_dataset(data.dataset, data.root, data.download, data.test_fraction)
+    dataset = load_dataset(
+        data.dataset, data.root, data.download, data.test_fraction,
+        synthetic=data.synthetic, image_size=data.image_size, val_fraction=data.val_fraction,
+    )
     part = data.partition
     partition = make_partition(
-        dataset.train.y, dataset.spec.num_classes, kind=part.kind, num_clients=part.num_clients,
+        partition_labels(dataset), dataset.spec.num_classes, kind=part.kind,
+        num_clients=part.num_clients,
         seed=config.seed, alpha=part.alpha, classes_per_client=part.classes_per_client,
         min_size=part.min_size, long_tail_rho=data.long_tail.rho,
         domains=dataset.train.domain, within=part.within,
     )
-    probe = build_model(config.model.name, dataset.spec.input_shape, dataset.spec.num_classes)
+    kind = getattr(dataset.spec, "task", "classification")
     info = TaskInfo(
         num_classes=dataset.spec.num_classes,
         input_shape=tuple(dataset.spec.input_shape),
-        feature_dim=probe.feature_dim,
+        feature_dim=None if kind == "segmentation" else getattr(
+            build_model(config.model.name, dataset.spec.input_shape, dataset.spec.num_classes),
+            "feature_dim", None),
         train=config.train,
         seed=config.seed,
+        kind=kind,
     )
     return Task(dataset=dataset, partition=partition, info=info)
 
 
-def new_model(config: Config, info: TaskInfo) -> nn.Module:
-    return build_model(config.model.name, info.input_shape, info.num_classes)
+def partition_labels(dataset: Dataset) -> np.ndarray:
+    """One label per training sample for the partitioners and label histograms: the class, or
+    for segmentation masks whether the image shows any foreground (0/1)."""
+    y = dataset.train.y
+    if y.ndim == 1:
+        return y
+    return (y.reshape(len(y), -1).max(axis=1) > 0).astype(np.int64)
 
 
-def initial_model(config: Config, info: TaskInfo) -> nn.Module:
+def new_model(config: Config, info: TaskInfo, algorithm=None) -> nn.Module:
+    """The model of `config.model`, with the modules `algorithm` adds to it (FedBCS: style
+    recalibration and fusion layers)."""
+    model = build_model(config.model.name, info.input_shape, info.num_classes,
+                        config.model.width)
+    return algorithm.prepare_model(model) if algorithm is not None else model
+
+
+def initial_model(config: Config, info: TaskInfo, algorithm=None) -> nn.Module:
     """The round-0 global model, initialised from the run seed without touching global RNG state."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(config.seed, MODEL_INIT))
-        return new_model(config, info)
+        return new_model(config, info, algorithm)
 
 
 def make_algorithm(config: Config, info: TaskInfo, device: torch.device):
     return algorithm_class(config.algorithm.name)(config.algorithm.params, info, device)
+
+
+def keeps_client_state(config: Config) -> bool:
+    """Whether the engine keeps per-client state between rounds (the algorithm's own, or the
+    clients' optimiser state)."""
+    return algorithm_class(config.algorithm.name).stateful or config.train.keep_optimizer_state

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,6 +35,16 @@ class Preprocess:
             x = random_crop_flip(x, generator)
         return x
 
+    def batch(
+        self, x: Tensor, y: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """A stored (images, labels) batch → model input and int64 targets. Masks (B, H, W)
+        are augmented together with their images (`rot_flip`)."""
+        y = y.long()
+        if generator is not None and self.augment == "rot_flip":
+            return random_rot_flip(self(x), y, generator)
+        return self(x, generator), y
+
 
 def random_crop_flip(x: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
     """Per-sample random crop (zero padding) and horizontal flip, vectorised over the batch."""
@@ -48,6 +59,24 @@ def random_crop_flip(x: Tensor, generator: torch.Generator, padding: int = 4) ->
     batch = torch.arange(b, device=x.device)[:, None, None, None]
     channel = torch.arange(c, device=x.device)[None, :, None, None]
     return padded[batch, channel, rows, cols]
+
+
+def random_rot_flip(x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Per sample: rotate image and mask by k·90° (k uniform in 0..3), then with p = 3/4 flip
+    them vertically, horizontally or both (the prostate-MRI augmentation of the FedBCS code,
+    whose k ∈ {0..4} counts the identity twice). Square inputs only."""
+    b = len(x)
+    turns = torch.randint(0, 4, (b,), generator=generator).tolist()
+    flips = torch.randint(0, 4, (b,), generator=generator).tolist()  # 0: none, 1..3: which
+    xs, ys = [], []
+    for i in range(b):
+        xi, yi = torch.rot90(x[i], turns[i], (-2, -1)), torch.rot90(y[i], turns[i], (-2, -1))
+        dims = {0: (), 1: (-2,), 2: (-1,), 3: (-2, -1)}[flips[i]]
+        if dims:
+            xi, yi = xi.flip(dims), yi.flip(dims)
+        xs.append(xi)
+        ys.append(yi)
+    return torch.stack(xs), torch.stack(ys)
 
 
 class ClientData:
@@ -73,15 +102,25 @@ class ClientData:
             chunk = self.indices[order[start : start + batch_size]]
             if len(chunk) < 2 and len(order) > 1:
                 continue
-            yield self.preprocess(self.x[chunk], generator if augment else None), self.y[chunk]
+            yield self.preprocess.batch(self.x[chunk], self.y[chunk],
+                                        generator if augment else None)
 
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """How many batches `batches` yields (a trailing batch of one sample is skipped)."""
+        return int(steps_per_epoch(np.array([len(self)]), batch_size)[0])
 
     def ordered_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         """All samples in index order, no augmentation: for passes that only read the model
         (local prototypes, statistics)."""
         for start in range(0, len(self.indices), batch_size):
             chunk = self.indices[start : start + batch_size]
-            yield self.preprocess(self.x[chunk]), self.y[chunk]
+            yield self.preprocess.batch(self.x[chunk], self.y[chunk])
+
+
+def steps_per_epoch(sizes: np.ndarray, batch_size: int) -> np.ndarray:
+    """Optimizer steps per local epoch of clients of these sizes (a trailing batch of one
+    sample is skipped)."""
+    return sizes // batch_size + (sizes % batch_size >= 2)
 
 
 def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:

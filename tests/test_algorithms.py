@@ -99,16 +99,13 @@ class RecordingMOON(MOON):
     """MOON whose client state also logs, per participation, which process trained the client,
     a digest of the previous-round model it was given, and a digest of the model it produced."""
 
-    def local_objective(self, ctx, model, broadcast, state):
-        return super().local_objective(ctx, model, broadcast, state and state["weights"])
-
     def client_update(self, ctx, model, broadcast, data, state):
         update = super().client_update(ctx, model, broadcast, data, state)
-        given = digest(state["weights"]) if state else None
+        given = digest(state["previous"]) if state else None
         history = (state["history"] if state else []) + [
-            (ctx.round, os.getpid(), given, digest(update.state))
+            (ctx.round, os.getpid(), given, digest(update.state["previous"]))
         ]
-        return replace(update, state={"weights": update.state, "history": history})
+        return replace(update, state={**update.state, "history": history})
 
 
 def digest(weights) -> float:

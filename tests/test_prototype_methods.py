@@ -108,7 +108,7 @@ def test_fpl_server_clusters_each_class_and_handles_a_class_held_by_one_client()
               [[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]], [[0.1, 0.0, 0.99], [0.0, 1.0, 1.0]]]
     counts = [[5, 0], [5, 0], [5, 0], [5, 3]]
     clusters, labels, unbiased, present = cluster_prototypes(
-        [update(p, c) for p, c in zip(protos, counts)], 2)
+        [torch.tensor(p) for p in protos], [torch.tensor(c) for c in counts], 2)
     assert labels.tolist() == [0, 0, 1]
     assert torch.allclose(clusters[0], torch.tensor([0.995, 0.05, 0.0]))
     assert torch.allclose(clusters[1], torch.tensor([0.05, 0.0, 0.995]))

@@ -48,3 +48,46 @@ def test_random_crop_flip_keeps_shape_and_is_a_shifted_or_flipped_copy():
     assert torch.equal(out, same)
     # every output pixel is either padding (0) or some input pixel
     assert set(out.unique().tolist()) <= set(x.unique().tolist()) | {0.0}
+
+
+def test_rot_flip_moves_images_and_masks_together():
+    spec = DatasetSpec("s", 2, (1, 4, 4), (0.0,), (1.0,), 1.0, "rot_flip")
+    pre = Preprocess(spec, torch.device("cpu"))
+    y = torch.arange(16, dtype=torch.uint8).view(1, 4, 4).repeat(8, 1, 1)
+    x = y[:, None].clone()  # the image equals its mask, so any transform must keep them equal
+    gx, gy = pre.batch(x, y, torch.Generator().manual_seed(0))
+    assert gy.dtype == torch.int64 and gy.shape == (8, 4, 4)
+    assert torch.equal(gx[:, 0].long(), gy)
+    assert len({tuple(m.flatten().tolist()) for m in gy}) > 1  # not all left unchanged
+    for m in gy:  # every output is one of the 8 symmetries of the square
+        assert sorted(m.flatten().tolist()) == list(range(16))
+
+
+def test_kept_optimizer_state_carries_adam_moments_across_rounds():
+    from algorithms.fedavg import FedAvg
+    from raysim.algorithm import Broadcast, ClientContext, TaskInfo
+    from raysim.config import TrainConfig
+    from raysim.models import build_model
+
+    train = TrainConfig(local_epochs=1, batch_size=4, lr=1e-3, optimizer="adam",
+                        keep_optimizer_state=True)
+    info = TaskInfo(num_classes=2, input_shape=(1, 2, 2), feature_dim=None, train=train)
+    method = FedAvg(None, info)
+    model = build_model("logreg", (1, 2, 2), 2)
+    x = torch.rand(8, 1, 2, 2) * 10
+    data = ClientData(x, torch.arange(8) % 2, torch.arange(8), Preprocess(SPEC,
+                                                                          torch.device("cpu")))
+    broadcast = Broadcast(weights={k: v.clone() for k, v in model.state_dict().items()})
+
+    def ctx(r: int, settings: TrainConfig = train) -> ClientContext:
+        return ClientContext(0, r, torch.Generator().manual_seed(r), torch.device("cpu"),
+                             settings)
+
+    first = method.client_update(ctx(1), model, broadcast, data, None)
+    steps = first.state["optimizer"]["state"][0]["step"].item()
+    assert steps == 2
+    second = method.client_update(ctx(2), model, broadcast, data, first.state)
+    assert second.state["optimizer"]["state"][0]["step"].item() == 2 * steps
+    fresh = method.client_update(ctx(2), model, broadcast, data, None)
+    assert not torch.equal(fresh.weights["classifier.weight"], second.weights["classifier.weight"])
+    assert method.client_update(ctx(1, TrainConfig()), model, broadcast, data, None).state is None

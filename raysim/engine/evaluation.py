@@ -1,5 +1,6 @@
-"""Test-set evaluation spread over the workers: fixed batches (so metrics do not depend on the
-pool size), per-domain grouping, and the reduction of per-batch sums to metrics."""
+"""Evaluation (test split, and the validation split where a dataset has one) spread over the
+workers: fixed batches (so metrics do not depend on the pool size), per-domain grouping, and the
+reduction of per-batch sums to metrics."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import numpy as np
 EVAL_BATCH = 128  # fixed test batches, so metrics do not depend on how they are spread
 
 
-def eval_batches(domains: np.ndarray | None, num_samples: int) -> list[tuple[int, list]]:
-    """Fixed test ranges [start, stop) of at most EVAL_BATCH samples, grouped by domain
+def eval_batches(
+    domains: np.ndarray | None, num_samples: int, batch_size: int = EVAL_BATCH
+) -> list[tuple[int, list]]:
+    """Fixed ranges [start, stop) of at most `batch_size` samples, grouped by domain
     (one group, id -1, without domains). Domains must be contiguous blocks of the test split."""
     if domains is None:
         blocks = [(-1, 0, num_samples)]
@@ -21,24 +24,26 @@ def eval_batches(domains: np.ndarray | None, num_samples: int) -> list[tuple[int
         blocks = [(int(domains[a]), int(a), int(b)) for a, b in zip(starts, stops)]
         if len({d for d, _, _ in blocks}) != len(blocks):
             raise ValueError("test samples of one domain must be contiguous")
-    return [(d, [(s, min(s + EVAL_BATCH, b)) for s in range(a, b, EVAL_BATCH)])
+    return [(d, [(s, min(s + batch_size, b)) for s in range(a, b, batch_size)])
             for d, a, b in blocks]
 
 
-def reduce_eval(sums: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Per-batch metric sums (in batch order) → `test_<metric>`, each divided by the count."""
+def reduce_eval(sums: Sequence[dict[str, float]], split: str = "test") -> dict[str, float]:
+    """Per-batch metric sums (in batch order) → `<split>_<metric>`, each divided by the count."""
     count = sum(s["count"] for s in sums)
     keys = [k for k in sums[0] if k != "count"]
-    return {f"test_{k}": float(np.sum([s[k] for s in sums], dtype=np.float64)) / count
+    return {f"{split}_{k}": float(np.sum([s[k] for s in sums], dtype=np.float64)) / count
             for k in keys}
 
 
-def reduce_domain_eval(groups: list[tuple[str, list[dict[str, float]]]]) -> dict[str, float]:
+def reduce_domain_eval(
+    groups: list[tuple[str, list[dict[str, float]]]], split: str = "test"
+) -> dict[str, float]:
     """Per-domain metrics (`test_accuracy/<domain>`) and their unweighted mean (`test_accuracy`),
-    so every domain counts the same whatever its test size."""
+    so every domain (site) counts the same whatever its test size."""
     if len(groups) == 1 and groups[0][0] == "":
-        return reduce_eval(groups[0][1])
-    per_domain = {name: reduce_eval(sums) for name, sums in groups}
+        return reduce_eval(groups[0][1], split)
+    per_domain = {name: reduce_eval(sums, split) for name, sums in groups}
     out = {f"{k}/{name}": v for name, metrics in per_domain.items() for k, v in metrics.items()}
     for key in next(iter(per_domain.values())):
         out[key] = float(np.mean([metrics[key] for metrics in per_domain.values()]))

@@ -14,7 +14,7 @@ from raysim.config import Config
 from raysim.diagnostics import server_diagnostics
 from raysim.engine.worker import ClientResult, assigned_device
 from raysim.seeding import server_generator
-from raysim.task import initial_model, make_algorithm
+from raysim.task import initial_model, keeps_client_state, make_algorithm
 
 
 def average_client_metrics(updates: list) -> dict[str, float]:
@@ -34,8 +34,9 @@ class Server:
         self.device = assigned_device(config.resources.server.num_gpus)
         self.seed = config.seed
         self.algorithm = make_algorithm(config, info, self.device)
-        self.state = self.algorithm.init_server(initial_model(config, info))
+        self.state = self.algorithm.init_server(initial_model(config, info, self.algorithm))
         self.client_states: dict[int, Any] = {}
+        self.stateful = keeps_client_state(config)
 
     def broadcast(self) -> Broadcast:
         return self.algorithm.broadcast(self.state)
@@ -58,7 +59,7 @@ class Server:
             ctx = ServerContext(round_index, server_generator(self.seed, round_index), self.device)
             self.state = self.algorithm.server_round(ctx, self.state, updates)
             metrics.update({f"server_{k}": float(v) for k, v in self.state.metrics.items()})
-            if self.algorithm.stateful:
+            if self.stateful:
                 for r in ok:
                     self.client_states[r.client_id] = r.update.state
             metrics.update(self._diagnostics())

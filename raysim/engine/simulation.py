@@ -17,9 +17,9 @@ from raysim.engine.evaluation import eval_batches, reduce_domain_eval
 from raysim.engine.server import Server
 from raysim.engine.transport import register_tensor_transport
 from raysim.engine.worker import ClientWorker
-from raysim.registry import algorithm_class
 from raysim.seeding import sample_clients
-from raysim.task import Task
+from raysim.task import Task, keeps_client_state
+from raysim.training import steps_per_epoch
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,6 @@ def balance(client_ids: Sequence[int], costs: Sequence[int], num_workers: int) -
     return groups
 
 
-def steps_per_epoch(sizes: np.ndarray, batch_size: int) -> np.ndarray:
-    """Optimizer steps per local epoch (a trailing batch of one sample is skipped)."""
-    return sizes // batch_size + (sizes % batch_size >= 2)
-
-
 class _RemoteClientWorker(ClientWorker):
     def __init__(self, config: Config, data_refs: list, info: Any) -> None:
         register_tensor_transport()
@@ -67,11 +62,17 @@ class Simulation:
         self.config = config
         self.task = task
         self.num_workers = num_workers or config.resources.num_workers
-        self.stateful = algorithm_class(config.algorithm.name).stateful
+        self.stateful = keeps_client_state(config)
         self.sizes = task.partition.sizes
         self.costs = steps_per_epoch(self.sizes, config.train.batch_size)  # for balancing
-        test = task.dataset.test
-        self.eval_groups = eval_batches(test.domain, len(test.y))
+        # Fixed evaluation batches per split: the validation split (model selection) where the
+        # dataset has one, and the test split.
+        self.eval_groups = {
+            name: eval_batches(split.domain, len(split.y), config.eval_batch_size)
+            for name, split in (("val", getattr(task.dataset, "val", None)),
+                                ("test", task.dataset.test))
+            if split is not None
+        }
         self.workers: list[Any] = []
         self.server: Any = None
 
@@ -126,7 +127,8 @@ class Simulation:
     def _dispatch_evaluation(self, broadcast: Any) -> list[Any]:
         """Fixed test batches spread evenly, so evaluation adds the same load to every worker
         (it sits on each worker's path to the next round)."""
-        batches = [b for _, group in self.eval_groups for b in group]
+        batches = [(split, *b) for split, groups in self.eval_groups.items()
+                   for _, group in groups for b in group]
         shards = np.array_split(np.arange(len(batches)), min(self.num_workers, len(batches)))
         return [
             worker.evaluate.remote(broadcast, [batches[i] for i in shard])
@@ -139,9 +141,10 @@ class Simulation:
         if eval_refs:
             sums = iter([s for part in ray.get(eval_refs) for s in part])  # in batch order
             names = self.task.dataset.spec.domains
-            groups = [(names[d] if d >= 0 else "", [next(sums) for _ in batches])
-                      for d, batches in self.eval_groups]
-            metrics.update(reduce_domain_eval(groups))
+            for split, split_groups in self.eval_groups.items():
+                groups = [(names[d] if d >= 0 else "", [next(sums) for _ in batches])
+                          for d, batches in split_groups]
+                metrics.update(reduce_domain_eval(groups, split))
         seconds = time.perf_counter() - started
         metrics["round_seconds"] = seconds
         metrics["samples_per_second"] = metrics.get("samples", 0.0) * \
