@@ -8,6 +8,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from raysim.cluster import check_cluster
+from raysim.commands import add_commands, run_command
 from raysim.config import ConfigError, dump_config, load_config
 
 
@@ -36,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("config", help="print the resolved config (defaults included)")
     _add_config_args(show)
+    add_commands(commands)
     return parser
 
 
@@ -43,10 +46,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     launched_at = time.perf_counter()
     args = build_parser().parse_args(argv)
     try:
+        if args.command not in ("launch", "config"):
+            return run_command(args)
         config = load_config(args.config, args.override)
         if args.command == "config":
             print(dump_config(config), end="")
             return 0
+        check_cluster(args.address)
         return _launch(config, args, launched_at)
     except ConfigError as error:
         print(f"raysim: error: {error}", file=sys.stderr)
@@ -67,10 +73,15 @@ def _launch(config, args: argparse.Namespace, launched_at: float) -> int:
     if config.logging.progress and not args.quiet:
         sinks.append(ConsoleProgress())
     summary = execute(run, sinks, address=args.address, launched_at=launched_at)
-    final, best = summary["final"], summary["best"]
+    final, best, headline = summary["final"], summary["best"], summary["headline"]
+    name = headline.removeprefix("test_")
+    if best["selected_by"] == headline:
+        selection = f"best {best[headline]:.4f}"
+    else:  # selected on the validation split
+        selection = f"{best[headline]:.4f} at the best {best['selected_by']}"
     print(
-        f"raysim: final test accuracy {final.get('test_accuracy', float('nan')):.4f} "
-        f"(best {best['test_accuracy']:.4f} at round {best['round']}); "
+        f"raysim: final test {name} {final.get(headline, float('nan')):.4f} "
+        f"({selection} at round {best['round']}); "
         f"{summary['rounds_completed']} rounds in {summary['wall_seconds']:.1f} s, "
         f"first round done {summary['launch_to_first_round_seconds']:.1f} s after launch"
     )

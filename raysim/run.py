@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysim.config import Config, ConfigError, dump_config
-from raysim.data import DatasetNotFoundError, check_dataset
+from raysim.data import DatasetFormatError, DatasetNotFoundError, check_dataset
 from raysim.task import Task, build_task
 
 
@@ -41,6 +41,8 @@ def prepare(config: Config, run_dir: str | Path | None = None) -> Run:
         raise ConfigError(str(error)) from None
     try:
         task = build_task(config)
+    except DatasetFormatError as error:  # unusable file contents, named in the message
+        raise ConfigError(f"data: {error}") from None
     except ValueError as error:  # an infeasible partition, e.g. too many clients for alpha
         raise ConfigError(f"data.partition: {error}") from None
     run_dir = Path(run_dir) if run_dir else default_run_dir(config.name)
@@ -72,13 +74,16 @@ def write_label_histograms(task: Task, path: Path) -> None:
 
 def describe_partition(task: Task) -> str:
     sizes, hist = task.partition.sizes, task.partition.histograms
-    classes = (hist > 0).sum(axis=1)
-    return (
-        f"{len(sizes)} clients, {int(sizes.sum())} train / "
-        f"{len(task.dataset.test.y)} test samples; "
-        f"client size min/median/max {sizes.min()}/{int(np.median(sizes))}/{sizes.max()}; "
-        f"classes per client mean {classes.mean():.1f}"
+    dataset = task.dataset
+    val = f"{len(dataset.val.y)} val / " if getattr(dataset, "val", None) is not None else ""
+    text = (
+        f"{len(sizes)} clients, {int(sizes.sum())} train / {val}"
+        f"{len(dataset.test.y)} test samples; "
+        f"client size min/median/max {sizes.min()}/{int(np.median(sizes))}/{sizes.max()}"
     )
+    if task.info.kind == "segmentation":  # the histogram counts images without/with foreground
+        return f"{text}; sites {', '.join(dataset.spec.domains)}"
+    return f"{text}; classes per client mean {(hist > 0).sum(axis=1).mean():.1f}"
 
 
 # --------------------------------------------------------------------------- Ray side
@@ -86,11 +91,9 @@ def describe_partition(task: Task) -> str:
 
 def init_ray(address: str | None = None) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), else start an embedded local Ray."""
-    import ray
+    from raysim.cluster import connect
 
-    if ray.is_initialized():
-        return
-    ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+    connect(address)
 
 
 def fit_resources(config: Config, cluster: dict[str, float]) -> tuple[Config, list[str]]:
@@ -131,6 +134,7 @@ def execute(
     """
     import ray
 
+    from raysim.cluster import placement_notes
     from raysim.engine.simulation import Simulation
 
     started = time.perf_counter()
@@ -146,7 +150,9 @@ def execute(
         sink.start(run)
     results = []
     try:
-        simulation.start()
+        workers = simulation.start()
+        for note in placement_notes(workers):
+            print(f"raysim: warning: {note}", file=sys.stderr)
         startup = time.perf_counter() - started
         for result in simulation.rounds():
             results.append(result)
@@ -158,26 +164,42 @@ def execute(
         simulation.shutdown()
     summary = summarize(run, results, startup, time.perf_counter() - launched_at)
     summary["launch_to_first_round_seconds"] = first_round
+    summary["workers"] = workers
     for sink in sinks:
         sink.finish(summary)
     return summary
 
 
+HEADLINE_METRIC = {"classification": "accuracy", "segmentation": "dice"}  # higher is better
+
+
+def select_best(results: list, metric: str) -> dict[str, Any]:
+    """The round to report: the best `val_<metric>` where the dataset has a validation split,
+    else the best `test_<metric>` (which then is selection on the test set, and says so)."""
+    has_val = any(f"val_{metric}" in r.metrics for r in results)
+    selected_by = f"val_{metric}" if has_val else f"test_{metric}"
+    best: dict[str, Any] = {"selected_by": selected_by, "round": None, f"test_{metric}": None}
+    for result in results:
+        value = result.metrics.get(selected_by)
+        if value is not None and (best["round"] is None or value > best[selected_by]):
+            best = {"selected_by": selected_by, "round": result.round, selected_by: value,
+                    f"test_{metric}": result.metrics.get(f"test_{metric}")}
+    return best
+
+
 def summarize(run: Run, results: list, startup: float, wall: float) -> dict[str, Any]:
     final: dict[str, float] = {}
-    best = {"test_accuracy": None, "round": None}
     for result in results:
         final.update(result.metrics)
-        acc = result.metrics.get("test_accuracy")
-        if acc is not None and (best["test_accuracy"] is None or acc > best["test_accuracy"]):
-            best = {"test_accuracy": acc, "round": result.round}
+    metric = HEADLINE_METRIC[run.task.info.kind]
     return {
         "name": run.config.name,
         "algorithm": run.config.algorithm.name,
         "run_dir": str(run.run_dir),
         "rounds_completed": len(results),
+        "headline": f"test_{metric}",
         "final": final,
-        "best": best,
+        "best": select_best(results, metric),
         "wall_seconds": wall,
         "startup_seconds": startup,
         "round_seconds": [r.seconds for r in results],

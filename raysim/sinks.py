@@ -29,6 +29,16 @@ class Sink:
     def finish(self, summary: dict[str, Any]) -> None: ...
 
 
+class CollectRounds(Sink):
+    """Keeps every round's metrics in memory, for scripts that run experiments in-process."""
+
+    def __init__(self) -> None:
+        self.rounds: list[dict[str, float]] = []
+
+    def log_round(self, result: RoundResult) -> None:
+        self.rounds.append(result.metrics)
+
+
 class ConsoleProgress(Sink):
     """A live progress line on a terminal (one line per round when output is not a TTY)."""
 
@@ -37,9 +47,13 @@ class ConsoleProgress(Sink):
         self.live = self.stream.isatty()
         self.total = 0
         self.last_test: dict[str, float] = {}
+        self.headline = "accuracy"
 
     def start(self, run: Any) -> None:
+        from raysim.run import HEADLINE_METRIC
+
         self.total = run.config.rounds
+        self.headline = HEADLINE_METRIC[run.task.info.kind]
 
     def log_round(self, result: RoundResult) -> None:
         m = result.metrics
@@ -47,10 +61,11 @@ class ConsoleProgress(Sink):
         width = 20
         filled = round(width * result.round / max(self.total, 1))
         bar = "#" * filled + "-" * (width - filled)
-        acc = self.last_test.get("test_accuracy")
-        acc_text = f"{acc:.4f}" if acc is not None else "  n/a "
+        value = self.last_test.get(f"test_{self.headline}")
+        value_text = f"{value:.4f}" if value is not None else "  n/a "
         text = (
-            f"round {result.round:>{len(str(self.total))}}/{self.total} [{bar}] acc {acc_text} "
+            f"round {result.round:>{len(str(self.total))}}/{self.total} [{bar}] "
+            f"{'acc' if self.headline == 'accuracy' else self.headline} {value_text} "
             f"loss {m.get('train_loss', float('nan')):.4f} | "
             f"{result.seconds:.2f} s/round, {m.get('samples_per_second', 0):,.0f} samples/s"
         )
@@ -115,6 +130,12 @@ def wandb_mode(requested: str) -> tuple[str, str | None]:
     return "offline", "no W&B API key found: logging offline (sync later with `wandb sync`)"
 
 
+# An unreachable W&B gives up this fast (W&B's defaults: 90 s, unbounded), so the end of a run
+# never waits long on it; what was not uploaded stays in the run's local W&B files.
+WANDB_INIT_SECONDS = 20.0
+WANDB_FINISH_SECONDS = 45.0
+
+
 class WandbSink(Sink):
     """Weights & Biases logging on a background thread: a slow, unreachable or misconfigured
     W&B never stalls the rounds. Its first error is printed once and W&B logging stops there;
@@ -153,20 +174,44 @@ class WandbSink(Sink):
                 project=settings.project, entity=settings.entity, group=settings.group,
                 tags=settings.tags or None, name=run.config.name, mode=mode,
                 config=config_to_dict(run.config), dir=str(self.run_dir),
+                settings=wandb.Settings(init_timeout=WANDB_INIT_SECONDS,
+                                        finish_timeout=WANDB_FINISH_SECONDS),
             )
             hist = run.task.partition.histograms
             rows = [[c, k, int(hist[c, k])] for c in range(hist.shape[0])
                     for k in range(hist.shape[1])]
             wb.log({"label_histograms": wandb.Table(columns=["client", "label", "count"],
                                                     data=rows)}, step=0)
+            anchors: dict[int, dict[str, float]] = {}  # round → anchor diagnostics
             while True:
                 kind, payload, step = self.queue.get()
                 if kind == "log":
                     wb.log(payload, step=step)
+                    found = {k: v for k, v in payload.items() if k.startswith("anchor_")}
+                    if found:
+                        anchors[step] = found
                     continue
                 wb.summary.update({k: v for k, v in payload.items() if k != "final"})
                 wb.summary.update({f"final/{k}": v for k, v in payload["final"].items()})
+                figures = self._diagnostic_figures(wandb, anchors)
+                if figures:
+                    wb.log(figures, step=max(anchors, default=0))
                 wb.finish()
+                wandb.teardown()  # flush to disk now: exit hooks may not run in a Ray actor
                 return
         except Exception as error:  # W&B must never take the simulation down
-            print(f"raysim: warning: W&B logging stopped: {error}", file=sys.stderr)
+            first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            print(f"raysim: warning: W&B logging stopped: {first}", file=sys.stderr)
+
+    def _diagnostic_figures(self, wandb: Any, anchors: dict[int, dict[str, float]]) -> dict:
+        """One line chart of the anchor diagnostics over the rounds, and the run directory's
+        figures (*.png), if any."""
+        figures = {f"figures/{path.stem}": wandb.Image(str(path))
+                   for path in sorted(self.run_dir.glob("*.png"))}
+        keys = sorted({k for row in anchors.values() for k in row})
+        rounds = [r for r in sorted(anchors) if all(k in anchors[r] for k in keys)]
+        if keys and rounds:
+            figures["anchor_diagnostics"] = wandb.plot.line_series(
+                xs=rounds, ys=[[anchors[r][k] for r in rounds] for k in keys], keys=keys,
+                title="anchor diagnostics", xname="round")
+        return figures

@@ -10,8 +10,8 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
-
 import yaml
+
 from raysim.cli import main
 
 # An address nothing listens on: if the CLI touched Ray before validating, it would fail with
@@ -36,8 +36,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["data.dataset=imagenet"], "unknown dataset 'imagenet'; choose one of digits"),
         (["model.name=vit"], "unknown model 'vit'; choose one of cnn, resnet10, logreg"),
         (["algorithm.name=fedfoo"],
-         "unknown algorithm 'fedfoo'; choose one of fedavg, fedhpro, fedproto, fedprox, fedtgp, "
-         "fpl, moon"),
+         "unknown algorithm 'fedfoo'; choose one of fedavg, fedbcs, fedhpro, fedproto, fedprox, "
+         "fedtgp, fpl, moon"),
         (["data.dataset=cifar10", "data.root=/nonexistent/data"],
          "/nonexistent/data/cifar-10-batches-py"),
         (["data.dataset=mnist"], "data.root"),

@@ -66,19 +66,28 @@ class ClientWorker:
         self.config = config
         self.device = assigned_device(config.resources.worker.num_gpus)
         self.algorithm = make_algorithm(config, info, self.device)
-        self.model = new_model(config, info).to(self.device)
+        self.model = new_model(config, info, self.algorithm).to(self.device)
         self.preprocess = Preprocess(dataset.spec, self.device)
         self.train_x = as_tensor(dataset.train.x, self.device)
         self.train_y = as_tensor(dataset.train.y, self.device)
-        self.test_x = as_tensor(dataset.test.x, self.device)
-        self.test_y = as_tensor(dataset.test.y, self.device)
+        self.eval_splits = {
+            name: (as_tensor(split.x, self.device), as_tensor(split.y, self.device))
+            for name, split in (("test", dataset.test), ("val", getattr(dataset, "val", None)))
+            if split is not None
+        }
         self.client_indices = client_indices
         # The first optimiser built in a process imports torch._dynamo (~1 s): pay it now,
         # not inside the first client's timed step.
         make_optimizer(self.model, config.train)
 
     def describe(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "device": str(self.device), "threads": torch.get_num_threads()}
+        """Where this worker runs: process, device, threads, Ray node and assigned GPU ids."""
+        import ray
+
+        placed = ray.is_initialized()
+        return {"pid": os.getpid(), "device": str(self.device), "threads": torch.get_num_threads(),
+                "node_id": ray.get_runtime_context().get_node_id() if placed else None,
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()] if placed else []}
 
     def train(
         self, broadcast: Broadcast, round_index: int, client_ids: list[int], states: list[Any]
@@ -130,14 +139,14 @@ class ClientWorker:
         return dataclasses.replace(update, metrics={**update.metrics, "anchor_cosine": cosine})
 
     def evaluate(
-        self, broadcast: Broadcast, batches: list[tuple[int, int]]
+        self, broadcast: Broadcast, batches: list[tuple[str, int, int]]
     ) -> list[dict[str, float]]:
-        """Metric sums of the global model over the given test ranges [start, stop)."""
+        """Metric sums of the global model over the given ranges (split, start, stop)."""
         self.model.load_state_dict(broadcast.weights)
         self.model.eval()
         sums = []
-        for start, stop in batches:
-            x = self.preprocess(self.test_x[start:stop])
-            sums.append(self.algorithm.evaluate_batch(self.model, broadcast, x,
-                                                      self.test_y[start:stop]))
+        for split, start, stop in batches:
+            xs, ys = self.eval_splits[split]
+            x, y = self.preprocess.batch(xs[start:stop], ys[start:stop])
+            sums.append(self.algorithm.evaluate_batch(self.model, broadcast, x, y))
         return sums

@@ -1,0 +1,183 @@
+"""Joining an existing Ray cluster: a fast reachability check before `ray.init`, and one clear
+error for an unreachable address or a token-authentication mismatch.
+
+Ray (2.52+) can require a shared token from every process of a cluster. `ray.init()` of a new
+local Ray and `ray start --head` on a machine that already has a token file (~/.ray/auth_token)
+turn it on; a process that joins with an explicit address only sends its token when
+`RAY_AUTH_MODE=token` is set in its environment (the token itself comes from `RAY_AUTH_TOKEN`,
+the file named by `RAY_AUTH_TOKEN_PATH`, or ~/.ray/auth_token, in that order).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import warnings
+
+from raysim.config import ConfigError
+
+PROBE_SECONDS = 5.0
+AUTH_HELP = (
+    "set RAY_AUTH_MODE=token and give this process the cluster's token: RAY_AUTH_TOKEN=<token>, "
+    "RAY_AUTH_TOKEN_PATH=<file holding it>, or the file ~/.ray/auth_token "
+    "(`ray get-auth-token` prints it on the head node)"
+)
+
+# Runs in a child process: Ray's GCS client retries and logs for tens of seconds, and a child
+# can be abandoned at the deadline.
+_GCS_PROBE = """
+import sys
+from ray._raylet import GcsClient
+from ray.exceptions import AuthenticationError
+try:
+    GcsClient(address=sys.argv[1])
+except AuthenticationError:
+    print("auth")
+except Exception as error:
+    print("other", (str(error).strip().splitlines() or [type(error).__name__])[-1])
+else:
+    print("ok")
+"""
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The cluster to join: `address`, else RAY_ADDRESS (which also resolves `auto`, as in
+    `ray.init`); None starts a local Ray."""
+    if address and address != "auto":
+        return address
+    return os.environ.get("RAY_ADDRESS") or address or None
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start an embedded local Ray. An
+    unreachable cluster or rejected token raises ConfigError, quickly."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    target = cluster_address(address)
+    if target is None:
+        ray.init(include_dashboard=False, logging_level="WARNING")
+        return
+    check_address(target)
+    client = "://" in target
+    try:
+        with warnings.catch_warnings():  # Ray Client warns, then raises; the error says it all
+            warnings.simplefilter("ignore", UserWarning)
+            ray.init(address=target, logging_level="WARNING",
+                     **({} if client else {"include_dashboard": False}))
+    except Exception as error:
+        if is_auth_failure(error):
+            raise ConfigError(f"the Ray cluster at {target} rejected this process's "
+                              f"authentication token: {AUTH_HELP}") from None
+        if isinstance(error, ConnectionError):
+            hint = ""
+            if client and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+                # Ray Client reports a rejected token as a timeout.
+                hint = f"; if the cluster uses token authentication, {AUTH_HELP}"
+            raise ConfigError(f"cannot join the Ray cluster at {target}: {error}{hint}") from None
+        raise
+
+
+def check_address(address: str) -> None:
+    """ConfigError unless something answers at `address` as a Ray cluster would."""
+    if address == "auto":
+        resolved = _local_cluster_address()
+        if resolved is None:
+            raise ConfigError("--address auto: no Ray cluster is running on this machine; "
+                              "start one with `ray start --head` or give HOST:PORT")
+        host, port = split_host_port(resolved)
+        _check_port(address, host, port)
+        return
+    scheme, _, rest = address.rpartition("://")
+    if scheme not in ("", "ray"):
+        raise ConfigError(f"--address {address}: use auto, HOST:PORT (the GCS port, 6379 by "
+                          "default) or ray://HOST:PORT (Ray Client, port 10001 by default)")
+    host, port = split_host_port(rest, address)
+    _check_port(address, host, port)
+    if scheme == "":
+        _check_gcs(address)
+
+
+def split_host_port(address: str, shown: str | None = None) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"--address {shown or address}: expected HOST:PORT, "
+                          "e.g. 10.0.0.5:6379, auto, or ray://10.0.0.5:10001")
+    return host.strip("[]"), int(port)
+
+
+def is_auth_failure(error: BaseException) -> bool:
+    """Whether `error` (or its cause chain) is Ray rejecting the authentication token."""
+    from ray.exceptions import AuthenticationError
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, AuthenticationError) or "InvalidAuthToken" in str(seen) \
+                or "Unauthenticated" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _check_port(address: str, host: str, port: int) -> None:
+    try:
+        socket.create_connection((host, port), timeout=PROBE_SECONDS).close()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ConfigError(
+            f"cannot reach a Ray cluster at {address} ({host}:{port}: {reason}); start one "
+            "with `ray start --head`, or check --address / RAY_ADDRESS"
+        ) from None
+
+
+def _check_gcs(address: str) -> None:
+    try:
+        probe = subprocess.run([sys.executable, "-c", _GCS_PROBE, address], capture_output=True,
+                               text=True, timeout=3 * PROBE_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise ConfigError(
+            f"{address} accepts connections but does not answer as a Ray cluster; give the "
+            "head's GCS port (6379 unless `ray start --port` chose another), not the "
+            "dashboard or client port"
+        ) from None
+    answer = probe.stdout.strip()
+    if answer == "auth":
+        raise ConfigError(f"the Ray cluster at {address} requires token authentication and "
+                          f"rejected this process: {AUTH_HELP}")
+    if answer != "ok":
+        reason = answer.removeprefix("other").strip() or probe.stderr.strip()[-200:]
+        raise ConfigError(f"{address} does not answer as a Ray cluster ({reason}); give the "
+                          "head's GCS port (6379 unless `ray start --port` chose another)")
+
+
+def _local_cluster_address() -> str | None:
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address("auto")
+    except Exception:  # none running, or a stale record of one
+        return None
+
+
+def placement_notes(workers: list[dict]) -> list[str]:
+    """Warnings about where the workers landed (from `ClientWorker.describe`)."""
+    on_gpu_ids_without_cuda = [w for w in workers if w.get("gpu_ids") and w["device"] == "cpu"]
+    if on_gpu_ids_without_cuda:
+        return [f"Ray assigned GPUs to {len(on_gpu_ids_without_cuda)} worker(s) but PyTorch "
+                "sees no CUDA device there: they train on CPU"]
+    return []
+
+
+def check_cluster(address: str | None) -> None:
+    """Before any work: ConfigError if the cluster to join (address or RAY_ADDRESS) does not
+    answer. Nothing to check for a local Ray, or when Ray is already initialised."""
+    target = cluster_address(address)
+    if target is None:
+        return
+    import ray
+
+    if not ray.is_initialized():
+        check_address(target)

@@ -1,0 +1,112 @@
+"""The `raysim tune`, `submit`, `logs` and `status` commands (arguments and handlers)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from datetime import datetime
+from pathlib import Path
+
+ADDRESS_HELP = "existing Ray cluster (auto, HOST:PORT, ray://HOST:PORT); default: RAY_ADDRESS " \
+    "if set, else an embedded local Ray"
+JOB_ADDRESS_HELP = "the cluster's job server, e.g. http://HEAD:8265 (default: " \
+    "RAY_API_SERVER_ADDRESS or RAY_ADDRESS)"
+
+
+def add_commands(commands) -> None:
+    tune = commands.add_parser("tune", help="run a sweep (Ray Tune) from a sweep YAML file")
+    tune.add_argument("sweep", help="sweep YAML file, e.g. yaml/sweeps/digits_alpha_algorithm.yaml")
+    tune.add_argument("--out", help="sweep directory (default: runs/sweeps/<name>-<time>)")
+    tune.add_argument("--address", help=ADDRESS_HELP)
+    tune.add_argument("--verbose", type=int, default=0, choices=(0, 1, 2),
+                      help="Ray Tune's own console output: 0 none, one line per trial start and "
+                      "end instead (default), 1 status tables, 2 every report")
+
+    submit = commands.add_parser("submit", help="run one experiment as a Ray job on a cluster")
+    submit.add_argument("config", help="experiment YAML file inside this project")
+    submit.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a dotted config key (repeatable)")
+    submit.add_argument("--address", help=JOB_ADDRESS_HELP)
+    submit.add_argument("--run-dir", help="run directory on the cluster (default: runs/... "
+                        "inside the job's working directory on the head node)")
+    submit.add_argument("--python", default="python",
+                        help="the cluster's Python with raysim's dependencies (default: python)")
+    submit.add_argument("--follow", action="store_true", help="print the job's logs until it ends")
+
+    logs = commands.add_parser("logs", help="print a Ray job's logs")
+    logs.add_argument("job", help="job id printed by `raysim submit`")
+    logs.add_argument("--address", help=JOB_ADDRESS_HELP)
+    logs.add_argument("--follow", "-f", action="store_true",
+                      help="keep printing until the job ends; exit 0 only if it succeeded")
+
+    status = commands.add_parser("status", help="print a Ray job's status")
+    status.add_argument("job", help="job id printed by `raysim submit`")
+    status.add_argument("--address", help=JOB_ADDRESS_HELP)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    return {"tune": tune_command, "submit": submit_command, "logs": logs_command,
+            "status": status_command}[args.command](args)
+
+
+def tune_command(args: argparse.Namespace) -> int:
+    from raysim.sweep import load_sweep
+
+    sweep = load_sweep(args.sweep)  # validates every trial config before Ray starts
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    sweep_dir = Path(args.out) if args.out else Path("runs") / "sweeps" / f"{sweep.name}-{stamp}"
+    grid = math.prod(len(d.values) for d in sweep.search if d.kind == "grid")
+    print(f"raysim: sweep {sweep.name}: {grid * sweep.num_samples} trials "
+          f"({', '.join(sweep.keys)}), {sweep.mode} {sweep.metric}, "
+          f"scheduler {sweep.scheduler.name} -> {sweep_dir}")
+    from raysim.tune import run_sweep
+
+    outcome = run_sweep(sweep, sweep_dir, address=args.address, verbose=args.verbose)
+    table = outcome.table
+    done = int((table["status"] != "ERROR").sum()) if len(table) else 0
+    if outcome.best_config_path is not None:
+        best = table.iloc[0]
+        print(f"raysim: best trial {best['trial']}: {sweep.rank_by} {sweep.metric} "
+              f"{best[f'{sweep.rank_by}_{sweep.metric}']:.4f}; its config: "
+              f"{outcome.best_config_path} (raysim launch accepts it)")
+    files = ["trials.csv", "trials.parquet"] + (["best_config.yaml"] if outcome.best_config_path
+                                                else [])
+    if outcome.plot_path is not None:
+        files.append(outcome.plot_path.name)
+    print(f"raysim: sweep results in {outcome.sweep_dir}/ ({', '.join(files)}; one run "
+          "directory per trial under trials/)")
+    return 0 if done else 1
+
+
+def submit_command(args: argparse.Namespace) -> int:
+    from raysim import jobs
+
+    job_id = jobs.submit(args.config, args.override, args.address, args.run_dir, args.python)
+    where = f" --address {args.address}" if args.address else ""
+    print(f"raysim: submitted job {job_id}")
+    print(f"raysim: follow it with `raysim logs {job_id}{where} --follow`, "
+          f"status: `raysim status {job_id}{where}`")
+    if args.follow:
+        return 0 if jobs.follow_logs(job_id, args.address) == "SUCCEEDED" else 1
+    return 0
+
+
+def logs_command(args: argparse.Namespace) -> int:
+    from raysim import jobs
+
+    if args.follow:
+        state = jobs.follow_logs(args.job, args.address)
+        print(f"raysim: job {args.job} {state}")
+        return 0 if state == "SUCCEEDED" else 1
+    print(jobs.logs(args.job, args.address), end="")
+    return 0
+
+
+def status_command(args: argparse.Namespace) -> int:
+    from raysim import jobs
+
+    info = jobs.status(args.job, args.address)
+    message = re.sub(r"\s+", " ", info["message"]).strip()
+    print(f"raysim: job {args.job}: {info['status']}" + (f" ({message})" if message else ""))
+    return 0

@@ -1,0 +1,213 @@
+"""Sweeps on Ray Tune, for real: tiny digits runs as trials, per-round reports, ASHA, the best
+config, W&B runs per trial; and the sweep-file mistakes that stop a sweep before any trial."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from raysim.cli import main
+from raysim.config import load_config
+from raysim.metric_names import check_metric, default_mode
+from raysim.sweep import load_sweep, parse_sweep
+from raysim.tune import run_sweep, trial_bundles
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "yaml" / "quickstart.yaml"
+TINY = {  # seconds per trial: 12 clients, 4 per round, 1 local epoch, one worker per trial
+    "clients_per_round": 4, "data.partition.num_clients": 12, "train.local_epochs": 1,
+    "resources.num_workers": 1, "logging.progress": False,
+}
+
+
+def wandb_records(path: Path) -> list:
+    """The records of an offline W&B run file (a LevelDB-style log of protobuf records)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, records, parts = path.read_bytes(), 32768, [], b""
+    assert data[:4] == b":W&B"
+    pos = 7  # file header
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer padding
+            pos += block - pos % block
+            continue
+        _checksum, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        parts += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last fragment of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(parts)
+            records.append(record)
+            parts = b""
+    return records
+
+
+def write_sweep(folder: Path, **fields) -> Path:
+    spec = {"name": "tiny", "experiment": str(QUICKSTART), "overrides": {**TINY, "rounds": 3},
+            "metric": "test_accuracy", **fields}
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def tune_error(path: Path, capsys) -> str:
+    assert main(["tune", str(path), "--out", str(path.parent / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("raysim: error: "), err
+    return err[0]
+
+
+@pytest.mark.slow
+def test_grid_sweep_reports_every_round_and_writes_the_best_config(
+        ray_session, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    path = write_sweep(tmp_path, search={"data.partition.alpha": {"grid": [0.3, 3.0]}},
+                       overrides={**TINY, "rounds": 3, "logging.wandb.mode": "offline",
+                                  "logging.wandb.tags": ["ci"]})
+    outcome = run_sweep(load_sweep(path), tmp_path / "out")
+
+    # Tune saw one report per round from each trial.
+    assert len(outcome.results) == 2 and not outcome.results.errors
+    for result in outcome.results:
+        assert list(result.metrics_dataframe["round"]) == [1, 2, 3]
+        assert result.metrics_dataframe["test_accuracy"].notna().all()
+
+    table = pd.read_parquet(tmp_path / "out" / "trials.parquet")
+    assert sorted(table["data.partition.alpha"]) == [0.3, 3.0]
+    assert list(table["rounds"]) == [3, 3] and set(table["status"]) == {"TERMINATED"}
+    assert table.equals(outcome.table)
+    assert (tmp_path / "out" / "trials.csv").is_file()
+    assert (tmp_path / "out" / "test_accuracy_vs_heterogeneity.png").stat().st_size > 0
+
+    # The best config loads as an experiment and holds the winning trial's values.
+    winner = table.loc[table["final_test_accuracy"].idxmax()]
+    best = load_config(outcome.best_config_path)
+    assert best.data.partition.alpha == winner["data.partition.alpha"]
+    assert best.rounds == 3 and best.data.partition.num_clients == 12
+    assert best.logging.wandb.group is None  # the trials' W&B grouping is not carried over
+
+    # Each trial wrote its own run directory and one offline W&B run, grouped by the sweep.
+    for name in table["trial"]:
+        run_dir = tmp_path / "out" / "trials" / name
+        accuracy = pd.read_parquet(run_dir / "metrics.parquet").query("metric == 'test_accuracy'")
+        assert list(accuracy["round"]) == [1, 2, 3]
+        (record,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+        records = wandb_records(record)
+        (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        assert (run.run_group, run.display_name, list(run.tags)) == ("tiny", name, ["ci"])
+        history = {}
+        for r in records:
+            if r.WhichOneof("record_type") == "history":
+                row = {item.key or "/".join(item.nested_key): item.value_json
+                       for item in r.history.item}
+                history[int(row["_step"])] = row
+        logged = [float(history[step]["test_accuracy"]) for step in (1, 2, 3)]
+        assert logged == list(accuracy["value"])
+        assert any(key.startswith("label_histograms/") for key in history[0])  # a table
+
+
+@pytest.mark.slow
+def test_asha_stops_a_trial_that_does_not_learn(ray_session, tmp_path):
+    # One trial at a time, the good one first: by its first round the near-zero learning rate
+    # is already behind, and ASHA (grace period 1 round) stops it there.
+    path = write_sweep(
+        tmp_path, search={"train.lr": {"grid": [0.05, 1e-7]}}, metric="train_loss",
+        mode="min", max_concurrent_trials=1, overrides={**TINY, "rounds": 4},
+        scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
+    )
+    outcome = run_sweep(load_sweep(path), tmp_path / "out")
+    rounds = dict(zip(outcome.table["train.lr"], outcome.table["rounds"]))
+    assert rounds[0.05] == 4
+    assert rounds[1e-7] < 4
+    reported = {r.config["train.lr"]: len(r.metrics_dataframe) for r in outcome.results}
+    assert reported == rounds
+
+
+def test_unknown_search_key_is_named_with_a_suggestion(tmp_path, capsys):
+    path = write_sweep(tmp_path, search={"data.partiton.alpha": {"grid": [0.1, 1.0]}})
+    error = tune_error(path, capsys)
+    assert "unknown key 'data.partiton'; did you mean 'data.partition'?" in error
+
+
+def test_empty_search_space(tmp_path, capsys):
+    assert "search: empty search space" in tune_error(write_sweep(tmp_path, search={}), capsys)
+
+
+def test_metric_that_no_algorithm_reports(tmp_path, capsys):
+    path = write_sweep(tmp_path, search={"train.lr": {"grid": [0.01]}}, metric="test_acuracy")
+    error = tune_error(path, capsys)
+    assert "no algorithm reports 'test_acuracy'; did you mean 'test_accuracy'?" in error
+
+
+def test_metric_missing_for_one_searched_algorithm(tmp_path, capsys):
+    path = write_sweep(tmp_path, search={"algorithm.name": {"grid": ["fedproto", "fedavg"]}},
+                       metric="anchor_cosine")
+    assert "'anchor_cosine' is not reported by fedavg" in tune_error(path, capsys)
+
+
+def test_sampled_bounds_are_validated(tmp_path, capsys):
+    path = write_sweep(tmp_path, search={"train.lr": {"uniform": [0, 0.1]}})
+    error = tune_error(path, capsys)
+    assert "search point train.lr=0.0: train.lr: must be > 0" in error
+    path = write_sweep(tmp_path, search={"data.partition.num_clients": {"randint": [2, 20]}})
+    assert "clients_per_round: 4 > data.partition.num_clients (2)" in tune_error(path, capsys)
+
+
+def test_misspelt_override_and_impossible_grace_period(tmp_path, capsys):
+    path = write_sweep(tmp_path, search={"train.lr": {"grid": [0.01]}},
+                       overrides={"train.lrr": 0.1})
+    assert "overrides: unknown key 'train.lrr'; did you mean 'train.lr'?" in \
+        tune_error(path, capsys)
+    path = write_sweep(tmp_path, search={"train.lr": {"grid": [0.01]}},
+                       scheduler={"name": "asha", "grace_period": 5})
+    assert "scheduler.grace_period: 5 > rounds (3)" in tune_error(path, capsys)
+
+
+def test_sweep_larger_than_the_cluster(ray_session, tmp_path, capsys):
+    path = write_sweep(tmp_path, search={"train.lr": {"grid": [0.01, 0.05]}},
+                       overrides={**TINY, "resources.num_workers": 3})
+    error = tune_error(path, capsys)
+    assert "resources: one trial needs 3 CPU" in error and "the cluster has 2 CPU" in error
+    assert not (tmp_path / "out" / "trials").exists()
+
+
+def test_algorithm_search_validates_each_algorithm_with_its_own_params(tmp_path):
+    raw = {"experiment": str(QUICKSTART), "overrides": {"algorithm.name": "fedprox",
+                                                        "algorithm.mu": 0.5},
+           "search": {"algorithm.name": {"grid": ["fedavg", "fedprox", "fedproto"]}},
+           "algorithm_params": {"fedproto": {"lam": 2.0}}}
+    sweep = parse_sweep(raw, tmp_path)
+    configs = {c.algorithm.name: c.algorithm.params for c in sweep.validate()}
+    assert configs["fedprox"].mu == 0.5  # the base's own algorithm keeps its keys
+    assert configs["fedproto"].lam == 2.0
+    assert not hasattr(configs["fedavg"], "mu")
+    raw["search"] = {"algorithm.name": {"grid": ["fedavg", "fedprox"]},
+                     "algorithm.mu": {"grid": [0.1]}}
+    with pytest.raises(ValueError, match="algorithm.name=fedavg.*unknown key 'algorithm.mu'"):
+        parse_sweep(raw, tmp_path).validate()
+
+
+def test_reportable_metrics_include_segmentation_and_domains():
+    config = load_config(QUICKSTART)
+    for metric in ("test_accuracy", "val_dice", "test_hd95", "test_asd", "test_accuracy/svhn",
+                   "train_loss", "samples_per_second"):
+        check_metric(metric, [config])
+    assert default_mode("test_hd95") == "min" and default_mode("val_dice") == "max"
+
+
+def test_trial_placement_group_has_driver_server_and_worker_bundles():
+    config = load_config(QUICKSTART, ["resources.num_workers=4", "resources.worker.num_gpus=0.25",
+                                      "resources.server.num_cpus=1"])
+    assert trial_bundles(config, driver_cpus=0.5) == [
+        {"CPU": 0.5}, {"CPU": 1.0}, *[{"CPU": 1.0, "GPU": 0.25}] * 4]
+    assert trial_bundles(load_config(QUICKSTART))[0] == {}  # the driver reserves nothing
+
+
+def test_bundled_sweeps_are_valid():
+    for path in sorted((ROOT / "yaml" / "sweeps").glob("*.yaml")):
+        sweep = load_sweep(path)
+        assert sweep.search and sweep.validation_points()
