@@ -25,7 +25,9 @@ BUNDLED = {
                 "server_hp_match_loss_first", "server_hp_match_loss_last",
                 "server_hp_init_cosine"),
     "fedtgp": ("server_tgp_loss_first", "server_tgp_loss_last", "server_tgp_margin"),
-    "fedbcs": ("train_seg_loss", "train_align_loss", "train_contrastive_saturated"),
+    "fedbcs": ("train_seg_loss", "train_align_loss", "train_contrastive_saturated",
+               *(f"server_clusters_{level}_{c}" for level in ("encoder", "decoder")
+                 for c in ("background", "foreground"))),
 }
 LOWER_IS_BETTER = ("loss", "hd95", "asd", "seconds")
 
