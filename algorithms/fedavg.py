@@ -58,6 +58,10 @@ class FedAvg:
         self.task = task
         self.device = device or torch.device("cpu")
 
+    @property
+    def segmentation(self) -> bool:
+        return self.task is not None and self.task.kind == "segmentation"
+
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """The model this method trains, built from the configured one (FedBCS adds style
         recalibration and fusion layers); every process builds it the same way."""
@@ -91,7 +95,7 @@ class FedAvg:
 
     def task_loss(self, logits: Tensor, y: Tensor) -> Tensor:
         """The supervised loss: cross-entropy, or (CE + soft Dice)/2 for segmentation."""
-        if self.task is not None and self.task.kind == "segmentation":
+        if self.segmentation:
             return joint_loss(logits, y)
         return F.cross_entropy(logits, y)
 
@@ -126,10 +130,9 @@ class FedAvg:
 
     def train_locally(
         self, ctx: ClientContext, model: nn.Module, data: ClientData, objective: BatchLoss,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: torch.optim.Optimizer,
     ) -> dict[str, float]:
         model.train()
-        optimizer = optimizer or make_optimizer(model, ctx.train)
         total, steps = torch.zeros((), device=ctx.device), 0
         for _ in range(ctx.train.local_epochs):
             for x, y in data.batches(ctx.train.batch_size, ctx.generator):
@@ -153,7 +156,7 @@ class FedAvg:
     ) -> dict[str, float]:
         """Sums over the batch; the engine adds them up and divides by `count`."""
         logits = model(x).logits
-        if self.task is not None and self.task.kind == "segmentation":
+        if self.segmentation:
             loss = joint_loss(logits, y).item() * len(y)
             return {**segmentation_sums(logits.argmax(1), y), "loss": loss}
         return {

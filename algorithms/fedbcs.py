@@ -219,6 +219,24 @@ class FactoredBranch:
 
 
 @dataclass
+class DenseFeatures:
+    """F^l as the official code holds it: one (B, D, H, W) tensor."""
+
+    tensor: Tensor
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.tensor.shape[-2:])
+
+    def class_sums(self, mask: Tensor) -> Tensor:
+        return self.tensor.permute(0, 2, 3, 1)[mask].sum(0)
+
+    def pixel_scalars(self, anchors: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        f = self.tensor.permute(0, 2, 3, 1)[mask]  # (N, D), the official flattened copy
+        return f @ anchors.T, f.pow(2).sum(1)
+
+
+@dataclass
 class FactoredFeatures:
     """F^l of one level as factored branches (concatenated in order) at resolution `size`."""
 
@@ -345,11 +363,14 @@ class FedBCS(FedAvg):
         model.fusion = nn.ModuleDict(fusion)
         return model
 
-    def level_features(self, model: nn.Module, out: Any, level: str) -> Any:
+    def level_features(
+        self, model: nn.Module, out: Any, level: str
+    ) -> DenseFeatures | FactoredFeatures:
+        """F^l of one level; both forms offer `size`, `class_sums` and `pixel_scalars`."""
         stage_maps = out.encoder if level == "encoder" else out.decoder
         fusion = model.fusion[level]
         if self.config.feature_path == "materialized":
-            return fusion.materialized(stage_maps)
+            return DenseFeatures(fusion.materialized(stage_maps))
         return fusion.per_branch(stage_maps)
 
     # ---------------------------------------------------------------- server side
@@ -390,7 +411,8 @@ class FedBCS(FedAvg):
         return extend(update, BCSUpdate, prototypes=prototypes, counts=counts)
 
     def alignment_loss(
-        self, features: Any, labels: Tensor, anchors: tuple[Tensor, Tensor]
+        self, features: DenseFeatures | FactoredFeatures, labels: Tensor,
+        anchors: tuple[Tensor, Tensor],
     ) -> tuple[Tensor, Tensor | None]:
         """L_contra + L_consis of one level over its foreground pixels (§3.4); also the share of
         saturated contrastive terms (None when the contrastive term is off)."""
@@ -402,7 +424,7 @@ class FedBCS(FedAvg):
             return labels.new_zeros((), dtype=torch.float32), None
         center = clusters[positive].mean(0, keepdim=True)  # p̄, the unbiased prototype
         table = torch.cat([clusters, center])
-        dots, sq_norms = self.pixel_scalars(features, table, foreground)
+        dots, sq_norms = features.pixel_scalars(table, foreground)
         loss, saturated = dots.new_zeros(()), None
         if cfg.contrastive:
             cos = cosines(dots[:, :-1], sq_norms, clusters)
@@ -412,13 +434,6 @@ class FedBCS(FedAvg):
             sq_dist = sq_norms - 2 * dots[:, -1] + center.pow(2).sum()
             loss = loss + sq_dist.mean() / clusters.shape[1]
         return loss, saturated
-
-    @staticmethod
-    def pixel_scalars(features: Any, table: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        if isinstance(features, FactoredFeatures):
-            return features.pixel_scalars(table, mask)
-        f = features.permute(0, 2, 3, 1)[mask]  # (N, D), the official flattened copy
-        return f @ table.T, f.pow(2).sum(1)
 
 
 class AlignmentObjective:
@@ -449,9 +464,7 @@ class AlignmentObjective:
                 continue  # nothing needs this level's features in this batch
             with torch.set_grad_enabled(aligning and torch.is_grad_enabled()):
                 features = self.method.level_features(self.model, out, level)
-            size = features.size if isinstance(features, FactoredFeatures) else \
-                features.shape[-2:]
-            labels = resize_labels(y, size)
+            labels = resize_labels(y, features.size)
             if collect:
                 self._collect(level, features, labels)
             if aligning:
@@ -465,7 +478,9 @@ class AlignmentObjective:
         return seg + self.method.config.weight * align
 
     @torch.no_grad()
-    def _collect(self, level: str, features: Any, labels: Tensor) -> None:
+    def _collect(
+        self, level: str, features: DenseFeatures | FactoredFeatures, labels: Tensor
+    ) -> None:
         """§3.2: this batch's class means, summed towards the mean over batches."""
         if level not in self.sums:
             dim = self.model.fusion[level].dim
@@ -476,11 +491,7 @@ class AlignmentObjective:
             n = int(mask.sum())
             if n == 0:
                 continue
-            if isinstance(features, FactoredFeatures):
-                total = features.class_sums(mask)
-            else:
-                total = features.permute(0, 2, 3, 1)[mask].sum(0)
-            self.sums[level][c] += (total.double() / n).cpu()
+            self.sums[level][c] += (features.class_sums(mask).double() / n).cpu()
             self.counts[level][c] += 1
 
     def local_prototypes(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

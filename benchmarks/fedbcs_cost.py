@@ -38,9 +38,8 @@ CASES = {  # label → (feature_path, fsr, prototype branch on)
 def measure(label: str, size: int, batch: int, width: int, repeats: int, threads: int) -> dict:
     import torch
 
-    from algorithms.fedbcs import FactoredFeatures, FedBCS, resize_labels
+    from algorithms.fedbcs import AlignmentObjective, BCSBroadcast, FedBCS
     from raysim.models import UNet
-    from raysim.segmentation import joint_loss
 
     torch.set_num_threads(threads)
     path, fsr, align = CASES[label]
@@ -51,19 +50,13 @@ def measure(label: str, size: int, batch: int, width: int, repeats: int, threads
     y = (torch.rand(batch, size, size, generator=g) > 0.7).long()
     anchors = {level: (torch.randn(3, model.fusion[level].dim, generator=g),
                        torch.tensor([0, 1, 1])) for level in ("encoder", "decoder")}
+    # the client's own batch loss; no prototypes are collected (they are a no-grad side pass)
+    broadcast = BCSBroadcast(weights={}, prototypes=anchors if align else {})
 
     def step() -> torch.Tensor:
-        out = model(x)
-        loss = joint_loss(out.logits, y)
-        if align:
-            for level in ("encoder", "decoder"):
-                features = method.level_features(model, out, level)
-                level_size = features.size if isinstance(features, FactoredFeatures) \
-                    else features.shape[-2:]
-                term, _ = method.alignment_loss(features, resize_labels(y, level_size),
-                                                anchors[level])
-                loss = loss + term / 2
-        return loss
+        objective = AlignmentObjective(method, model, broadcast, torch.device("cpu"),
+                                       collect_from=repeats + 1)
+        return objective(x, y)
 
     saved: dict[int, int] = {}
 

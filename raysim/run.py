@@ -75,7 +75,7 @@ def write_label_histograms(task: Task, path: Path) -> None:
 def describe_partition(task: Task) -> str:
     sizes, hist = task.partition.sizes, task.partition.histograms
     dataset = task.dataset
-    val = f"{len(dataset.val.y)} val / " if getattr(dataset, "val", None) is not None else ""
+    val = f"{len(dataset.val.y)} val / " if dataset.val is not None else ""
     text = (
         f"{len(sizes)} clients, {int(sizes.sum())} train / {val}"
         f"{len(dataset.test.y)} test samples; "

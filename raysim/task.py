@@ -11,7 +11,7 @@ from torch import nn
 from raysim.algorithm import TaskInfo
 from raysim.config import Config
 from raysim.data import Dataset, Partition, load_dataset, make_partition
-from raysim.models import build_model
+from raysim.models import MODELS, build_model
 from raysim.registry import algorithm_class
 from raysim.seeding import MODEL_INIT, derive_seed
 
@@ -37,16 +37,18 @@ def build_task(config: Config) -> Task:
         min_size=part.min_size, long_tail_rho=data.long_tail.rho,
         domains=dataset.train.domain, within=part.within,
     )
-    kind = getattr(dataset.spec, "task", "classification")
+    spec = dataset.spec
+    feature_dim = None  # models without a feature head are not built just to say so
+    if MODELS[config.model.name].has_feature_head:
+        feature_dim = build_model(config.model.name, spec.input_shape, spec.num_classes,
+                                  config.model.width).feature_dim
     info = TaskInfo(
-        num_classes=dataset.spec.num_classes,
-        input_shape=tuple(dataset.spec.input_shape),
-        feature_dim=None if kind == "segmentation" else getattr(
-            build_model(config.model.name, dataset.spec.input_shape, dataset.spec.num_classes),
-            "feature_dim", None),
+        num_classes=spec.num_classes,
+        input_shape=tuple(spec.input_shape),
+        feature_dim=feature_dim,
         train=config.train,
         seed=config.seed,
-        kind=kind,
+        kind=spec.task,
     )
     return Task(dataset=dataset, partition=partition, info=info)
 

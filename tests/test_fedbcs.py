@@ -14,6 +14,7 @@ from algorithms.fedbcs import (
     AlignmentObjective,
     BCSBroadcast,
     BCSUpdate,
+    DenseFeatures,
     FactoredFeatures,
     FedBCS,
     StyleRecalibration,
@@ -122,7 +123,7 @@ def test_factored_path_gives_the_official_prototypes_losses_and_gradients(layers
         g = torch.Generator().manual_seed(2)
         anchors = (torch.randn(3, fusion.dim, generator=g, dtype=torch.float64),
                    torch.tensor([0, 1, 1]))
-        loss_dense, _ = method.alignment_loss(dense, labels, anchors)
+        loss_dense, _ = method.alignment_loss(DenseFeatures(dense), labels, anchors)
         loss_factored, _ = method.alignment_loss(factored, labels, anchors)
         assert loss_dense.item() == pytest.approx(loss_factored.item(), rel=1e-10)
         params = [p for p in model.parameters() if p.requires_grad]

@@ -69,7 +69,7 @@ class Simulation:
         # dataset has one, and the test split.
         self.eval_groups = {
             name: eval_batches(split.domain, len(split.y), config.eval_batch_size)
-            for name, split in (("val", getattr(task.dataset, "val", None)),
+            for name, split in (("val", task.dataset.val),
                                 ("test", task.dataset.test))
             if split is not None
         }

@@ -72,7 +72,7 @@ class ClientWorker:
         self.train_y = as_tensor(dataset.train.y, self.device)
         self.eval_splits = {
             name: (as_tensor(split.x, self.device), as_tensor(split.y, self.device))
-            for name, split in (("test", dataset.test), ("val", getattr(dataset, "val", None)))
+            for name, split in (("test", dataset.test), ("val", dataset.val))
             if split is not None
         }
         self.client_indices = client_indices
