@@ -43,6 +43,17 @@ def copy_weights(model: nn.Module) -> Weights:
     return {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()}
 
 
+def copy_tensors(tree: Any) -> Any:
+    """`tree` (e.g. an optimiser's state_dict) with every tensor a detached CPU copy."""
+    if torch.is_tensor(tree):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: copy_tensors(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(copy_tensors(v) for v in tree)
+    return tree
+
+
 class FedAvg:
     @dataclass(frozen=True)
     class Config:
@@ -123,10 +134,7 @@ class FedAvg:
         """What the engine keeps for this client until its next round (None: nothing)."""
         if not ctx.train.keep_optimizer_state:
             return None
-        saved = optimizer.state_dict()
-        state = {k: {n: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
-                     for n, v in s.items()} for k, s in saved["state"].items()}
-        return {"optimizer": {"state": state, "param_groups": saved["param_groups"]}}
+        return {"optimizer": copy_tensors(optimizer.state_dict())}
 
     def train_locally(
         self, ctx: ClientContext, model: nn.Module, data: ClientData, objective: BatchLoss,

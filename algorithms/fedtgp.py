@@ -12,9 +12,10 @@ adaptive-margin-enhanced contrastive loss (Eq. 5–7):
     δ = min( max_c min_{c'≠c} ‖Q^c − Q^{c'}‖ , threshold ),      Q^c = mean_k p_k^c
 
 i.e. cross-entropy over negative distances with a margin added to the true class's distance.
-F and its class embeddings persist across rounds in the server state, and this training runs
-on the server actor. Defaults follow the official code: λ = 10, S = 100, threshold = 100,
-plain SGD with the clients' learning rate and batch size. As there, every class has a global
+F, its class embeddings and its optimiser (one for the whole run, as in the official code)
+persist across rounds in the server state, and this training runs on the server actor.
+Defaults follow the official code: λ = 10, S = 100, threshold = 100, plain SGD with the
+clients' learning rate and batch size. As there, every class has a global
 prototype from the first server step on. Weights are averaged as in FedAvg (see FedProto).
 """
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from algorithms.fedavg import copy_tensors, copy_weights
 from algorithms.fedproto import FedProto, PrototypeState, PrototypeUpdate, check_inference
 from raysim.algorithm import ServerContext, ServerState, extend
 from raysim.config import require
@@ -46,7 +48,10 @@ class TrainablePrototypes(nn.Module):
 
 @dataclass(frozen=True)
 class TrainablePrototypeState(PrototypeState):
-    generator: TrainablePrototypes | None = None  # stays on the server; never broadcast
+    # F's parameters and its optimiser's state (state dicts: the state is data, so it can be
+    # checkpointed); they stay on the server and are never broadcast
+    generator: dict[str, Tensor] | None = None
+    generator_optimizer: dict | None = None
 
 
 def adaptive_margin(class_means: Tensor, threshold: float) -> float:
@@ -92,36 +97,45 @@ class FedTGP(FedProto):
         self, ctx: ServerContext, state: TrainablePrototypeState, averaged: ServerState,
         updates: list[PrototypeUpdate],
     ) -> TrainablePrototypeState:
-        generator = state.generator or self.new_generator(ctx)
+        generator = self.new_generator(ctx, state.generator)
+        optimizer = torch.optim.SGD(generator.parameters(),
+                                    lr=self.config.server_lr or self.task.train.lr)
+        if state.generator_optimizer is not None:
+            optimizer.load_state_dict(state.generator_optimizer)
         held = [(u.prototypes[c], c) for u in updates for c in range(len(u.counts))
                 if u.counts[c] > 0]
         prototypes = torch.stack([p for p, _ in held]).to(ctx.device)
         labels = torch.tensor([c for _, c in held], device=ctx.device)
         class_means = torch.stack([prototypes[labels == c].mean(0) for c in labels.unique()])
         margin = adaptive_margin(class_means, self.config.margin_threshold)
-        losses = self.train_generator(ctx, generator, prototypes, labels, margin)
+        losses = self.train_generator(ctx, generator, optimizer, prototypes, labels, margin)
         with torch.no_grad():
             generated = generator().cpu()
         present = torch.ones(len(generated), dtype=torch.bool)
         metrics = {"tgp_loss_first": losses[0], "tgp_loss_last": losses[-1], "tgp_margin": margin}
         return extend(averaged, TrainablePrototypeState, prototypes=generated, present=present,
-                      generator=generator, metrics=metrics)
+                      generator=copy_weights(generator),
+                      generator_optimizer=copy_tensors(optimizer.state_dict()), metrics=metrics)
 
-    def new_generator(self, ctx: ServerContext) -> TrainablePrototypes:
-        """Initialised from the round's server generator, without touching global RNG state."""
+    def new_generator(self, ctx: ServerContext,
+                      weights: dict[str, Tensor] | None = None) -> TrainablePrototypes:
+        """F with `weights`, or in the first round initialised from the round's server
+        generator; global RNG state is never touched."""
         dim = self.task.feature_dim
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=ctx.generator)))
-            return TrainablePrototypes(self.task.num_classes, dim, dim).to(ctx.device)
+            if weights is None:
+                torch.manual_seed(int(torch.randint(2**62, (1,), generator=ctx.generator)))
+            generator = TrainablePrototypes(self.task.num_classes, dim, dim).to(ctx.device)
+        if weights is not None:
+            generator.load_state_dict(weights)
+        return generator
 
     def train_generator(
-        self, ctx: ServerContext, generator: TrainablePrototypes, prototypes: Tensor,
-        labels: Tensor, margin: float,
+        self, ctx: ServerContext, generator: TrainablePrototypes,
+        optimizer: torch.optim.Optimizer, prototypes: Tensor, labels: Tensor, margin: float,
     ) -> list[float]:
         """S epochs of SGD over shuffled batches of client prototypes; returns epoch losses."""
-        lr = self.config.server_lr or self.task.train.lr
         batch = self.config.server_batch_size or self.task.train.batch_size
-        optimizer = torch.optim.SGD(generator.parameters(), lr=lr)
         generator.train()
         losses = []
         for _ in range(self.config.server_epochs):

@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 
 from raysim.cluster import check_cluster
-from raysim.commands import add_commands, run_command
+from raysim.commands import ADDRESS_HELP, add_commands, run_command
 from raysim.config import ConfigError, dump_config, load_config
 
 
@@ -30,11 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
     launch = commands.add_parser("launch", help="run one experiment")
     _add_config_args(launch)
     launch.add_argument("--run-dir", help="where results go (default: runs/<name>-<time>)")
-    launch.add_argument(
-        "--address", help="existing Ray cluster (auto, HOST:PORT, ray://HOST:PORT); "
-        "default: RAY_ADDRESS if set, else an embedded local Ray",
-    )
+    launch.add_argument("--address", help=ADDRESS_HELP)
     launch.add_argument("--quiet", action="store_true", help="no per-round progress output")
+
+    resume = commands.add_parser(
+        "resume", help="continue a run from its newest complete checkpoint, into the same "
+        "run directory")
+    resume.add_argument("run_dir", help="the run directory `raysim launch` printed")
+    resume.add_argument(
+        "-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+        help="change a key that does not change results, e.g. -o rounds=40 to extend the run "
+        "(also resources.*, logging.*, checkpoint.*, fault_tolerance.*)",
+    )
+    resume.add_argument("--address", help=ADDRESS_HELP)
+    resume.add_argument("--quiet", action="store_true", help="no per-round progress output")
 
     show = commands.add_parser("config", help="print the resolved config (defaults included)")
     _add_config_args(show)
@@ -46,6 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     launched_at = time.perf_counter()
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "resume":
+            from raysim.run import prepare_resume
+
+            run = prepare_resume(args.run_dir, args.override)
+            check_cluster(args.address)
+            return _launch(run, args, launched_at)
         if args.command not in ("launch", "config"):
             return run_command(args)
         config = load_config(args.config, args.override)
@@ -53,18 +68,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(dump_config(config), end="")
             return 0
         check_cluster(args.address)
-        return _launch(config, args, launched_at)
+        from raysim.run import prepare
+
+        return _launch(prepare(config, args.run_dir), args, launched_at)
     except ConfigError as error:
         print(f"raysim: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before a run's own handler is in place (start-up)
+        print("\nraysim: interrupted during start-up, before any new round",
+              file=sys.stderr)
+        return 130
 
 
-def _launch(config, args: argparse.Namespace, launched_at: float) -> int:
-    from raysim.run import describe_partition, execute, prepare
+def _launch(run, args: argparse.Namespace, launched_at: float) -> int:
+    """Run a prepared (new or resumed) run; print its outcome. Exit 0 when it completed, 130
+    when interrupted (after its checkpoint), 1 when fault tolerance stopped it."""
+    from raysim.run import describe_partition, execute
     from raysim.sinks import ConsoleProgress, RunDirectory, WandbSink
 
-    run = prepare(config, args.run_dir)
-    print(f"raysim: {config.name}: {config.algorithm.name} on {config.data.dataset}, "
+    config = run.config
+    start = f"resuming after round {run.restore.round}, " if run.restore is not None else ""
+    print(f"raysim: {config.name}: {config.algorithm.name} on {config.data.dataset}, {start}"
           f"{config.rounds} rounds × {config.clients_per_round} clients -> {run.run_dir}")
     print(f"raysim: {describe_partition(run.task)}")
     sinks = [RunDirectory(run.run_dir)]
@@ -73,6 +97,11 @@ def _launch(config, args: argparse.Namespace, launched_at: float) -> int:
     if config.logging.progress and not args.quiet:
         sinks.append(ConsoleProgress())
     summary = execute(run, sinks, address=args.address, launched_at=launched_at)
+    if summary["status"] != "completed":
+        where = f"checkpoint {summary['checkpoint']}" if summary["checkpoint"] else "no checkpoint"
+        print(f"raysim: {summary['status']} after round {summary['rounds_completed']} ({where}); "
+              f"continue with: raysim resume {run.run_dir}", file=sys.stderr)
+        return 130 if summary["status"] == "interrupted" else 1
     final, best, headline = summary["final"], summary["best"], summary["headline"]
     name = headline.removeprefix("test_")
     if best["selected_by"] == headline:
@@ -85,6 +114,9 @@ def _launch(config, args: argparse.Namespace, launched_at: float) -> int:
         f"{summary['rounds_completed']} rounds in {summary['wall_seconds']:.1f} s, "
         f"first round done {summary['launch_to_first_round_seconds']:.1f} s after launch"
     )
+    if summary["actor_restarts"] or summary["clients_dropped"]:
+        print(f"raysim: survived {summary['actor_restarts']} actor restart(s); "
+              f"{summary['clients_dropped']} client result(s) dropped (failures.parquet)")
     print(f"raysim: results in {run.run_dir}/ (summary.json, metrics.parquet, config.yaml)")
     return 0
 

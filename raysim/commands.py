@@ -16,7 +16,11 @@ JOB_ADDRESS_HELP = "the cluster's job server, e.g. http://HEAD:8265 (default: " 
 
 def add_commands(commands) -> None:
     tune = commands.add_parser("tune", help="run a sweep (Ray Tune) from a sweep YAML file")
-    tune.add_argument("sweep", help="sweep YAML file, e.g. yaml/sweeps/digits_alpha_algorithm.yaml")
+    tune.add_argument("sweep", nargs="?",
+                      help="sweep YAML file, e.g. yaml/sweeps/digits_alpha_algorithm.yaml")
+    tune.add_argument("--resume", metavar="SWEEP_DIR",
+                      help="continue an interrupted sweep: finished trials stay, the others go "
+                      "on from their last checkpoint")
     tune.add_argument("--out", help="sweep directory (default: runs/sweeps/<name>-<time>)")
     tune.add_argument("--address", help=ADDRESS_HELP)
     tune.add_argument("--verbose", type=int, default=0, choices=(0, 1, 2),
@@ -51,18 +55,29 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def tune_command(args: argparse.Namespace) -> int:
+    from raysim.config import ConfigError
     from raysim.sweep import load_sweep
+    from raysim.tune import source_of
 
-    sweep = load_sweep(args.sweep)  # validates every trial config before Ray starts
+    if (args.sweep is None) == (args.resume is None):
+        raise ConfigError("tune: give a sweep file, or --resume SWEEP_DIR (not both)")
+    source = source_of(Path(args.resume)) if args.resume else Path(args.sweep)
+    sweep = load_sweep(source)  # validates every trial config before Ray starts
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    sweep_dir = Path(args.out) if args.out else Path("runs") / "sweeps" / f"{sweep.name}-{stamp}"
+    if args.resume:
+        sweep_dir = Path(args.resume)
+    elif args.out:
+        sweep_dir = Path(args.out)
+    else:
+        sweep_dir = Path("runs") / "sweeps" / f"{sweep.name}-{stamp}"
     grid = math.prod(len(d.values) for d in sweep.search if d.kind == "grid")
     print(f"raysim: sweep {sweep.name}: {grid * sweep.num_samples} trials "
           f"({', '.join(sweep.keys)}), {sweep.mode} {sweep.metric}, "
           f"scheduler {sweep.scheduler.name} -> {sweep_dir}")
     from raysim.tune import run_sweep
 
-    outcome = run_sweep(sweep, sweep_dir, address=args.address, verbose=args.verbose)
+    outcome = run_sweep(sweep, sweep_dir, address=args.address, verbose=args.verbose,
+                        resume=bool(args.resume), source=source)
     table = outcome.table
     done = int((table["status"] != "ERROR").sum()) if len(table) else 0
     if outcome.best_config_path is not None:

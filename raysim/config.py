@@ -188,6 +188,46 @@ class LoggingConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Checkpoints under `<run dir>/checkpoints/`: every N rounds, after the last round and on
+    an interrupt. `raysim resume RUN_DIR` continues from the newest complete one."""
+
+    every: int = 10  # 0: only after the last round and on an interrupt
+    keep: int = 2  # the newest this many stay on disk
+
+    def __post_init__(self) -> None:
+        require(self.every >= 0, "every", "must be >= 0 (0: only at the end and on interrupt)")
+        require(self.keep >= 1, "keep", "must be >= 1")
+
+
+@dataclass
+class FaultToleranceConfig:
+    """What a run survives: dead worker actors are replaced (their clients rerun), a client
+    that raises is retried and then dropped, and a round where too few clients succeed stops
+    the run (with a checkpoint) instead of averaging the survivors."""
+
+    max_actor_restarts: int = 10  # dead worker or server actors replaced over the whole run
+    max_client_retries: int = 1  # a client that raises is tried this many more times
+    min_clients_fraction: float = 0.5  # of the sampled clients that must succeed in a round
+
+    def __post_init__(self) -> None:
+        require(self.max_actor_restarts >= 0, "max_actor_restarts", "must be >= 0")
+        require(self.max_client_retries >= 0, "max_client_retries", "must be >= 0")
+        require(0 <= self.min_clients_fraction <= 1, "min_clients_fraction",
+                f"must be in [0, 1] (got {self.min_clients_fraction})")
+
+
+@dataclass
+class ClientStateConfig:
+    """Where stateful methods keep each client's state between its rounds."""
+
+    store: str = "memory"  # memory (the server actor's RAM) | disk (files in the run dir)
+
+    def __post_init__(self) -> None:
+        require(self.store in ("memory", "disk"), "store", "choose one of memory, disk")
+
+
+@dataclass
 class AlgorithmConfig:
     """`name` picks a registered algorithm; the other keys are that algorithm's `Config`."""
 
@@ -211,6 +251,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
+    client_state: ClientStateConfig = field(default_factory=ClientStateConfig)
 
     def __post_init__(self) -> None:
         require(self.rounds >= 1, "rounds", "must be >= 1")
@@ -380,10 +423,7 @@ def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     this file's keys are merged over it, so an experiment lists only what differs."""
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    raw = parse_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys, got {_describe(raw)}")
     base = raw.pop("base", None)
@@ -393,6 +433,48 @@ def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if base_path in seen:
         raise ConfigError(f"{path}: `base` chain loops back to {base_path}")
     return merge(read_yaml(base_path, (*seen, path.resolve())), raw)
+
+
+def parse_yaml(path: Path) -> Any:
+    """The YAML document in ``path`` ({} for an empty file). Undecodable bytes and syntax errors
+    become a one-line ConfigError naming the file (and, for syntax, line:column), so the CLI's
+    single `raysim: error:` line points straight at the mistake."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read it: {error.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file (byte 0x{data[error.start]:02x} at offset "
+            f"{error.start}); save it as UTF-8"
+        ) from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(_yaml_error_line(path, text, error)) from None
+
+
+def _yaml_error_line(path: Path, text: str, error: yaml.YAMLError) -> str:
+    # PyYAML's own str() spans several lines (problem, context, a caret under the source).
+    def one_line(value: object) -> str:
+        return " ".join(str(value).split())
+
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark or error.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = one_line(error.problem or error.context or "syntax error")
+        context = f" ({one_line(error.context)})" if error.problem and error.context else ""
+        return f"{where}: not valid YAML: {problem}{context}"
+    if isinstance(error, yaml.reader.ReaderError):  # a control character such as NUL
+        before = text[: error.position]
+        line, column = before.count("\n") + 1, error.position - (before.rfind("\n") + 1) + 1
+        return (
+            f"{path}:{line}:{column}: not valid YAML: unacceptable character "
+            f"#x{error.character:04x} ({error.reason})"
+        )
+    return f"{path}: not valid YAML: {one_line(error)}"
 
 
 def merge(base: dict, update: dict) -> dict:

@@ -8,10 +8,14 @@ feeds the sinks.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raysim.config import Config, ConfigError, dump_config
+from raysim.config import Config, ConfigError, config_to_dict, dump_config, load_config
 from raysim.data import DatasetFormatError, DatasetNotFoundError, check_dataset
 from raysim.task import Task, build_task
 
@@ -31,6 +35,8 @@ class Run:
     config: Config
     task: Task
     run_dir: Path
+    history: tuple = ()  # RoundResults of the rounds a resumed run has done already
+    restore: Any = None  # raysim.engine.simulation.Restore: where a resumed run starts
 
 
 def prepare(config: Config, run_dir: str | Path | None = None) -> Run:
@@ -50,6 +56,60 @@ def prepare(config: Config, run_dir: str | Path | None = None) -> Run:
     (run_dir / "config.yaml").write_text(dump_config(config))
     write_label_histograms(task, run_dir / "label_histograms.parquet")
     return Run(config=config, task=task, run_dir=run_dir)
+
+
+def prepare_resume(run_dir: str | Path, overrides: Sequence[str] = ()) -> Run:
+    """A run directory's newest complete checkpoint as a `Run` that continues from it, or a
+    ConfigError saying why it cannot: no run there, no usable checkpoint, or a config whose
+    result keys differ from the checkpoint's."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a raysim run directory (no config.yaml); pass the "
+                          "directory `raysim launch` printed")
+    return resume_run(load_config(run_dir / "config.yaml", overrides), run_dir)
+
+
+def resume_run(config: Config, run_dir: Path) -> Run:
+    """`config` continued from the newest complete checkpoint in `run_dir` (see
+    `prepare_resume`)."""
+    from raysim.checkpoint import (
+        RESULT_NEUTRAL,
+        changed_keys,
+        checkpoint_rounds,
+        clean_partial,
+        newest_complete,
+        results_hash,
+    )
+    from raysim.records import from_parquet_bytes, results_from_tables
+
+    warnings: list[str] = []
+    found = newest_complete(run_dir, warnings, check=check_state_files)
+    for warning in warnings:
+        print(f"raysim: warning: {warning}", file=sys.stderr)
+    if found is None:
+        what = "every checkpoint in it is damaged" if checkpoint_rounds(run_dir) else \
+            "it has no checkpoint (runs write one every checkpoint.every rounds, after the " \
+            "last round and on an interrupt)"
+        raise ConfigError(f"{run_dir}: nothing to resume: {what}")
+    saved = found.meta.get("config", {})
+    if found.meta.get("results_hash") != results_hash(config):
+        keys = changed_keys(saved, config_to_dict(config)) or ["(unknown)"]
+        raise ConfigError(
+            f"{found.path}: written by a different config: {', '.join(keys)} differ"
+            f"{'s' if len(keys) == 1 else ''} from the checkpoint's; a resume may change only "
+            f"{', '.join(RESULT_NEUTRAL)}")
+    if saved.get("client_state", {}).get("store", "memory") != config.client_state.store:
+        raise ConfigError(f"client_state.store: the checkpoint keeps client state in the "
+                          f"{saved['client_state']['store']} store; resume with that store")
+    if config.rounds <= found.round:
+        raise ConfigError(f"rounds: the run is complete up to round {found.round} "
+                          f"(rounds={config.rounds}); extend it with -o rounds=N")
+    clean_partial(run_dir)
+    history = results_from_tables(from_parquet_bytes(found.read("metrics.parquet")),
+                                  from_parquet_bytes(found.read("failures.parquet")))
+    run = prepare(config, run_dir)
+    return dataclasses.replace(run, history=tuple(history),
+                               restore=restore_from(found, run_dir))
 
 
 def default_run_dir(name: str) -> Path:
@@ -129,13 +189,16 @@ def execute(
 ) -> dict[str, Any]:
     """Run the simulation; returns the summary (also given to every sink's `finish`).
 
+    Checkpoints are written as the rounds come (`checkpoint.every`, the last round) and when
+    the run is interrupted (SIGINT/SIGTERM: the round in flight finishes first) or stopped by
+    `fault_tolerance`; the summary's `status` says which: completed, interrupted or failed.
     `launched_at` (a `time.perf_counter()` reading, default: now) is where the reported time to
     the first round starts counting; the CLI passes its own start.
     """
     import ray
 
     from raysim.cluster import placement_notes
-    from raysim.engine.simulation import Simulation
+    from raysim.engine.simulation import RunStopped, Simulation
 
     started = time.perf_counter()
     launched_at = started if launched_at is None else launched_at
@@ -144,30 +207,161 @@ def execute(
     for note in notes:
         print(f"raysim: warning: {note}", file=sys.stderr)
     run = dataclasses.replace(run, config=config)
-    simulation = Simulation(config, run.task)
+    simulation = Simulation(config, run.task, run_dir=str(run.run_dir), restore=run.restore,
+                            load_checkpoint=lambda: load_restore(run.run_dir, config))
     sinks = list(sinks)
     for sink in sinks:
         sink.start(run)
-    results = []
+    results = list(run.history)
+    saved = CheckpointWriter(run, simulation)
+    status, stop_reason, first_round, workers = "completed", None, None, []
     try:
-        workers = simulation.start()
-        for note in placement_notes(workers):
-            print(f"raysim: warning: {note}", file=sys.stderr)
-        startup = time.perf_counter() - started
-        for result in simulation.rounds():
-            results.append(result)
-            if len(results) == 1:
-                first_round = time.perf_counter() - launched_at
-            for sink in sinks:
-                sink.log_round(result)
+        with Interrupts(simulation, run.run_dir) as interrupts:
+            workers = simulation.start()
+            for note in placement_notes(workers):
+                print(f"raysim: warning: {note}", file=sys.stderr)
+            startup = time.perf_counter() - started
+            try:
+                for result in simulation.rounds():
+                    results.append(result)
+                    if first_round is None:
+                        first_round = time.perf_counter() - launched_at
+                    if result.checkpoint is not None:  # before the sinks: Tune reports it
+                        saved.write(result.round, result.checkpoint, results)
+                    for sink in sinks:
+                        sink.log_round(result)
+            except RunStopped as stop:
+                status, stop_reason = "failed", str(stop)
+                print(f"raysim: error: {stop}", file=sys.stderr)
+                done = [r for r in results if r.round <= stop.round]
+                saved.write_now(stop.round, done)
+            if interrupts.count:
+                status = "interrupted"
+                if results:
+                    saved.write_now(results[-1].round, results)
     finally:
         simulation.shutdown()
     summary = summarize(run, results, startup, time.perf_counter() - launched_at)
-    summary["launch_to_first_round_seconds"] = first_round
-    summary["workers"] = workers
+    summary.update(status=status, launch_to_first_round_seconds=first_round, workers=workers,
+                   checkpoint=str(saved.last) if saved.last else None,
+                   checkpoints_written=saved.written)
+    if stop_reason:
+        summary["stop_reason"] = stop_reason
     for sink in sinks:
         sink.finish(summary)
     return summary
+
+
+class CheckpointWriter:
+    """Writes the run's checkpoints: the server actor's files plus the driver's records."""
+
+    def __init__(self, run: Run, simulation: Any) -> None:
+        self.run, self.simulation = run, simulation
+        self.last: Path | None = None
+        self.written: list[dict[str, float]] = []  # round, seconds, bytes of each one
+        self.last_round = run.restore.round if run.restore is not None else None
+
+    def write(self, round_index: int, files: dict[str, bytes], results: list) -> None:
+        from raysim.checkpoint import META, meta_for, write_checkpoint
+        from raysim.records import failures_table, metrics_table, to_parquet_bytes
+
+        done = [r for r in results if r.round <= round_index]
+        files = {**files,
+                 "metrics.parquet": to_parquet_bytes(metrics_table(done)),
+                 "failures.parquet": to_parquet_bytes(failures_table(
+                     [e for r in done for e in r.events])),
+                 META: json.dumps(meta_for(self.run.config, round_index), indent=1).encode()}
+        start = time.perf_counter()
+        self.last, pruned = write_checkpoint(self.run.run_dir, round_index, files,
+                                             self.run.config.checkpoint.keep)
+        self.written.append({"round": round_index, "seconds": time.perf_counter() - start,
+                             "bytes": sum(len(data) for data in files.values())})
+        self.last_round = round_index
+        for r in pruned:
+            self.simulation.release_checkpoint(r)
+
+    def write_now(self, round_index: int, results: list) -> None:
+        """A checkpoint after `round_index`, unless that round has one already."""
+        if round_index < 1 or round_index == self.last_round:
+            return
+        self.write(round_index, self.simulation.snapshot(round_index), results)
+
+
+class Interrupts:
+    """SIGINT / SIGTERM during a run: the first lets the round in flight finish, then the run
+    checkpoints and ends (`count` > 0); a second exits at once with 130 (the last complete
+    checkpoint still resumes). Only the main thread can take signals (not a Tune trial)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, simulation: Any, run_dir: Path) -> None:
+        self.simulation, self.run_dir = simulation, run_dir
+        self.count = 0
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        name = signal.Signals(signum).name
+        if self.count == 1:
+            self.simulation.request_stop()
+            print(f"\nraysim: {name}: finishing the round in flight, then writing a checkpoint "
+                  "(again to stop at once)", file=sys.stderr, flush=True)
+            return
+        print(f"\nraysim: {name} again: stopped at once; continue from the last complete "
+              f"checkpoint with: raysim resume {self.run_dir}", file=sys.stderr, flush=True)
+        os._exit(130)
+
+
+def load_restore(run_dir: Path, config: Config) -> Any:
+    """The newest complete checkpoint of `run_dir` as a `Restore` (None: there is none)."""
+    from raysim.checkpoint import newest_complete
+
+    warnings: list[str] = []
+    found = newest_complete(run_dir, warnings)
+    for warning in warnings:
+        print(f"raysim: warning: {warning}", file=sys.stderr)
+    return None if found is None else restore_from(found, run_dir)
+
+
+def check_state_files(found: Any) -> None:
+    """Decode every state file of a checkpoint (before any Ray work): anything but raysim's
+    safetensors state, a pickle payload included, raises StateFormatError naming the file."""
+    from raysim.state_io import StateFormatError, unpack
+
+    for name in found.names():
+        if name.endswith(".safetensors"):
+            try:
+                unpack(found.read(name))
+            except StateFormatError as error:
+                raise StateFormatError(f"{name}: {error}") from None
+
+
+def restore_from(found: Any, run_dir: Path) -> Any:
+    """A verified checkpoint as the server's `Restore`: its state files, and for a disk store
+    the index of every other kept checkpoint (whose files the store must keep)."""
+    from raysim.checkpoint import checkpoint_rounds, verify
+    from raysim.engine.client_store import INDEX_FILE
+    from raysim.engine.simulation import Restore
+
+    state_files = [n for n in found.names() if n.endswith(".safetensors")]
+    files = {name: found.read(name) for name in state_files}
+    others = {}
+    if INDEX_FILE in files:
+        for r, path in checkpoint_rounds(run_dir):
+            if r != found.round and (path / INDEX_FILE).is_file() and verify(path) is None:
+                others[r] = {INDEX_FILE: (path / INDEX_FILE).read_bytes()}
+        others[found.round] = {INDEX_FILE: files[INDEX_FILE]}
+    return Restore(found.round, files, others)
 
 
 HEADLINE_METRIC = {"classification": "accuracy", "segmentation": "dice"}  # higher is better
@@ -192,6 +386,7 @@ def summarize(run: Run, results: list, startup: float, wall: float) -> dict[str,
     for result in results:
         final.update(result.metrics)
     metric = HEADLINE_METRIC[run.task.info.kind]
+    kinds = [e["kind"] for r in results for e in r.events]
     return {
         "name": run.config.name,
         "algorithm": run.config.algorithm.name,
@@ -204,5 +399,7 @@ def summarize(run: Run, results: list, startup: float, wall: float) -> dict[str,
         "startup_seconds": startup,
         "round_seconds": [r.seconds for r in results],
         "clients_dropped": sum(len(r.failures) for r in results),
+        "failures": {kind: kinds.count(kind) for kind in sorted(set(kinds))},
+        "actor_restarts": sum(kind.endswith("_restarted") for kind in kinds),
         "num_workers": run.config.resources.num_workers,
     }

@@ -9,15 +9,16 @@ from __future__ import annotations
 import json
 import os
 import queue
+import secrets
 import sys
 import threading
 from pathlib import Path
 from typing import Any, TextIO
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysim.engine.simulation import RoundResult
+from raysim.records import failures_table, metrics_table
 
 
 class Sink:
@@ -48,12 +49,15 @@ class ConsoleProgress(Sink):
         self.total = 0
         self.last_test: dict[str, float] = {}
         self.headline = "accuracy"
+        self.restarts = 0
 
     def start(self, run: Any) -> None:
         from raysim.run import HEADLINE_METRIC
 
         self.total = run.config.rounds
         self.headline = HEADLINE_METRIC[run.task.info.kind]
+        self.restarts = sum(e["kind"].endswith("_restarted") for r in run.history
+                            for e in r.events)
 
     def log_round(self, result: RoundResult) -> None:
         m = result.metrics
@@ -69,6 +73,13 @@ class ConsoleProgress(Sink):
             f"loss {m.get('train_loss', float('nan')):.4f} | "
             f"{result.seconds:.2f} s/round, {m.get('samples_per_second', 0):,.0f} samples/s"
         )
+        for event in result.events:
+            if event["kind"].endswith("_restarted"):
+                self.restarts += 1
+                self._print(f"\nwarning: round {result.round}: {event['actor']} died and was "
+                            f"replaced ({event['reason']})\n")
+        if self.restarts:
+            text += f" | {self.restarts} actor restart{'s' if self.restarts > 1 else ''}"
         for cid, reason in result.failures.items():
             first = reason.strip().splitlines()[-1] if reason.strip() else "unknown error"
             self._print(f"\nwarning: round {result.round}: client {cid} dropped: {first}\n")
@@ -84,28 +95,35 @@ class ConsoleProgress(Sink):
 
 
 class RunDirectory(Sink):
-    """`metrics.parquet` (one row per round and metric) and `summary.json` in the run dir."""
+    """`metrics.parquet` (one row per round and metric), `failures.parquet` (one row per
+    retry, dropped client, actor restart and replay) and `summary.json` in the run dir. A
+    resumed run starts from the rows its checkpoint recorded."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
-        self.rows: dict[str, list] = {"round": [], "metric": [], "value": []}
+        self.results: list[RoundResult] = []
+        self.records: list[dict[str, Any]] = []
+
+    def start(self, run: Any) -> None:
+        self.results = list(run.history)
+        self.records = [e for r in run.history for e in r.events]
+        self.write_metrics()
+        self.write_failures()
 
     def log_round(self, result: RoundResult) -> None:
-        for name, value in result.metrics.items():
-            self.rows["round"].append(result.round)
-            self.rows["metric"].append(name)
-            self.rows["value"].append(float(value))
+        self.results.append(result)
         self.write_metrics()  # small; rewritten each round so an interrupted run keeps its data
+        if result.events:
+            self.records.extend(result.events)
+            self.write_failures()
 
     def write_metrics(self) -> None:
-        table = pa.table(
-            {
-                "round": pa.array(self.rows["round"], pa.int32()),
-                "metric": pa.array(self.rows["metric"], pa.string()),
-                "value": pa.array(self.rows["value"], pa.float64()),
-            }
-        )
+        table = metrics_table(self.results)
         atomic_write(self.run_dir / "metrics.parquet", lambda path: pq.write_table(table, path))
+
+    def write_failures(self) -> None:
+        table = failures_table(self.records)
+        atomic_write(self.run_dir / "failures.parquet", lambda path: pq.write_table(table, path))
 
     def finish(self, summary: dict[str, Any]) -> None:
         text = json.dumps(summary, indent=2)
@@ -170,18 +188,24 @@ class WandbSink(Sink):
             import wandb
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            # one W&B run per run directory: a resumed run continues it (same id)
+            id_file = self.run_dir / "wandb_run_id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+            id_file.write_text(run_id)
             wb = wandb.init(
+                id=run_id, resume="allow",
                 project=settings.project, entity=settings.entity, group=settings.group,
                 tags=settings.tags or None, name=run.config.name, mode=mode,
                 config=config_to_dict(run.config), dir=str(self.run_dir),
                 settings=wandb.Settings(init_timeout=WANDB_INIT_SECONDS,
                                         finish_timeout=WANDB_FINISH_SECONDS),
             )
-            hist = run.task.partition.histograms
-            rows = [[c, k, int(hist[c, k])] for c in range(hist.shape[0])
-                    for k in range(hist.shape[1])]
-            wb.log({"label_histograms": wandb.Table(columns=["client", "label", "count"],
-                                                    data=rows)}, step=0)
+            if not run.history:
+                hist = run.task.partition.histograms
+                rows = [[c, k, int(hist[c, k])] for c in range(hist.shape[0])
+                        for k in range(hist.shape[1])]
+                wb.log({"label_histograms": wandb.Table(columns=["client", "label", "count"],
+                                                        data=rows)}, step=0)
             anchors: dict[int, dict[str, float]] = {}  # round → anchor diagnostics
             while True:
                 kind, payload, step = self.queue.get()

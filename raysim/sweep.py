@@ -25,13 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from raysim.config import (
     Config,
     ConfigError,
     config_from_dict,
     merge,
+    parse_yaml,
     read_yaml,
     set_dotted,
 )
@@ -40,6 +39,7 @@ from raysim.metric_names import check_metric, default_mode
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 SWEEP_KEYS = ("name", "experiment", "overrides", "search", "algorithm_params", "metric", "mode",
               "rank_by", "scheduler", "num_samples", "max_concurrent_trials", "trial_driver_cpus",
+              "max_failures",
               "seed")
 SCHEDULER_KEYS = ("name", "grace_period", "reduction_factor")
 MAX_VALIDATION_POINTS = 4096  # beyond this, each key's values are checked one key at a time
@@ -90,6 +90,7 @@ class Sweep:
     num_samples: int = 1
     max_concurrent_trials: int | None = None
     trial_driver_cpus: float = 0.0
+    max_failures: int = 2  # a failed trial (lost node, dead driver) restarts from its checkpoint
     seed: int | None = None  # seeds the sampling of uniform/loguniform/randint/choice keys
 
     @property
@@ -150,10 +151,7 @@ def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {str(path)!r} not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    raw = parse_yaml(path) or {}
     sweep = parse_sweep(raw, path.parent, default_name=path.stem)
     sweep.validate()
     return sweep
@@ -193,6 +191,10 @@ def parse_sweep(raw: Any, folder: Path, default_name: str = "sweep") -> Sweep:
     concurrency = raw.get("max_concurrent_trials")
     _require(concurrency is None or (isinstance(concurrency, int) and concurrency >= 1),
              "max_concurrent_trials", f"must be an integer >= 1 (got {concurrency!r})")
+    max_failures = raw.get("max_failures", 2)
+    _require(isinstance(max_failures, int) and not isinstance(max_failures, bool)
+             and max_failures >= 0, "max_failures",
+             f"must be an integer >= 0 (got {max_failures!r})")
     driver_cpus = raw.get("trial_driver_cpus", 0.0)
     _require(isinstance(driver_cpus, (int, float)) and driver_cpus >= 0, "trial_driver_cpus",
              f"must be a number >= 0 (got {driver_cpus!r})")
@@ -203,6 +205,7 @@ def parse_sweep(raw: Any, folder: Path, default_name: str = "sweep") -> Sweep:
         mode=mode, rank_by=rank_by, algorithm_params=_parse_algorithm_params(raw),
         scheduler=_parse_scheduler(raw.get("scheduler")), num_samples=num_samples,
         max_concurrent_trials=concurrency, trial_driver_cpus=float(driver_cpus), seed=seed,
+        max_failures=max_failures,
     )
 
 

@@ -8,8 +8,10 @@ concurrent trials never oversubscribe the cluster.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
+import types
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,17 +32,30 @@ class SweepOutcome:
 
 
 class TuneReport(Sink):
-    """Reports every round to Tune. Test metrics of the last evaluated round are carried
-    forward (with `eval_every > 1`), so every report holds the sweep's metric."""
+    """Reports every round to Tune, with the run's checkpoint where one was written that
+    round (so a failed or paused trial restores from it). Test metrics of the last evaluated
+    round are carried forward (with `eval_every > 1`), so every report holds the sweep's
+    metric."""
 
     def __init__(self) -> None:
         self.latest: dict[str, float] = {}
+        self.run_dir: Path | None = None
+
+    def start(self, run: Any) -> None:
+        self.run_dir = Path(run.run_dir)
 
     def log_round(self, result: Any) -> None:
         from ray import tune
 
+        from raysim.checkpoint import checkpoint_dir
+
         self.latest.update(result.metrics)
-        tune.report({**self.latest, "round": result.round})
+        checkpoint = None
+        if result.checkpoint is not None and self.run_dir is not None:
+            path = checkpoint_dir(self.run_dir, result.round)
+            if path.is_dir():
+                checkpoint = tune.Checkpoint.from_directory(str(path))
+        tune.report({**self.latest, "round": result.round}, checkpoint=checkpoint)
 
 
 def trial_bundles(config: Config, driver_cpus: float = 0.0) -> list[dict[str, float]]:
@@ -107,11 +122,39 @@ def run_trial(params: dict[str, Any], *, sweep: Sweep, trials_dir: str, cpu_only
     settings = config.logging
     config = dataclasses.replace(config, name=name, logging=dataclasses.replace(
         settings, progress=False, wandb=dataclasses.replace(settings.wandb, group=sweep.name)))
-    run = prepare(config, Path(trials_dir) / name)
+    run_dir = Path(trials_dir) / name
+    restored = tune.get_checkpoint()
+    if restored is not None:  # a restarted or resumed trial goes on from its last checkpoint
+        run = restore_trial(config, run_dir, restored)
+        if run is None:
+            return
+    else:
+        run = prepare(config, run_dir)
     sinks: list[Sink] = [RunDirectory(run.run_dir), TuneReport()]
     if config.logging.wandb.mode != "disabled":
         sinks.append(WandbSink(run.run_dir))
     execute(run, sinks)
+
+
+def restore_trial(config: Config, run_dir: Path, checkpoint: Any) -> Any:
+    """The trial's run continued from the checkpoint Tune kept (copied into the run directory
+    when it is not there, e.g. on another node)."""
+    import json
+    import shutil
+
+    from raysim.checkpoint import checkpoint_dir, newest_complete
+    from raysim.run import resume_run
+
+    with checkpoint.as_directory() as source:
+        round_index = json.loads((Path(source) / "meta.json").read_text())["round"]
+        target = checkpoint_dir(run_dir, round_index)
+        if not target.is_dir():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(source, target)
+    newest = newest_complete(run_dir)  # the run may have written one Tune never heard of
+    if newest is not None and newest.round >= config.rounds:  # finished: nothing left to run
+        return None
+    return resume_run(config, run_dir)
 
 
 def trial_namer(sweep: Sweep):
@@ -173,11 +216,46 @@ def _describe(params: dict[str, Any]) -> str:
                      for k, v in params.items())
 
 
+SWEEP_SOURCE = "sweep_source.json"  # where `raysim tune --resume` finds the sweep file
+
+
+def history_from_results(sweep: Sweep, results: Any) -> Any:
+    """The trials' parameters, reports and status as Tune stored them (a resumed sweep's
+    callback saw only the trials that ran after the resume)."""
+    import pandas as pd
+
+    history = types.SimpleNamespace(params={}, reports={}, status={})
+    for result in results:
+        if not result.path:
+            continue
+        name = Path(result.path).name
+        history.params[name] = {key: (result.config or {}).get(key) for key in sweep.keys}
+        frame = result.metrics_dataframe
+        rows = [] if frame is None or sweep.metric not in frame else \
+            frame[["round", sweep.metric]].to_dict("records")
+        history.reports[name] = [{k: (None if pd.isna(v) else v) for k, v in r.items()}
+                                 for r in rows]
+        history.status[name] = "ERROR" if result.error is not None else "TERMINATED"
+    return history
+
+
+def source_of(sweep_dir: Path) -> Path:
+    """The sweep file a sweep directory was started from, for `raysim tune --resume`."""
+    record = Path(sweep_dir) / SWEEP_SOURCE
+    if not record.is_file():
+        raise ConfigError(f"{sweep_dir}: not a sweep directory (no {SWEEP_SOURCE}); pass the "
+                          "directory `raysim tune` printed")
+    return Path(json.loads(record.read_text())["path"])
+
+
 def run_sweep(sweep: Sweep, sweep_dir: Path, address: str | None = None,
-              verbose: int = 0) -> SweepOutcome:
+              verbose: int = 0, resume: bool = False,
+              source: Path | None = None) -> SweepOutcome:
     """Run every trial of `sweep` on the cluster at `address` (default: a local Ray) and write
     the trials table, the best config and the plot into `sweep_dir`. `verbose` is Ray Tune's
-    console output (0: one raysim line per trial start and end instead)."""
+    console output (0: one raysim line per trial start and end instead). With `resume`, an
+    interrupted sweep in `sweep_dir` goes on: finished trials stay, unfinished and failed ones
+    continue from their last raysim checkpoint."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -215,6 +293,16 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, address: str | None = None,
     # The metric may be missing until the first evaluated round (eval_every > 1).
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     history = make_history_callback(sweep, announce=verbose == 0)
+    if resume:
+        tuner = tune.Tuner.restore(str(sweep_dir / "tune"), trainable, resume_unfinished=True,
+                                   resume_errored=True)
+        results = tuner.fit()
+        history = history_from_results(sweep, results)
+        table, best_path, plot_path = write_report(sweep, history, results, sweep_dir,
+                                                   trials_dir)
+        return SweepOutcome(sweep_dir, table, results, best_path, plot_path)
+    if source is not None:
+        (sweep_dir / SWEEP_SOURCE).write_text(json.dumps({"path": str(Path(source).resolve())}))
     tuner = tune.Tuner(
         trainable,
         param_space={dim.key: dim.tune_domain() for dim in sweep.search},
@@ -227,8 +315,10 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, address: str | None = None,
                                              max_concurrent=sweep.max_concurrent_trials or 0),
             trial_name_creator=trial_namer(sweep), trial_dirname_creator=trial_namer(sweep),
         ),
-        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=verbose,
-                                  callbacks=[history]),
+        run_config=tune.RunConfig(
+            name="tune", storage_path=str(sweep_dir), verbose=verbose, callbacks=[history],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
     )
     results = tuner.fit()
     table, best_path, plot_path = write_report(sweep, history, results, sweep_dir, trials_dir)

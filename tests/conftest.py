@@ -38,3 +38,42 @@ def small_config(**overrides):
         "logging": {"progress": False},
     }
     return config_from_dict(raw, [f"{k}={v}" for k, v in overrides.items()])
+
+
+TIMING = {"round_seconds", "samples_per_second"}  # the only metrics that differ between runs
+
+
+def run_rounds(config, tmp_path, num_workers=None, on_round=None):
+    """All rounds of `config` on the session's Ray: results, final weights, client states of
+    clients 0–11. `on_round(simulation, r)` runs after each round (fault tests kill actors)."""
+    import ray
+
+    from raysim.engine.simulation import Simulation
+    from raysim.run import prepare
+
+    run = prepare(config, tmp_path / f"run{num_workers}")
+    simulation = Simulation(config, run.task, num_workers=num_workers)
+    simulation.start()
+    try:
+        results = []
+        for result in simulation.rounds():
+            results.append(result)
+            if on_round is not None:
+                on_round(simulation, result.round)
+        weights = simulation.global_weights()
+        states = ray.get(simulation.server.states_for.remote(list(range(12))))
+    finally:
+        simulation.shutdown()
+    return results, weights, states
+
+
+def without_timing(results):
+    return [{k: v for k, v in r.metrics.items() if k not in TIMING} for r in results]
+
+
+def metrics_of(run_dir: Path) -> dict:
+    """A run directory's metrics.parquet as {(round, metric): value}, timings left out."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(Path(run_dir) / "metrics.parquet").to_pylist()
+    return {(r["round"], r["metric"]): r["value"] for r in rows if r["metric"] not in TIMING}

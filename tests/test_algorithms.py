@@ -45,6 +45,18 @@ class FailsOnClientZero(FedAvg):
         return update
 
 
+class FailsOnceOnClientZero(FedAvg):
+    """Client 0's first attempt in each round raises (a transient fault); retries succeed."""
+
+    attempted: set[int] = set()  # rounds client 0 has tried in this worker process
+
+    def client_update(self, ctx, model, broadcast, data, state):
+        if ctx.client_id == 0 and ctx.round not in self.attempted:
+            self.attempted.add(ctx.round)
+            raise RuntimeError("the first attempt fails")
+        return super().client_update(ctx, model, broadcast, data, state)
+
+
 class Linear(nn.Module):
     """y = Wx + b as a classifier with the ModelOutput interface."""
 

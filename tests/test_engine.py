@@ -6,34 +6,14 @@ import math
 
 import numpy as np
 import pytest
-import ray
 import torch
-from conftest import small_config
+from conftest import run_rounds, small_config, without_timing
 
 from raysim.config import ConfigError
 from raysim.engine.evaluation import eval_batches, reduce_domain_eval, reduce_eval
-from raysim.engine.simulation import Simulation, balance
+from raysim.engine.simulation import balance
 from raysim.run import fit_resources, prepare
 from raysim.seeding import client_generator, sample_clients
-
-TIMING = {"round_seconds", "samples_per_second"}
-
-
-def run_rounds(config, tmp_path, num_workers=None):
-    run = prepare(config, tmp_path / f"run{num_workers}")
-    simulation = Simulation(config, run.task, num_workers=num_workers)
-    simulation.start()
-    try:
-        results = list(simulation.rounds())
-        weights = simulation.global_weights()
-        states = ray.get(simulation.server.states_for.remote(list(range(12))))
-    finally:
-        simulation.shutdown()
-    return results, weights, states
-
-
-def without_timing(results):
-    return [{k: v for k, v in r.metrics.items() if k not in TIMING} for r in results]
 
 
 @pytest.mark.slow

@@ -141,10 +141,15 @@ def test_fedtgp_server_step_lowers_its_loss_and_keeps_its_generator():
     first = algo.server_round(ctx, state, updates)
     assert first.metrics["tgp_loss_last"] < 0.8 * first.metrics["tgp_loss_first"]
     assert first.prototypes.shape == (3, 4) and first.present.all()
+    kept = {k: v.clone() for k, v in first.generator.items()}
     second = algo.server_round(ServerContext(2, torch.Generator().manual_seed(2),
                                              torch.device("cpu")), first, updates)
-    assert second.generator is first.generator  # trained further, not re-initialised
-    # round 2 starts about where round 1 stopped
+    # the state is data: round 2 trains a copy, round 1's state stays as it was (so a round can
+    # run again from it), and F and its optimiser state are there for a checkpoint
+    assert all(torch.equal(kept[k], first.generator[k]) for k in kept)
+    assert not torch.equal(second.generator["fc.weight"], first.generator["fc.weight"])
+    assert second.generator_optimizer["param_groups"][0]["lr"] == 0.05
+    # trained further, not re-initialised: round 2 starts about where round 1 stopped
     assert second.metrics["tgp_loss_first"] < 0.8 * first.metrics["tgp_loss_first"]
 
 

@@ -3,12 +3,14 @@ config, W&B runs per trial; and the sweep-file mistakes that stop a sweep before
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from conftest import metrics_of
 
 from raysim.cli import main
 from raysim.config import load_config
@@ -211,3 +213,46 @@ def test_bundled_sweeps_are_valid():
     for path in sorted((ROOT / "yaml" / "sweeps").glob("*.yaml")):
         sweep = load_sweep(path)
         assert sweep.search and sweep.validation_points()
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_its_trials_from_their_checkpoints(ray_session, tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from raysim.run import execute, prepare
+    from raysim.sinks import RunDirectory
+
+    path = write_sweep(tmp_path, overrides={**TINY, "rounds": 6, "checkpoint.every": 2},
+                       search={"train.lr": {"grid": [0.05, 0.1]}}, max_concurrent_trials=1)
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    sweep = subprocess.Popen([sys.executable, "-m", "raysim.cli", "tune", str(path), "--out",
+                              str(out)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("trials/*/checkpoints/round-000002/MANIFEST.json")):
+        assert sweep.poll() is None and time.monotonic() < deadline, sweep.stdout.read()
+        time.sleep(0.05)
+    sweep.send_signal(signal.SIGINT)  # Tune stops the sweep and saves its state
+    sweep.communicate(timeout=120)
+    resumed = subprocess.run([sys.executable, "-m", "raysim.cli", "tune", "--resume", str(out)],
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    table = pd.read_parquet(out / "trials.parquet")
+    assert len(table) == 2 and (table["status"] == "TERMINATED").all()
+    # the cut-short trial went on from a checkpoint: its reports never start over at round 1
+    for results in out.glob("tune/*/result.json"):
+        rounds = [json.loads(line)["round"] for line in results.read_text().splitlines()]
+        assert rounds.count(1) == 1 and max(rounds) == 6, rounds
+    for run_dir in (out / "trials").iterdir():
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["rounds_completed"] == 6
+        # whether it was cut short or not, each trial equals its config run in one go
+        config = load_config(run_dir / "config.yaml")
+        execute(prepare(config, tmp_path / run_dir.name), [RunDirectory(tmp_path / run_dir.name)])
+        assert metrics_of(run_dir) == metrics_of(tmp_path / run_dir.name)
+

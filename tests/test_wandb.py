@@ -30,3 +30,18 @@ def test_offline_run_records_the_round_metrics(ray_session, tmp_path, monkeypatc
     content = record.read_bytes()  # W&B's record log: protobuf strings are stored as-is
     for text in (b"test_accuracy", b"train_loss", b"label_histograms", b"quickstart", b"ci"):
         assert text in content, text
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_its_wandb_run(ray_session, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    run_dir = tmp_path / "run"
+    assert main(["launch", "yaml/quickstart.yaml", "--run-dir", str(run_dir), "--quiet",
+                 "-o", "rounds=2", "-o", "train.local_epochs=1",
+                 "-o", "logging.wandb.mode=offline"]) == 0
+    assert main(["resume", str(run_dir), "--quiet", "-o", "rounds=3"]) == 0
+    run_id = (run_dir / "wandb_run_id").read_text()
+    runs = sorted(run_dir.glob("wandb/offline-run-*"))
+    assert len(runs) == 2 and all(path.name.endswith(f"-{run_id}") for path in runs)
+    (resumed,) = runs[1].glob("run-*.wandb")
+    assert b"test_accuracy" in resumed.read_bytes()

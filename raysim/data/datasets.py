@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import pickle
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from raysim.data import safe_pickle
 
 if TYPE_CHECKING:
     from raysim.config import SyntheticConfig
@@ -266,22 +267,65 @@ def _load_idx(name: str, root: Path) -> tuple[ArraySplit, ArraySplit]:
     )
 
 
-def _get(d: dict[Any, Any], key: str) -> Any:
+def _get(batch: dict[Any, Any], key: str) -> Any:
     # Files pickled under Python 2 and loaded with encoding="latin1" have str keys; some
     # re-pickled copies keep bytes keys. Accept both.
-    if key in d:
-        return d[key]
-    return d[key.encode()]
+    if key in batch:
+        return batch[key]
+    return batch.get(key.encode())
 
 
-def _read_cifar_batch(path: Path, label_key: str) -> ArraySplit:
-    # pickle is the official distribution format for CIFAR; only load files you trust.
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="latin1")
-    data = np.asarray(_get(batch, "data"), dtype=np.uint8)
-    labels = np.asarray(_get(batch, label_key), dtype=np.int64)
+def _read_cifar_batch(name: str, path: Path, label_key: str, num_classes: int) -> ArraySplit:
+    """One CIFAR python-format batch; any unreadable, corrupt or unexpected content becomes one
+    DatasetFormatError naming the file, so a bad root is a one-line config error."""
+    try:
+        with open(path, "rb") as f:
+            batch = safe_pickle.load(f, encoding="latin1")
+    except safe_pickle.UnsafePickleError as error:
+        raise DatasetFormatError(
+            f"{name}: {path}: refuses to load: the file references {error.global_name} "
+            "(a pickle that could run code), not a CIFAR batch"
+        ) from None
+    except OSError as error:
+        raise DatasetFormatError(f"{name}: {path}: cannot read it: {error.strerror}") from None
+    except Exception as error:  # any parse failure (EOFError, UnpicklingError, ...) = bad file
+        detail = " ".join(str(error).split()) or type(error).__name__
+        raise DatasetFormatError(
+            f"{name}: {path}: not a CIFAR batch file (truncated or corrupted: {detail})"
+        ) from None
+
+    def bad(why: str) -> DatasetFormatError:
+        return DatasetFormatError(f"{name}: {path}: not a CIFAR batch file ({why})")
+
+    if not isinstance(batch, dict):
+        raise bad(f"expected a dict of 'data' and '{label_key}', got {type(batch).__name__}")
+    data, labels = _get(batch, "data"), _get(batch, label_key)
+    if data is None or labels is None:
+        missing = [k for k, v in (("data", data), (label_key, labels)) if v is None]
+        raise bad(f"no {' or '.join(repr(k) for k in missing)} entry")
+    if not (
+        isinstance(data, np.ndarray)
+        and data.dtype == np.uint8
+        and data.ndim == 2
+        and data.shape[1] == 3072
+    ):
+        got = (
+            f"{data.dtype} array of shape {data.shape}"
+            if isinstance(data, np.ndarray)
+            else type(data).__name__
+        )
+        raise bad(f"'data' must be a uint8 array of N rows × 3072 values, got {got}")
+    if not isinstance(labels, list | tuple | np.ndarray):
+        raise bad(f"{label_key!r} must be a list of ints, got {type(labels).__name__}")
+    y = np.asarray(labels)
+    if y.ndim != 1 or (len(y) and y.dtype.kind not in "iu"):
+        raise bad(f"{label_key!r} must be a flat list of ints")
+    if len(y) != len(data):
+        raise bad(f"{label_key!r} has {len(y)} entries but 'data' has {len(data)} rows")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise bad(f"{label_key!r} must lie in 0..{num_classes - 1}, found {y.min()}..{y.max()}")
     # Each row is 1024 red, then 1024 green, then 1024 blue values, each row-major 32x32.
-    return ArraySplit(data.reshape(-1, 3, 32, 32), labels)
+    return ArraySplit(data.reshape(-1, 3, 32, 32), y.astype(np.int64))
 
 
 def _concat(splits: list[ArraySplit]) -> ArraySplit:
@@ -290,18 +334,21 @@ def _concat(splits: list[ArraySplit]) -> ArraySplit:
 
 def _load_cifar10(root: Path) -> tuple[ArraySplit, ArraySplit]:
     directory = root / _CIFAR10_DIR
-    train = _concat(
-        [_read_cifar_batch(directory / f"data_batch_{i}", "labels") for i in range(1, 6)]
-    )
-    return train, _read_cifar_batch(directory / "test_batch", "labels")
+
+    def read(file: str) -> ArraySplit:
+        return _read_cifar_batch("cifar10", directory / file, "labels", 10)
+
+    train = _concat([read(f"data_batch_{i}") for i in range(1, 6)])
+    return train, read("test_batch")
 
 
 def _load_cifar100(root: Path) -> tuple[ArraySplit, ArraySplit]:
     directory = root / _CIFAR100_DIR
-    return (
-        _read_cifar_batch(directory / "train", "fine_labels"),
-        _read_cifar_batch(directory / "test", "fine_labels"),
-    )
+
+    def read(file: str) -> ArraySplit:
+        return _read_cifar_batch("cifar100", directory / file, "fine_labels", 100)
+
+    return read("train"), read("test")
 
 
 def _read_svhn(path: Path) -> ArraySplit:

@@ -1,10 +1,17 @@
-"""The server: holds the global state and every client's persistent state, runs the algorithm's
-server step. Plain Python; the engine wraps it with `ray.remote` and its own resource request, so
-server-side learning (hyper-prototypes, trainable prototypes) can take a GPU fraction."""
+"""The server: holds the global state and the client-state store, runs the algorithm's server
+step. Plain Python; the engine wraps it with `ray.remote` and its own resource request, so
+server-side learning (hyper-prototypes, trainable prototypes) can take a GPU fraction.
+
+The state is kept per round: `states[r]` is the server state after round r, and the broadcast
+of round r is built from `states[r - 1]`. Running round r again (after a dead worker) therefore
+starts from the same state, and a round whose step never ran leaves nothing behind.
+"""
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,9 +19,13 @@ import torch
 from raysim.algorithm import Broadcast, ServerContext, TaskInfo
 from raysim.config import Config
 from raysim.diagnostics import server_diagnostics
+from raysim.engine.client_store import make_store
 from raysim.engine.worker import ClientResult, assigned_device
 from raysim.seeding import server_generator
+from raysim.state_io import pack, unpack
 from raysim.task import initial_model, keeps_client_state, make_algorithm
+
+SERVER_FILE = "server_state.safetensors"
 
 
 def average_client_metrics(updates: list) -> dict[str, float]:
@@ -29,56 +40,108 @@ def average_client_metrics(updates: list) -> dict[str, float]:
 
 
 class Server:
-    def __init__(self, config: Config, info: TaskInfo) -> None:
+    def __init__(
+        self, config: Config, info: TaskInfo, run_dir: str | None = None,
+        restore: dict[str, Any] | None = None,
+    ) -> None:
+        """`restore`: {"round": R, "files": a checkpoint's files, "others": {round: files} of
+        the other kept checkpoints} to continue after round R."""
         torch.set_num_threads(max(1, int(config.resources.server.num_cpus)))
         self.device = assigned_device(config.resources.server.num_gpus)
-        self.seed = config.seed
+        self.config = config
         self.algorithm = make_algorithm(config, info, self.device)
-        self.state = self.algorithm.init_server(initial_model(config, info, self.algorithm))
-        self.client_states: dict[int, Any] = {}
         self.stateful = keeps_client_state(config)
+        self.store = make_store(config.client_state.store, Path(run_dir) if run_dir else None)
+        if restore is None:
+            initial = self.algorithm.init_server(initial_model(config, info, self.algorithm))
+            self.states = {0: initial}
+        else:
+            files = restore["files"]
+            self.states = {restore["round"]: unpack(files[SERVER_FILE])}
+            if self.stateful:
+                self.store.restore(files, restore.get("others"))
 
-    def broadcast(self) -> Broadcast:
-        return self.algorithm.broadcast(self.state)
+    @property
+    def latest(self) -> int:
+        return max(self.states)
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def describe(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "round": self.latest, "clients_with_state": len(self.store)}
+
+    def broadcast(self, round_index: int) -> Broadcast:
+        """What the clients of `round_index` receive: built from the state after the round
+        before. Fails when that round's server step did not run (its clients failed)."""
+        state = self.states.get(round_index - 1)
+        if state is None:
+            raise RuntimeError(f"round {round_index - 1} has no server state (its step failed)")
+        return self.algorithm.broadcast(state)
 
     def states_for(self, client_ids: list[int]) -> list[Any]:
-        return [self.client_states.get(cid) for cid in client_ids]
+        return self.store.get(client_ids)
 
-    def aggregate(self, round_index: int, *worker_results: list[ClientResult]) -> dict[str, Any]:
+    def aggregate(
+        self, round_index: int, sampled: int, checkpoint: bool, *worker_results: list[ClientResult]
+    ) -> dict[str, Any]:
         """Run the server step on this round's updates, in client-id order whatever the worker.
 
-        Returns the round's report: averaged client metrics, per-client seconds and failures.
+        Returns the round's report: averaged client metrics, failures, per-client retries and
+        seconds, and with `checkpoint` the files of a checkpoint of the state after the round.
+        When fewer than `fault_tolerance.min_clients_fraction` of the `sampled` clients
+        succeeded, no state changes and the report says `insufficient`.
         """
         results = sorted((r for batch in worker_results for r in batch), key=lambda r: r.client_id)
         ok = [r for r in results if r.update is not None]
         failures = {r.client_id: r.error for r in results if r.update is None}
-        metrics: dict[str, float] = {}
+        retries = [(r.client_id, attempt, reason) for r in results
+                   for attempt, reason in enumerate(r.retries, start=1)]
+        report: dict[str, Any] = {"failures": failures, "retries": retries,
+                                  "client_seconds": {r.client_id: r.seconds for r in ok}}
+        metrics: dict[str, float] = {"clients_ok": float(len(ok)),
+                                     "clients_failed": float(len(failures))}
+        report["metrics"] = metrics
+        needed = self.config.fault_tolerance.min_clients_fraction * sampled
+        if not ok or len(ok) < needed:
+            report["insufficient"] = True
+            return report
         start = time.perf_counter()
-        if ok:
-            updates = [r.update for r in ok]
-            ctx = ServerContext(round_index, server_generator(self.seed, round_index), self.device)
-            self.state = self.algorithm.server_round(ctx, self.state, updates)
-            metrics.update({f"server_{k}": float(v) for k, v in self.state.metrics.items()})
-            if self.stateful:
-                for r in ok:
-                    self.client_states[r.client_id] = r.update.state
-            metrics.update(self._diagnostics())
-            metrics.update(average_client_metrics(updates))
-            metrics["samples"] = float(sum(u.num_samples for u in updates))
-        metrics["clients_ok"] = float(len(ok))
-        metrics["clients_failed"] = float(len(failures))
-        return {
-            "metrics": metrics,
-            "failures": failures,
-            "server_seconds": time.perf_counter() - start,
-            "client_seconds": {r.client_id: r.seconds for r in ok},
-        }
+        updates = [r.update for r in ok]
+        ctx = ServerContext(round_index, server_generator(self.config.seed, round_index),
+                            self.device)
+        state = self.algorithm.server_round(ctx, self.states[round_index - 1], updates)
+        self.states = {round_index - 1: self.states[round_index - 1], round_index: state}
+        metrics.update({f"server_{k}": float(v) for k, v in state.metrics.items()})
+        if self.stateful:
+            self.store.put(round_index, {r.client_id: r.update.state for r in ok})
+        metrics.update(self._diagnostics(state))
+        metrics.update(average_client_metrics(updates))
+        metrics["samples"] = float(sum(u.num_samples for u in updates))
+        report["server_seconds"] = time.perf_counter() - start
+        if checkpoint:
+            report["checkpoint"] = self.snapshot(round_index)
+        return report
 
-    def _diagnostics(self) -> dict[str, float]:
-        anchors = self.algorithm.anchors(self.algorithm.broadcast(self.state))
+    def snapshot(self, round_index: int) -> dict[str, bytes]:
+        """The files of a checkpoint after `round_index`, which must be the latest round."""
+        if round_index != self.latest:
+            raise RuntimeError(f"snapshot of round {round_index}, but the server is at "
+                               f"round {self.latest}")
+        files = {SERVER_FILE: pack(self.states[round_index])}
+        if self.stateful:
+            files.update(self.store.snapshot(round_index))
+        return files
+
+    def release(self, checkpoint_round: int) -> None:
+        """A checkpoint was deleted (the disk store may drop what only it kept)."""
+        self.store.release(checkpoint_round)
+
+    def _diagnostics(self, state: Any) -> dict[str, float]:
+        anchors = self.algorithm.anchors(self.algorithm.broadcast(state))
         if anchors is None:
             return {}
-        return server_diagnostics(anchors[0].float().cpu(), anchors[1].cpu(), self.state.weights)
+        return server_diagnostics(anchors[0].float().cpu(), anchors[1].cpu(), state.weights)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return self.state.weights
+        return self.states[self.latest].weights

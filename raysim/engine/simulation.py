@@ -1,16 +1,28 @@
 """The driver: samples clients, dispatches them to the worker pool, hands results to the server
 actor, evaluates, and yields one `RoundResult` per round. It stays thin: no model weights or
-client updates pass through it (object refs go straight from workers to the server)."""
+client updates pass through it (object refs go straight from workers to the server).
+
+It also keeps the run alive. A round is a pure function of the server state before it (every
+draw comes from (seed, round, client id) and aggregation is in client-id order), so:
+- a dead worker actor is replaced and the groups of clients whose results were lost are run
+  again on the new one; the round's result is the one it would have been;
+- a dead server actor is recreated from the newest checkpoint and the rounds since are
+  replayed before the run goes on.
+Every retry, drop, restart and replay is reported as a failure record of the round it hit.
+"""
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from raysim.config import Config
 from raysim.engine.evaluation import eval_batches, reduce_domain_eval
@@ -21,6 +33,8 @@ from raysim.seeding import sample_clients
 from raysim.task import Task, keeps_client_state
 from raysim.training import steps_per_epoch
 
+PING_SECONDS = 10.0  # a busy actor answers a ping after its current task; a dead one at once
+
 
 @dataclass(frozen=True)
 class RoundResult:
@@ -28,6 +42,33 @@ class RoundResult:
     metrics: dict[str, float]  # client averages, test metrics when evaluated, timings
     failures: dict[int, str] = field(default_factory=dict)  # client id → reason it was dropped
     seconds: float = 0.0
+    events: tuple[dict[str, Any], ...] = ()  # failure records: retries, drops, restarts, replays
+    # the files of a checkpoint after this round, when one was due (written by the caller)
+    checkpoint: dict[str, bytes] | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Restore:
+    """Where a simulation starts from: the state after `round`, as a checkpoint holds it."""
+
+    round: int
+    files: dict[str, bytes]
+    others: dict[int, dict[str, bytes]] = field(default_factory=dict)  # other kept checkpoints
+
+
+class RunStopped(Exception):
+    """The run cannot go on (too few clients succeeded, too many actor restarts). `round` is
+    the last round whose state is complete."""
+
+    def __init__(self, message: str, round_index: int) -> None:
+        super().__init__(message)
+        self.round = round_index
+
+
+def failure_record(round_index: int, kind: str, reason: str, client: int = -1,
+                   actor: str = "", attempt: int = 0) -> dict[str, Any]:
+    return {"round": round_index, "kind": kind, "client": client, "actor": actor,
+            "attempt": attempt, "reason": reason}
 
 
 def balance(client_ids: Sequence[int], costs: Sequence[int], num_workers: int) -> list[list[int]]:
@@ -50,21 +91,48 @@ class _RemoteClientWorker(ClientWorker):
 
 
 class _RemoteServer(Server):
-    def __init__(self, config: Config, info: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         register_tensor_transport()
-        super().__init__(config, info)
+        super().__init__(*args, **kwargs)
+
+
+@dataclass
+class RoundWork:
+    """One dispatched round: what each worker slot trains, and the refs of its results."""
+
+    round: int
+    sampled: int
+    groups: list[list[int]]
+    train_refs: list[Any]  # per worker slot; None where the slot got no clients
+    report_ref: Any
+    eval_refs: list[Any]
+    evaluate: bool
+    checkpoint: bool
 
 
 class Simulation:
-    """One FL run on a Ray pool. `ray.init` must have been called."""
+    """One FL run on a Ray pool. `ray.init` must have been called.
 
-    def __init__(self, config: Config, task: Task, num_workers: int | None = None) -> None:
+    `restore` starts after a checkpoint's round; `load_checkpoint` returns the newest complete
+    checkpoint when the server actor must be recreated (default: the last one this simulation
+    produced, kept in memory)."""
+
+    def __init__(
+        self, config: Config, task: Task, num_workers: int | None = None,
+        run_dir: str | None = None, restore: Restore | None = None,
+        load_checkpoint: Callable[[], Restore | None] | None = None,
+    ) -> None:
         self.config = config
         self.task = task
         self.num_workers = num_workers or config.resources.num_workers
         self.stateful = keeps_client_state(config)
         self.sizes = task.partition.sizes
         self.costs = steps_per_epoch(self.sizes, config.train.batch_size)  # for balancing
+        self.run_dir = str(run_dir) if run_dir is not None else None
+        self.restore = restore
+        self.first_round = restore.round + 1 if restore else 1
+        self._last_checkpoint = restore
+        self.load_checkpoint = load_checkpoint or (lambda: self._last_checkpoint)
         # Fixed evaluation batches per split: the validation split (model selection) where the
         # dataset has one, and the test split.
         self.eval_groups = {
@@ -75,54 +143,116 @@ class Simulation:
         }
         self.workers: list[Any] = []
         self.server: Any = None
+        self.data_refs: list[Any] = []
+        self.restarts = 0
+        self.stop_requested = False
+        self._events: list[dict[str, Any]] = []  # records waiting for the next round's result
+        self._broadcasts: dict[int, Any] = {}
 
+    # ------------------------------------------------------------------ actors
     def start(self) -> list[dict[str, Any]]:
         """Create the server and the worker pool; return once every worker is ready."""
-        res = self.config.resources
+        # Results lost with a dead actor are handled here (rerun, replay) and reported as
+        # failure records; Ray's log line for each discarded ref would only repeat them.
+        os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
         register_tensor_transport()
         # Put once, read zero-copy by every worker on a node.
-        data_refs = [ray.put(self.task.dataset), ray.put(self.task.partition.client_indices)]
-        worker_cls = ray.remote(_RemoteClientWorker).options(
-            num_cpus=res.worker.num_cpus, num_gpus=res.worker.num_gpus,
-        )
-        self.workers = [
-            worker_cls.remote(self.config, data_refs, self.task.info)
-            for _ in range(self.num_workers)
-        ]
-        self.server = ray.remote(_RemoteServer).options(
-            num_cpus=res.server.num_cpus, num_gpus=res.server.num_gpus
-        ).remote(self.config, self.task.info)
+        self.data_refs = [ray.put(self.task.dataset), ray.put(self.task.partition.client_indices)]
+        self.workers = [self._new_worker() for _ in range(self.num_workers)]
+        self.server = self._new_server(self.restore)
         return ray.get([w.describe.remote() for w in self.workers])
 
-    def rounds(self) -> Iterator[RoundResult]:
-        """Run all rounds, one round of lookahead: round r+1 is dispatched before round r's
-        results are collected, so logging never leaves the workers idle."""
-        cfg = self.config
-        broadcast = self.server.broadcast.remote()
-        pending = None
-        last = time.perf_counter()
-        for r in range(1, cfg.rounds + 1):
-            report_ref = self._dispatch_training(r, broadcast)
-            broadcast = self.server.broadcast.remote()  # w_{r}, after the server step of round r
-            evaluate = r % cfg.eval_every == 0 or r == cfg.rounds
-            eval_refs = self._dispatch_evaluation(broadcast) if evaluate else []
-            if pending is not None:
-                result = self._collect(*pending, started=last)
-                last = time.perf_counter()
-                yield result
-            pending = (r, report_ref, eval_refs)
-        yield self._collect(*pending, started=last)
+    def _new_worker(self) -> Any:
+        res = self.config.resources
+        cls = ray.remote(_RemoteClientWorker).options(
+            num_cpus=res.worker.num_cpus, num_gpus=res.worker.num_gpus)
+        return cls.remote(self.config, self.data_refs, self.task.info)
 
-    def _dispatch_training(self, r: int, broadcast: Any) -> Any:
+    def _new_server(self, restore: Restore | None) -> Any:
+        res = self.config.resources
+        options: dict[str, Any] = {"num_cpus": res.server.num_cpus,
+                                   "num_gpus": res.server.num_gpus}
+        if self.config.client_state.store == "disk" and self.stateful:
+            # the disk store writes into the run directory: keep the server on this node
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=False)
+        payload = None if restore is None else {"round": restore.round, "files": restore.files,
+                                                "others": restore.others}
+        return ray.remote(_RemoteServer).options(**options).remote(
+            self.config, self.task.info, self.run_dir, payload)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Process ids and placement of the workers, then the server's (for fault tests)."""
+        return ray.get([w.describe.remote() for w in self.workers]
+                       + [self.server.describe.remote()])
+
+    # ------------------------------------------------------------------ the round loop
+    def request_stop(self) -> None:
+        """Finish the rounds already dispatched, start no new one (an interrupt)."""
+        self.stop_requested = True
+
+    def rounds(self) -> Iterator[RoundResult]:
+        """Run the rounds, one round of lookahead: round r+1 is dispatched before round r's
+        results are collected, so logging never leaves the workers idle."""
+        inflight: deque[RoundWork] = deque()
+        next_round = self.first_round
+        last = time.perf_counter()
+        while True:
+            while (len(inflight) < 2 and next_round <= self.config.rounds
+                   and not self.stop_requested):
+                inflight.append(self._dispatch(next_round))
+                next_round += 1
+            if not inflight:
+                return
+            try:
+                result = self._collect(inflight[0], started=last)
+            except RayError as error:
+                self._recover(error, inflight)
+                continue
+            inflight.popleft()
+            last = time.perf_counter()
+            if result.checkpoint is not None:
+                self._last_checkpoint = Restore(result.round, result.checkpoint)
+            yield result
+
+    def _checkpoint_due(self, r: int) -> bool:
+        every = self.config.checkpoint.every
+        return r == self.config.rounds or (every > 0 and r % every == 0)
+
+    def _broadcast(self, r: int) -> Any:
+        """The ref of round r's broadcast, made once: round r-1's evaluation shares it."""
+        if r not in self._broadcasts:
+            self._broadcasts = {k: v for k, v in self._broadcasts.items() if k >= r - 1}
+            self._broadcasts[r] = self.server.broadcast.remote(r)
+        return self._broadcasts[r]
+
+    def _dispatch(self, r: int, replay: bool = False) -> RoundWork:
         cfg = self.config
         sampled = sample_clients(cfg.seed, r, len(self.sizes), cfg.clients_per_round)
-        refs = []
-        for worker, group in zip(self.workers, balance(sampled, self.costs, self.num_workers)):
-            if not group:
-                continue
-            states = self.server.states_for.remote(group) if self.stateful else [None] * len(group)
-            refs.append(worker.train.remote(broadcast, r, group, states))
-        return self.server.aggregate.remote(r, *refs)
+        groups = balance(sampled, self.costs, self.num_workers)
+        work = RoundWork(
+            round=r, sampled=len(sampled), groups=groups,
+            train_refs=[self._train(i, r, g) if g else None for i, g in enumerate(groups)],
+            report_ref=None, eval_refs=[],
+            evaluate=not replay and (r % cfg.eval_every == 0 or r == cfg.rounds),
+            checkpoint=not replay and self._checkpoint_due(r),
+        )
+        self._aggregate(work)
+        return work
+
+    def _train(self, slot: int, r: int, group: list[int]) -> Any:
+        states = self.server.states_for.remote(group) if self.stateful else [None] * len(group)
+        return self.workers[slot].train.remote(self._broadcast(r), r, group, states)
+
+    def _aggregate(self, work: RoundWork) -> None:
+        refs = [ref for ref in work.train_refs if ref is not None]
+        work.report_ref = self.server.aggregate.remote(work.round, work.sampled, work.checkpoint,
+                                                       *refs)
+        # evaluation of the model after round r: round r+1's broadcast
+        work.eval_refs = self._dispatch_evaluation(self._broadcast(work.round + 1)) \
+            if work.evaluate else []
 
     def _dispatch_evaluation(self, broadcast: Any) -> list[Any]:
         """Fixed test batches spread evenly, so evaluation adds the same load to every worker
@@ -135,21 +265,107 @@ class Simulation:
             for worker, shard in zip(self.workers, shards)
         ]
 
-    def _collect(self, r: int, report_ref: Any, eval_refs: list[Any], started: float):
-        report = ray.get(report_ref)
+    def _collect(self, work: RoundWork, started: float) -> RoundResult:
+        r = work.round
+        report = ray.get(work.report_ref)
+        events = self._events + [
+            failure_record(r, "client_retried", reason, client=cid, attempt=attempt)
+            for cid, attempt, reason in report["retries"]
+        ] + [failure_record(r, "client_dropped", reason, client=cid)
+             for cid, reason in report["failures"].items()]
+        if report.get("insufficient"):
+            ok, needed = int(report["metrics"]["clients_ok"]), self.config.fault_tolerance
+            first = next(iter(report["failures"].values()), "no result").strip().splitlines()
+            raise RunStopped(
+                f"round {r}: only {ok} of {work.sampled} sampled clients succeeded, fewer than "
+                f"fault_tolerance.min_clients_fraction={needed.min_clients_fraction}; the first "
+                f"failure: {first[-1] if first else 'unknown'}", r - 1)
         metrics = dict(report["metrics"])
-        if eval_refs:
-            sums = iter([s for part in ray.get(eval_refs) for s in part])  # in batch order
+        if work.eval_refs:
+            sums = iter([s for part in ray.get(work.eval_refs) for s in part])  # in batch order
             names = self.task.dataset.spec.domains
             for split, split_groups in self.eval_groups.items():
                 groups = [(names[d] if d >= 0 else "", [next(sums) for _ in batches])
                           for d, batches in split_groups]
                 metrics.update(reduce_domain_eval(groups, split))
+        self._events = []
         seconds = time.perf_counter() - started
         metrics["round_seconds"] = seconds
         metrics["samples_per_second"] = metrics.get("samples", 0.0) * \
             self.config.train.local_epochs / seconds
-        return RoundResult(round=r, metrics=metrics, failures=report["failures"], seconds=seconds)
+        return RoundResult(round=r, metrics=metrics, failures=report["failures"], seconds=seconds,
+                           events=tuple(events), checkpoint=report.get("checkpoint"))
+
+    # ------------------------------------------------------------------ recovery
+    def _recover(self, error: RayError, inflight: deque[RoundWork]) -> None:
+        """Replace the actors that died and run again what was lost with them. An error with
+        every actor alive is the method's or the engine's own: it is raised."""
+        r = inflight[0].round
+        dead = [i for i, worker in enumerate(self.workers) if not alive(worker)]
+        server_dead = not alive(self.server)
+        if not dead and not server_dead:
+            raise error
+        self._broadcasts = {}
+        for slot in dead:
+            self._count_restart(r, f"worker {slot}")
+            ray.kill(self.workers[slot])
+            self.workers[slot] = self._new_worker()
+            self._events.append(failure_record(r, "worker_restarted", _reason(error),
+                                               actor=f"worker {slot}"))
+        if server_dead:
+            self._count_restart(r, "server")
+            self._restart_server(r, _reason(error))
+            for i, work in enumerate(inflight):
+                inflight[i] = self._dispatch(work.round)
+            return
+        for work in inflight:
+            self._repair(work)
+
+    def _count_restart(self, r: int, actor: str) -> None:
+        self.restarts += 1
+        limit = self.config.fault_tolerance.max_actor_restarts
+        if self.restarts > limit:
+            raise RunStopped(f"round {r}: {actor} died, and the run has already replaced "
+                             f"fault_tolerance.max_actor_restarts={limit} actors", r - 1)
+
+    def _repair(self, work: RoundWork) -> None:
+        """Run again the groups whose results were lost; evaluate again if that was lost."""
+        if not succeeded(work.report_ref):
+            for slot, ref in enumerate(work.train_refs):
+                if ref is not None and not succeeded(ref):
+                    work.train_refs[slot] = self._train(slot, work.round, work.groups[slot])
+            self._aggregate(work)
+        elif not all(succeeded(ref) for ref in work.eval_refs):
+            work.eval_refs = self._dispatch_evaluation(self._broadcast(work.round + 1))
+
+    def _restart_server(self, r: int, reason: str) -> None:
+        """A new server from the newest checkpoint, then the rounds since it replayed (no
+        evaluation: their metrics were logged already)."""
+        ray.kill(self.server)
+        restore = self.load_checkpoint()
+        if restore is not None and restore.round >= r:
+            restore = None  # a checkpoint of a round not yet collected cannot be
+        self.server = self._new_server(restore)
+        self._events.append(failure_record(r, "server_restarted", reason, actor="server"))
+        start = restore.round + 1 if restore else 1
+        for replayed in range(start, r):
+            report = ray.get(self._dispatch(replayed, replay=True).report_ref)
+            if report.get("insufficient"):
+                raise RunStopped(f"round {replayed}: the replay after a server restart lost "
+                                 "too many clients", replayed - 1)
+        if start < r:
+            self._events.append(failure_record(
+                r, "rounds_replayed", f"rounds {start}-{r - 1} replayed from "
+                f"{'checkpoint ' + str(restore.round) if restore else 'the initial state'}",
+                actor="server"))
+
+    # ------------------------------------------------------------------ state
+    def snapshot(self, round_index: int) -> dict[str, bytes]:
+        """The files of a checkpoint after `round_index` (the last round the server ran)."""
+        return ray.get(self.server.snapshot.remote(round_index))
+
+    def release_checkpoint(self, round_index: int) -> None:
+        self.server.release.remote(round_index)
 
     def global_weights(self) -> dict:
         return ray.get(self.server.weights.remote())
@@ -159,3 +375,26 @@ class Simulation:
             if actor is not None:
                 ray.kill(actor)
         self.workers, self.server = [], None
+
+
+def alive(actor: Any) -> bool:
+    try:
+        ray.get(actor.ping.remote(), timeout=PING_SECONDS)
+    except GetTimeoutError:
+        return True  # busy with a task: alive
+    except RayActorError:
+        return False
+    return True
+
+
+def succeeded(ref: Any) -> bool:
+    try:
+        ray.get(ref)
+    except RayError:
+        return False
+    return True
+
+
+def _reason(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__

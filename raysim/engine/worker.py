@@ -35,6 +35,7 @@ class ClientResult:
     update: ClientUpdate | None
     error: str | None = None
     seconds: float = 0.0
+    retries: tuple[str, ...] = ()  # why each earlier attempt failed
 
 
 def as_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -76,6 +77,7 @@ class ClientWorker:
             if split is not None
         }
         self.client_indices = client_indices
+        self.max_retries = config.fault_tolerance.max_client_retries
         # The first optimiser built in a process imports torch._dynamo (~1 s): pay it now,
         # not inside the first client's timed step.
         make_optimizer(self.model, config.train)
@@ -89,6 +91,9 @@ class ClientWorker:
                 "node_id": ray.get_runtime_context().get_node_id() if placed else None,
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()] if placed else []}
 
+    def ping(self) -> int:
+        return os.getpid()
+
     def train(
         self, broadcast: Broadcast, round_index: int, client_ids: list[int], states: list[Any]
     ) -> list[ClientResult]:
@@ -100,25 +105,34 @@ class ClientWorker:
     def _train_one(
         self, broadcast: Broadcast, round_index: int, client_id: int, state: Any
     ) -> ClientResult:
+        """One client's round. A client that raises is tried again (from the same generator
+        seed, so a success is the same update) up to `fault_tolerance.max_client_retries`
+        times, then dropped with its reason; non-finite weights are dropped at once."""
         start = time.perf_counter()
-        ctx = ClientContext(
-            client_id=client_id,
-            round=round_index,
-            generator=client_generator(self.config.seed, round_index, client_id),
-            device=self.device,
-            train=self.config.train,
-        )
         indices = as_tensor(self.client_indices[client_id], self.device)
         data = ClientData(self.train_x, self.train_y, indices, self.preprocess)
-        try:
-            update = self.algorithm.client_update(ctx, self.model, broadcast, data, state)
-        except Exception:  # reported and dropped by the driver; the round goes on
-            return ClientResult(client_id, None, traceback.format_exc(limit=8))
+        failed: list[str] = []
+        while True:
+            ctx = ClientContext(
+                client_id=client_id,
+                round=round_index,
+                generator=client_generator(self.config.seed, round_index, client_id),
+                device=self.device,
+                train=self.config.train,
+            )
+            try:
+                update = self.algorithm.client_update(ctx, self.model, broadcast, data, state)
+                break
+            except Exception:  # retried, then reported and dropped; the round goes on
+                failed.append(traceback.format_exc(limit=8))
+                if len(failed) > self.max_retries:
+                    return ClientResult(client_id, None, failed[-1], retries=tuple(failed[:-1]))
+        retries = tuple(failed)
         problem = check_finite(update)
         if problem:
-            return ClientResult(client_id, None, problem)
+            return ClientResult(client_id, None, problem, retries=retries)
         update = self._with_anchor_alignment(update, broadcast, data)
-        return ClientResult(client_id, update, None, time.perf_counter() - start)
+        return ClientResult(client_id, update, None, time.perf_counter() - start, retries)
 
     def _with_anchor_alignment(
         self, update: ClientUpdate, broadcast: Broadcast, data: ClientData

@@ -1,0 +1,189 @@
+"""Checkpoint directories: written atomically, verified on load, pruned to the newest `keep`.
+
+`<run dir>/checkpoints/round-000040/` holds the server state and the client-state store (as the
+server actor packed them: safetensors), the metric rows and failure records so far (Parquet),
+`meta.json` (round, the resolved config, a hash of the keys that change results, the raysim
+version) and, written last, `MANIFEST.json` with the size and SHA-256 of every file. A
+checkpoint is written under a temporary name, flushed and renamed, so a crash mid-write never
+leaves one that looks complete; a damaged one fails its manifest and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import raysim
+from raysim.config import Config, config_to_dict
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "MANIFEST.json"
+META = "meta.json"
+FORMAT = 1
+# Keys a resume may change: they do not change what a round computes.
+RESULT_NEUTRAL = ("name", "rounds", "resources", "logging", "checkpoint", "fault_tolerance",
+                  "client_state")
+
+
+class CheckpointError(Exception):
+    """No usable checkpoint (the message says why, in one line)."""
+
+
+def results_config(config: Config | dict) -> dict:
+    raw = config if isinstance(config, dict) else config_to_dict(config)
+    return {k: v for k, v in raw.items() if k not in RESULT_NEUTRAL}
+
+
+def results_hash(config: Config | dict) -> str:
+    text = json.dumps(results_config(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs, result keys only."""
+    if not prefix:
+        old, new = results_config(old), results_config(new)
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        dotted = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(changed_keys(a, b, f"{dotted}."))
+        elif a != b:
+            out.append(dotted)
+    return out
+
+
+def meta_for(config: Config, round_index: int) -> dict[str, Any]:
+    return {"format": FORMAT, "round": round_index, "raysim_version": raysim.__version__,
+            "results_hash": results_hash(config), "config": config_to_dict(config),
+            "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_dir(run_dir: Path, round_index: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"round-{round_index:06d}"
+
+
+def write_checkpoint(run_dir: Path, round_index: int, files: dict[str, bytes],
+                     keep: int) -> tuple[Path, list[int]]:
+    """Write one checkpoint atomically; return it and the rounds of the checkpoints pruned."""
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir(run_dir, round_index)
+    tmp = root / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    manifest = {}
+    for name, data in files.items():
+        _write_synced(tmp / name, data)
+        manifest[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    _write_synced(tmp / MANIFEST, json.dumps({"round": round_index, "files": manifest},
+                                             indent=1).encode())
+    _sync_dir(tmp)
+    if final.exists():  # the same round again (an interrupt right after a periodic one)
+        old = root / f".{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _sync_dir(root)
+    pruned = [r for r, _ in checkpoint_rounds(run_dir)[keep:]]
+    for r in pruned:
+        shutil.rmtree(checkpoint_dir(run_dir, r), ignore_errors=True)
+    return final, pruned
+
+
+def checkpoint_rounds(run_dir: Path) -> list[tuple[int, Path]]:
+    """(round, directory) of every checkpoint by name, newest first (not yet verified)."""
+    root = Path(run_dir) / CHECKPOINTS
+    found = []
+    for path in root.glob("round-*") if root.is_dir() else []:
+        suffix = path.name.removeprefix("round-")
+        if path.is_dir() and suffix.isdigit():
+            found.append((int(suffix), path))
+    return sorted(found, reverse=True)
+
+
+def verify(path: Path) -> str | None:
+    """None when every file the manifest names is there with its size and hash; else why not."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return "incomplete (no MANIFEST.json)"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"damaged MANIFEST.json ({error})"
+    for name, entry in files.items():
+        try:
+            data = (path / name).read_bytes()
+        except OSError:
+            return f"{name} is missing"
+        if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            return f"{name} is truncated or corrupted (size or SHA-256 differs from the manifest)"
+    if META not in files:
+        return "no meta.json"
+    return None
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    path: Path
+    round: int
+    meta: dict[str, Any]
+
+    def read(self, name: str) -> bytes:
+        return (self.path / name).read_bytes()
+
+    def names(self) -> list[str]:
+        return sorted(json.loads((self.path / MANIFEST).read_text())["files"])
+
+
+def newest_complete(run_dir: Path, warnings: list[str] | None = None,
+                    check: Callable[[LoadedCheckpoint], None] | None = None,
+                    ) -> LoadedCheckpoint | None:
+    """The newest checkpoint that passes its manifest (and `check`, which raises ValueError
+    for contents it refuses); each one skipped adds a warning."""
+    for round_index, path in checkpoint_rounds(run_dir):
+        problem = verify(path)
+        if problem is None:
+            try:
+                found = LoadedCheckpoint(path, round_index, json.loads((path / META).read_text()))
+                if check is not None:
+                    check(found)
+                return found
+            except (OSError, ValueError) as error:
+                problem = str(error)
+        if warnings is not None:
+            warnings.append(f"checkpoint {path} is unusable: {problem}; trying the one before")
+    return None
+
+
+def clean_partial(run_dir: Path) -> None:
+    """Remove what a crash mid-write left (temporary directories are never complete)."""
+    root = Path(run_dir) / CHECKPOINTS
+    for path in root.glob(".round-*") if root.is_dir() else []:
+        shutil.rmtree(path, ignore_errors=True)
