@@ -49,19 +49,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from algorithms.fedavg import FedAvg, copy_weights
+from algorithms.fedavg import FedAvg
 from algorithms.fpl import cluster_prototypes
 from raysim.algorithm import (
     Broadcast,
-    ClientContext,
     ClientUpdate,
+    LocalRound,
     ServerContext,
     ServerState,
+    Weights,
+    copy_weights,
     extend,
 )
 from raysim.config import require
 from raysim.segmentation import joint_loss
-from raysim.training import ClientData
 
 LEVELS = ("encoder", "decoder")
 NUM_STAGES = 4  # stages of the U-Net's encoder and decoder, 0 = finest
@@ -309,7 +310,11 @@ class BCSUpdate(ClientUpdate):
 
 
 class FedBCS(FedAvg):
-    requires_model_task = "segmentation"
+    tasks = ("segmentation",)
+    reported_metrics = (
+        "train_seg_loss", "train_align_loss", "train_contrastive_saturated",
+        *(f"server_clusters_{level}_{c}" for level in LEVELS
+          for c in ("background", "foreground")))
 
     @dataclass(frozen=True)
     class Config:
@@ -380,11 +385,10 @@ class FedBCS(FedAvg):
     def broadcast(self, state: BCSState) -> BCSBroadcast:
         return BCSBroadcast(weights=state.weights, prototypes=state.prototypes)
 
-    def server_round(
-        self, ctx: ServerContext, state: BCSState, updates: list[BCSUpdate]
-    ) -> BCSState:
+    def server_update(self, ctx: ServerContext, state: BCSState, weights: Weights,
+                      updates: list[BCSUpdate]) -> BCSState:
         """§3.3: FedAvg of the weights; FINCH cluster prototypes per (level, class)."""
-        averaged = super().server_round(ctx, state, updates)
+        averaged = super().server_update(ctx, state, weights, updates)
         prototypes, metrics = {}, {}
         for level in self.config.levels:
             clusters, labels, _, _ = cluster_prototypes(
@@ -395,20 +399,16 @@ class FedBCS(FedAvg):
         return extend(averaged, BCSState, prototypes=prototypes, metrics=metrics)
 
     # ---------------------------------------------------------------- client side
-    def client_update(
-        self, ctx: ClientContext, model: nn.Module, broadcast: BCSBroadcast, data: ClientData,
-        state: Any,
-    ) -> BCSUpdate:
-        model.load_state_dict(broadcast.weights)
-        collect_from = (ctx.train.local_epochs - 1) * data.steps_per_epoch(ctx.train.batch_size)
-        objective = AlignmentObjective(self, model, broadcast, ctx.device, collect_from)
-        optimizer = self.client_optimizer(ctx, model, state)
-        metrics = self.train_locally(ctx, model, data, objective, optimizer)
-        metrics.update(objective.metrics())
-        prototypes, counts = objective.local_prototypes()
-        update = ClientUpdate(weights=copy_weights(model), num_samples=len(data),
-                              metrics=metrics, state=self.next_state(ctx, optimizer))
-        return extend(update, BCSUpdate, prototypes=prototypes, counts=counts)
+    def local_objective(self, step: LocalRound) -> AlignmentObjective:
+        """§1.2, collecting the local prototypes during the last local epoch (§3.2)."""
+        train = step.ctx.train
+        collect_from = (train.local_epochs - 1) * step.data.steps_per_epoch(train.batch_size)
+        return AlignmentObjective(self, step.model, step.broadcast, step.ctx.device,
+                                  collect_from)
+
+    def upload(self, step: LocalRound) -> BCSUpdate:
+        prototypes, counts = step.objective.local_prototypes()
+        return extend(super().upload(step), BCSUpdate, prototypes=prototypes, counts=counts)
 
     def alignment_loss(
         self, features: DenseFeatures | FactoredFeatures, labels: Tensor,

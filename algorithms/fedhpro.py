@@ -59,13 +59,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from algorithms.fedavg import FedAvg, copy_weights
+from algorithms.fedavg import FedAvg
 from raysim.algorithm import (
     Broadcast,
     ClientContext,
     ClientUpdate,
+    LocalRound,
     ServerContext,
     ServerState,
+    Weights,
     extend,
 )
 from raysim.config import require
@@ -323,6 +325,12 @@ class FedHPro(FedAvg):
     """CReFF's federated features and classifier re-training plus hyper-prototype learning."""
 
     needs_features = True
+    tasks = ("classification",)
+    has_anchors = True
+    reported_metrics = ("train_hpcl", "train_hpal", "train_margin",
+                        "server_meta_match_loss_first", "server_meta_match_loss_last",
+                        "server_crt_accuracy", "server_hp_match_loss_first",
+                        "server_hp_match_loss_last", "server_hp_init_cosine")
 
     @dataclass(frozen=True)
     class Config:
@@ -381,12 +389,11 @@ class FedHPro(FedAvg):
         return HyperPrototypeBroadcast(weights=state.weights,
                                        hyper_prototypes=state.hyper_prototypes)
 
-    def server_round(
-        self, ctx: ServerContext, state: HyperPrototypeState, updates: list[GradientUpdate]
-    ) -> HyperPrototypeState:
-        """FedAvg, then S2 (meta features), S3 (classifier re-training), S4 (hyper-prototypes)."""
+    def server_update(self, ctx: ServerContext, state: HyperPrototypeState, weights: Weights,
+                      updates: list[GradientUpdate]) -> HyperPrototypeState:
+        """After FedAvg: S2 (meta features), S3 (classifier re-training), S4 (hyper-prototypes)."""
         cfg, device = self.config, ctx.device
-        weights = dict(super().server_round(ctx, state, updates).weights)
+        weights = dict(weights)
         real_features, real_weight, real_bias, held = (
             t.to(device) for t in aggregate_gradients(updates))
         # h0: the classifier the clients computed their gradients with
@@ -426,20 +433,13 @@ class FedHPro(FedAvg):
                                    hp_init=state.hp_init, meta_features=meta)
 
     # ---------------------------------------------------------------- client side
-    def client_update(
-        self, ctx: ClientContext, model: nn.Module, broadcast: HyperPrototypeBroadcast,
-        data: ClientData, state: Any,
-    ) -> GradientUpdate:
-        """§1(a) gradients on the received model, then §1(b) local training."""
-        model.load_state_dict(broadcast.weights)
-        gradients = self.real_gradients(ctx, model, data)
-        objective = self.local_objective(ctx, model, broadcast, state, data)
-        optimizer = self.client_optimizer(ctx, model, state)
-        metrics = self.train_locally(ctx, model, data, objective, optimizer)
-        metrics.update(objective.metrics())
-        update = ClientUpdate(weights=copy_weights(model), num_samples=len(data), metrics=metrics,
-                              state=self.next_state(ctx, optimizer))
-        return extend(update, GradientUpdate, **gradients)
+    def before_training(self, step: LocalRound) -> dict[str, Tensor]:
+        """§1(a): the real-sample gradients, on the received model, before local training."""
+        return self.real_gradients(step.ctx, step.model, step.data)
+
+    def upload(self, step: LocalRound) -> GradientUpdate:
+        """The trained weights with the gradients of §1(a)."""
+        return extend(super().upload(step), GradientUpdate, **step.prepared)
 
     def real_gradients(self, ctx: ClientContext, model: nn.Module,
                        data: ClientData) -> dict[str, Tensor]:
@@ -469,21 +469,17 @@ class FedHPro(FedAvg):
         return {"feature_grads": feature_grads, "weight_grads": weight_grads,
                 "bias_grads": bias_grads, "present": present}
 
-    def local_objective(
-        self, ctx: ClientContext, model: nn.Module, broadcast: HyperPrototypeBroadcast,
-        state: Any, data: ClientData | None = None,
-    ) -> HyperPrototypeObjective:
-        """CE + HPCL + HPAL (§3). The margin needs the client's data."""
+    def local_objective(self, step: LocalRound) -> HyperPrototypeObjective:
+        """CE + HPCL + HPAL (§3), with the client margin from the client's data."""
         cfg, classes = self.config, self.task.num_classes
+        model, data = step.model, step.data
         margin: float | Callable[[], float] = 0.0
         if cfg.margin and cfg.hpcl:
-            if data is None:
-                raise ValueError("the client margin needs the client's data")
             if cfg.variant == "paper":  # once per round, from the received model
                 margin = client_margin(model, data, classes, normalize=True)
             else:  # every mini-batch, from the current local model (the code's behaviour)
                 margin = functools.partial(client_margin, model, data, classes)
-        hyper = broadcast.hyper_prototypes.to(ctx.device)
+        hyper = step.broadcast.hyper_prototypes.to(step.ctx.device)
         return HyperPrototypeObjective(model, cfg, classes, hyper, margin)
 
     def anchors(self, broadcast: HyperPrototypeBroadcast) -> tuple[Tensor, Tensor] | None:

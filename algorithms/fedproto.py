@@ -21,24 +21,24 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from algorithms.fedavg import BatchLoss, FedAvg
+from algorithms.fedavg import FedAvg
 from raysim.algorithm import (
+    BatchLoss,
     Broadcast,
-    ClientContext,
     ClientUpdate,
+    LocalRound,
     ServerContext,
     ServerState,
+    Weights,
     extend,
 )
 from raysim.config import require
 from raysim.prototypes import local_prototypes
-from raysim.training import ClientData
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,8 @@ def tensors_to(broadcast: PrototypeBroadcast, device: torch.device) -> Prototype
 
 class FedProto(FedAvg):
     needs_features = True
+    tasks = ("classification",)
+    has_anchors = True
     state_type: type[PrototypeState] = PrototypeState
     broadcast_type: type[PrototypeBroadcast] = PrototypeBroadcast
 
@@ -116,10 +118,9 @@ class FedProto(FedAvg):
         names = [f.name for f in dataclasses.fields(self.broadcast_type)]
         return self.broadcast_type(**{name: getattr(state, name) for name in names})
 
-    def server_round(
-        self, ctx: ServerContext, state: PrototypeState, updates: list[PrototypeUpdate]
-    ) -> PrototypeState:
-        averaged = super().server_round(ctx, state, updates)
+    def server_update(self, ctx: ServerContext, state: PrototypeState, weights: Weights,
+                      updates: list[PrototypeUpdate]) -> PrototypeState:
+        averaged = super().server_update(ctx, state, weights, updates)
         return self.aggregate_prototypes(ctx, state, averaged, updates)
 
     def aggregate_prototypes(
@@ -131,26 +132,28 @@ class FedProto(FedAvg):
         return extend(averaged, self.state_type, prototypes=prototypes, present=present)
 
     # ---------------------------------------------------------------- client side
-    def client_update(
-        self, ctx: ClientContext, model: nn.Module, broadcast: PrototypeBroadcast,
-        data: ClientData, state: Any,
-    ) -> PrototypeUpdate:
-        update = super().client_update(ctx, model, broadcast, data, state)
-        prototypes, counts = local_prototypes(model, data, self.task.num_classes)
-        return extend(update, PrototypeUpdate, prototypes=prototypes, counts=counts)
-
-    def local_objective(
-        self, ctx: ClientContext, model: nn.Module, broadcast: PrototypeBroadcast, state: Any
-    ) -> BatchLoss:
-        if broadcast.prototypes is None:  # round 1: nothing to align to yet
-            return super().local_objective(ctx, model, broadcast, state)
-        anchors = tensors_to(broadcast, ctx.device)
+    def local_objective(self, step: LocalRound) -> BatchLoss:
+        if step.broadcast.prototypes is None:  # round 1: nothing to align to yet
+            return super().local_objective(step)
+        model, anchors = step.model, tensors_to(step.broadcast, step.ctx.device)
 
         def loss(x: Tensor, y: Tensor) -> Tensor:
             out = model(x)
             return F.cross_entropy(out.logits, y) + self.alignment_loss(out.features, y, anchors)
 
         return loss
+
+    def after_training(self, step: LocalRound) -> tuple[Tensor, Tensor]:
+        """Eq. 4: the local class means of the trained model, and the class counts."""
+        return local_prototypes(step.model, step.data, self.task.num_classes)
+
+    def upload(self, step: LocalRound) -> PrototypeUpdate:
+        prototypes, counts = step.trained
+        return extend(super().upload(step), PrototypeUpdate, prototypes=prototypes,
+                      counts=counts)
+
+    def local_means(self, update: PrototypeUpdate) -> tuple[Tensor, Tensor]:
+        return update.prototypes, update.counts
 
     def alignment_loss(self, features: Tensor, labels: Tensor,
                        anchors: PrototypeBroadcast) -> Tensor:
@@ -175,8 +178,5 @@ class FedProto(FedAvg):
         prototypes = broadcast.prototypes.to(x.device)
         distances = torch.cdist(out.features, prototypes)
         distances[:, ~broadcast.present.to(x.device)] = float("inf")
-        return {
-            "accuracy": (distances.argmin(1) == y).sum().item(),
-            "loss": F.cross_entropy(out.logits, y, reduction="sum").item(),
-            "count": float(len(y)),
-        }
+        sums = self.objectives.evaluate(out.logits, y)
+        return {**sums, "accuracy": (distances.argmin(1) == y).sum().item()}

@@ -8,12 +8,11 @@ a proximal term that keeps local models near the global weights w_t they started
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from algorithms.fedavg import BatchLoss, FedAvg
-from raysim.algorithm import Broadcast, ClientContext
+from algorithms.fedavg import FedAvg
+from raysim.algorithm import BatchLoss, LocalRound
 from raysim.config import require
 
 
@@ -25,12 +24,10 @@ class FedProx(FedAvg):
         def __post_init__(self) -> None:
             require(self.mu >= 0, "mu", f"must be >= 0 (got {self.mu})")
 
-    def local_objective(
-        self, ctx: ClientContext, model: nn.Module, broadcast: Broadcast, state: Any
-    ) -> BatchLoss:
-        base = super().local_objective(ctx, model, broadcast, state)
-        params = dict(model.named_parameters())
-        anchor = [broadcast.weights[name].to(ctx.device) for name in params]
+    def local_objective(self, step: LocalRound) -> BatchLoss:
+        base = super().local_objective(step)
+        params = dict(step.model.named_parameters())
+        anchor = [step.broadcast.weights[name].to(step.ctx.device) for name in params]
         mu = self.config.mu
 
         def loss(x: Tensor, y: Tensor) -> Tensor:

@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from algorithms.fedavg import copy_tensors, copy_weights
 from algorithms.fedproto import FedProto, PrototypeState, PrototypeUpdate, check_inference
-from raysim.algorithm import ServerContext, ServerState, extend
+from raysim.algorithm import ServerContext, ServerState, copy_tensors, copy_weights, extend
 from raysim.config import require
 
 
@@ -74,6 +73,7 @@ def margin_contrastive_loss(prototypes: Tensor, labels: Tensor, generated: Tenso
 
 class FedTGP(FedProto):
     state_type = TrainablePrototypeState
+    reported_metrics = ("server_tgp_loss_first", "server_tgp_loss_last", "server_tgp_margin")
 
     @dataclass(frozen=True)
     class Config:

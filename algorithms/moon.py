@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from algorithms.fedavg import BatchLoss, FedAvg
-from raysim.algorithm import Broadcast, ClientContext, ClientUpdate, Weights
+from algorithms.fedavg import FedAvg
+from raysim.algorithm import BatchLoss, ClientUpdate, LocalRound, Weights
 from raysim.config import require
-from raysim.training import ClientData
 
 
 def model_contrastive_loss(z: Tensor, z_glob: Tensor, z_prev: Tensor, tau: float) -> Tensor:
@@ -41,6 +40,7 @@ def model_contrastive_loss(z: Tensor, z_glob: Tensor, z_prev: Tensor, tau: float
 class MOON(FedAvg):
     stateful = True  # state["previous"]: this client's weights after its last round
     needs_features = True
+    tasks = ("classification",)
 
     @dataclass(frozen=True)
     class Config:
@@ -62,13 +62,12 @@ class MOON(FedAvg):
         frozen.load_state_dict(weights)
         return frozen.eval()
 
-    def local_objective(
-        self, ctx: ClientContext, model: nn.Module, broadcast: Broadcast, state: Any
-    ) -> BatchLoss:
+    def local_objective(self, step: LocalRound) -> BatchLoss:
+        model, broadcast = step.model, step.broadcast
         global_model = self.frozen_model("global", model, broadcast.weights)
-        previous = state.get("previous") if state else None
+        previous = step.state.get("previous") if step.state else None
         previous_model = self.frozen_model("previous", model, previous or broadcast.weights)
-        mu, tau = self.config.mu, self.config.tau
+        mu, tau, task_loss = self.config.mu, self.config.tau, self.objectives.loss
 
         def loss(x: Tensor, y: Tensor) -> Tensor:
             out = model(x)
@@ -76,13 +75,11 @@ class MOON(FedAvg):
                 z_glob = global_model(x).features
                 z_prev = previous_model(x).features
             contrastive = model_contrastive_loss(out.features, z_glob, z_prev, tau)
-            return F.cross_entropy(out.logits, y) + mu * contrastive
+            return task_loss(out.logits, y) + mu * contrastive
 
         return loss
 
-    def client_update(
-        self, ctx: ClientContext, model: nn.Module, broadcast: Broadcast, data: ClientData,
-        state: Any,
-    ) -> ClientUpdate:
-        update = super().client_update(ctx, model, broadcast, data, state)
+    def upload(self, step: LocalRound) -> ClientUpdate:
+        """The weights sent are also this client's "previous" model for its next round."""
+        update = super().upload(step)
         return replace(update, state={**(update.state or {}), "previous": update.weights})

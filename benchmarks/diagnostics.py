@@ -45,7 +45,8 @@ def main() -> None:
     curves: dict[str, dict[str, list[list[float]]]] = {}
     for method in args.methods:
         for seed in args.seeds:
-            config = load_config(config_path(args.setting, method), [f"seed={seed}"])
+            config = load_config(config_path(args.setting, method),
+                                 [f"seed={seed}", "diagnostics.anchors=true"])
             collect = CollectRounds()
             execute(prepare(config, RESULTS / "scratch" / f"diag-{method}-{seed}"), [collect])
             for key in KEYS:

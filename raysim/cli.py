@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--run-dir", help="where results go (default: runs/<name>-<time>)")
     launch.add_argument("--address", help=ADDRESS_HELP)
     launch.add_argument("--quiet", action="store_true", help="no per-round progress output")
+    launch.add_argument("--local", action="store_true",
+                        help="run in this process without Ray, one client after another "
+                        "(for pdb; same results): resources.backend=local")
 
     resume = commands.add_parser(
         "resume", help="continue a run from its newest complete checkpoint, into the same "
@@ -63,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _launch(run, args, launched_at)
         if args.command not in ("launch", "config"):
             return run_command(args)
-        config = load_config(args.config, args.override)
+        overrides = [*args.override, *(["resources.backend=local"]
+                                       if getattr(args, "local", False) else [])]
+        config = load_config(args.config, overrides)
         if args.command == "config":
             print(dump_config(config), end="")
             return 0

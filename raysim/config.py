@@ -163,9 +163,13 @@ class ResourcesConfig:
     num_workers: int = 2
     worker: ActorResources = field(default_factory=ActorResources)
     server: ActorResources = field(default_factory=lambda: ActorResources(num_cpus=0.0))
+    # ray: actors on a Ray cluster; local: the same round loop in this process, one client
+    # after another (for pdb and quick tests; the same results)
+    backend: str = "ray"
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 1, "num_workers", "must be >= 1")
+        require(self.backend in ("ray", "local"), "backend", "choose one of ray, local")
 
 
 @dataclass
@@ -228,6 +232,15 @@ class ClientStateConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    """Extra measurements that cost time, off unless asked for."""
+
+    # methods with global class anchors: cosine of clients' local class means to the anchors,
+    # the anchors' self-classification and their inter-class cosine, every round
+    anchors: bool = False
+
+
+@dataclass
 class AlgorithmConfig:
     """`name` picks a registered algorithm; the other keys are that algorithm's `Config`."""
 
@@ -254,6 +267,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     client_state: ClientStateConfig = field(default_factory=ClientStateConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
     def __post_init__(self) -> None:
         require(self.rounds >= 1, "rounds", "must be >= 1")
@@ -281,14 +295,16 @@ class Config:
                 f"model.name: {self.model.name!r} is not a {task} model, but dataset "
                 f"{self.data.dataset!r} is a {task} task; use one of {', '.join(fitting)}"
             )
-        needed = getattr(algorithm, "requires_model_task", None)
-        if needed is not None and model_task(self.model.name) != needed:
-            fitting = [name for name in MODELS if model_task(name) == needed]
+        if task not in algorithm.tasks:
+            from raysim.registry import algorithm_names
+
+            fitting = [n for n in algorithm_names() if task in algorithm_class(n).tasks]
             raise ConfigError(
-                f"model.name: {self.algorithm.name} needs a {needed} model; use one of "
-                f"{', '.join(fitting)}"
+                f"algorithm.name: {self.algorithm.name} runs {' and '.join(algorithm.tasks)} "
+                f"tasks, but dataset {self.data.dataset!r} is a {task} task; methods that run "
+                f"it: {', '.join(fitting)}"
             )
-        if getattr(algorithm, "needs_features", False) and not model.has_feature_head:
+        if algorithm.needs_features and not model.has_feature_head:
             with_heads = [name for name, cls in MODELS.items() if cls.has_feature_head]
             raise ConfigError(
                 f"algorithm.name: {self.algorithm.name} works on the model's features, but "

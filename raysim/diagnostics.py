@@ -39,11 +39,13 @@ def interclass_cosine(anchors: Tensor, defined: Tensor) -> float | None:
     return cos[off_diagonal].mean().item()
 
 
-def server_diagnostics(anchors: Tensor, defined: Tensor, weights: dict) -> dict[str, float]:
-    values = {
-        "anchor_self_accuracy": anchor_self_accuracy(
-            anchors, defined, weights["classifier.weight"].float(),
-            weights["classifier.bias"].float()),
-        "anchor_interclass_cosine": interclass_cosine(anchors, defined),
-    }
+def server_diagnostics(anchors: Tensor, defined: Tensor,
+                       classifier: tuple[Tensor, Tensor] | None) -> dict[str, float]:
+    """The anchors' inter-class cosine, and with the global (weight, bias) classifier their
+    self-classification accuracy."""
+    values = {"anchor_interclass_cosine": interclass_cosine(anchors, defined)}
+    if classifier is not None:
+        weight, bias = classifier
+        values["anchor_self_accuracy"] = anchor_self_accuracy(anchors, defined, weight.float(),
+                                                              bias.float())
     return {k: v for k, v in values.items() if v is not None}

@@ -4,8 +4,8 @@ trial starts.
 Every run reports the engine's metrics; evaluated rounds add `test_<m>` (and `val_<m>` where
 the dataset has a validation split), per domain as `test_<m>/<domain>`; methods with class
 anchors add the anchor diagnostics; each method may add its own (client metrics as they are,
-server metrics as `server_<name>`). A method can declare its own names in a `reported_metrics`
-class attribute; the bundled methods' names are listed here.
+server metrics as `server_<name>`), which it declares in its `reported_metrics` class
+attribute.
 """
 
 from __future__ import annotations
@@ -19,16 +19,6 @@ EVALUATION_SPLITS = ("test", "val")
 ENGINE = ("train_loss", "train_steps", "samples", "clients_ok", "clients_failed",
           "round_seconds", "samples_per_second")
 ANCHOR_DIAGNOSTICS = ("anchor_cosine", "anchor_self_accuracy", "anchor_interclass_cosine")
-BUNDLED = {
-    "fedhpro": ("train_hpcl", "train_hpal", "train_margin", "server_meta_match_loss_first",
-                "server_meta_match_loss_last", "server_crt_accuracy",
-                "server_hp_match_loss_first", "server_hp_match_loss_last",
-                "server_hp_init_cosine"),
-    "fedtgp": ("server_tgp_loss_first", "server_tgp_loss_last", "server_tgp_margin"),
-    "fedbcs": ("train_seg_loss", "train_align_loss", "train_contrastive_saturated",
-               *(f"server_clusters_{level}_{c}" for level in ("encoder", "decoder")
-                 for c in ("background", "foreground"))),
-}
 LOWER_IS_BETTER = ("loss", "hd95", "asd", "seconds")
 
 
@@ -36,19 +26,20 @@ def evaluation_metrics() -> list[str]:
     return [f"{split}_{name}" for split in EVALUATION_SPLITS for name in EVALUATION]
 
 
-def algorithm_metrics(name: str) -> list[str]:
-    """What the algorithm `name` reports besides the engine and evaluation metrics."""
+def algorithm_metrics(name: str, anchors: bool = True) -> list[str]:
+    """What the algorithm `name` reports besides the engine and evaluation metrics (with the
+    anchor diagnostics where it has anchors and they are switched on)."""
     from raysim.registry import algorithm_class
 
     algorithm = algorithm_class(name)
-    names = list(getattr(algorithm, "reported_metrics", ())) + list(BUNDLED.get(name, ()))
-    if _has_anchors(algorithm):
+    names = list(algorithm.reported_metrics)
+    if anchors and algorithm.has_anchors:
         names += ANCHOR_DIAGNOSTICS
     return names
 
 
-def reportable(algorithm: str) -> list[str]:
-    return [*evaluation_metrics(), *ENGINE, *algorithm_metrics(algorithm)]
+def reportable(algorithm: str, anchors: bool = True) -> list[str]:
+    return [*evaluation_metrics(), *ENGINE, *algorithm_metrics(algorithm, anchors)]
 
 
 def check_metric(metric: str, configs: Iterable[Any]) -> None:
@@ -56,8 +47,10 @@ def check_metric(metric: str, configs: Iterable[Any]) -> None:
     from raysim.config import ConfigError
 
     base = _without_domain(metric)
+    configs = list(configs)
     algorithms = sorted({config.algorithm.name for config in configs})
-    missing = [name for name in algorithms if base not in reportable(name)]
+    missing = sorted({c.algorithm.name for c in configs
+                      if base not in reportable(c.algorithm.name, c.diagnostics.anchors)})
     if not missing:
         return
     known = sorted({m for name in algorithms for m in reportable(name)})
@@ -65,8 +58,10 @@ def check_metric(metric: str, configs: Iterable[Any]) -> None:
         close = difflib.get_close_matches(base, known, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(known)}"
         raise ConfigError(f"metric: no algorithm reports {metric!r}; {hint}")
+    hint = "; the anchor diagnostics need diagnostics.anchors: true" \
+        if base in ANCHOR_DIAGNOSTICS else ""
     raise ConfigError(f"metric: {metric!r} is not reported by {', '.join(missing)} "
-                      f"(in this sweep's search space)")
+                      f"(in this sweep's search space){hint}")
 
 
 def default_mode(metric: str) -> str:
@@ -78,13 +73,6 @@ def _without_domain(metric: str) -> str:
     """`test_accuracy/svhn` → `test_accuracy` (per-domain evaluation metrics only)."""
     head, sep, _ = metric.partition("/")
     return head if sep and head in evaluation_metrics() else metric
-
-
-def _has_anchors(algorithm: type) -> bool:
-    from raysim.registry import algorithm_class
-
-    anchors = getattr(algorithm, "anchors", None)
-    return anchors is not None and anchors is not algorithm_class("fedavg").anchors
 
 
 def _all_algorithms(extra: Sequence[str]) -> list[str]:

@@ -195,17 +195,19 @@ def execute(
     `launched_at` (a `time.perf_counter()` reading, default: now) is where the reported time to
     the first round starts counting; the CLI passes its own start.
     """
-    import ray
-
     from raysim.cluster import placement_notes
     from raysim.engine.simulation import RunStopped, Simulation
 
     started = time.perf_counter()
     launched_at = started if launched_at is None else launched_at
-    init_ray(address)
-    config, notes = fit_resources(run.config, ray.cluster_resources())
-    for note in notes:
-        print(f"raysim: warning: {note}", file=sys.stderr)
+    config = run.config
+    if config.resources.backend == "ray":
+        import ray
+
+        init_ray(address)
+        config, notes = fit_resources(run.config, ray.cluster_resources())
+        for note in notes:
+            print(f"raysim: warning: {note}", file=sys.stderr)
     run = dataclasses.replace(run, config=config)
     simulation = Simulation(config, run.task, run_dir=str(run.run_dir), restore=run.restore,
                             load_checkpoint=lambda: load_restore(run.run_dir, config))

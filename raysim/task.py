@@ -49,6 +49,7 @@ def build_task(config: Config) -> Task:
         train=config.train,
         seed=config.seed,
         kind=spec.task,
+        num_clients=part.num_clients,
     )
     return Task(dataset=dataset, partition=partition, info=info)
 

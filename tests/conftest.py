@@ -46,8 +46,6 @@ TIMING = {"round_seconds", "samples_per_second"}  # the only metrics that differ
 def run_rounds(config, tmp_path, num_workers=None, on_round=None):
     """All rounds of `config` on the session's Ray: results, final weights, client states of
     clients 0–11. `on_round(simulation, r)` runs after each round (fault tests kill actors)."""
-    import ray
-
     from raysim.engine.simulation import Simulation
     from raysim.run import prepare
 
@@ -61,7 +59,7 @@ def run_rounds(config, tmp_path, num_workers=None, on_round=None):
             if on_round is not None:
                 on_round(simulation, result.round)
         weights = simulation.global_weights()
-        states = ray.get(simulation.server.states_for.remote(list(range(12))))
+        states = simulation.backend.get(simulation.server.states_for.remote(list(range(12))))
     finally:
         simulation.shutdown()
     return results, weights, states

@@ -35,8 +35,7 @@ def test_anchor_self_accuracy_and_interclass_cosine():
     assert interclass_cosine(ANCHORS, torch.tensor([True, False, True])) == pytest.approx(
         2 ** -0.5)
     assert interclass_cosine(ANCHORS, torch.tensor([True, False, False])) is None
-    metrics = server_diagnostics(anchors, defined, {"classifier.weight": weight,
-                                                    "classifier.bias": bias})
+    metrics = server_diagnostics(anchors, defined, (weight, bias))
     assert metrics["anchor_self_accuracy"] == 0.5
     assert "anchor_interclass_cosine" in metrics
 

@@ -14,6 +14,7 @@ from raysim.engine.evaluation import eval_batches, reduce_domain_eval, reduce_ev
 from raysim.engine.simulation import balance
 from raysim.run import fit_resources, prepare
 from raysim.seeding import client_generator, sample_clients
+from raysim.state_io import pack
 
 
 @pytest.mark.slow
@@ -28,6 +29,28 @@ def test_same_seed_gives_identical_metrics_with_one_or_two_workers(ray_session, 
     # and a different seed really changes the run
     other, _, _ = run_rounds(small_config(seed=4), tmp_path, num_workers=2)
     assert without_timing(other) != without_timing(two)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["moon", "fedhpro"])
+def test_local_backend_gives_the_ray_backend_run(ray_session, tmp_path, method):
+    overrides = {"algorithm.name": method, "rounds": 3}
+    on_ray = run_rounds(small_config(**overrides), tmp_path / "ray")
+    local = run_rounds(small_config(**overrides, **{"resources.backend": "local"}),
+                       tmp_path / "local")
+    assert without_timing(local[0]) == without_timing(on_ray[0])
+    assert all(torch.equal(local[1][k], on_ray[1][k]) for k in on_ray[1])
+    assert pack(local[2]) == pack(on_ray[2])  # client states too (MOON's previous models)
+
+
+def test_local_backend_stops_a_run_with_too_few_clients_as_ray_does(tmp_path):
+    config = small_config(**{"algorithm.name": "test_algorithms:FailsOnClientZero",
+                             "resources.backend": "local", "rounds": 6,
+                             "fault_tolerance.min_clients_fraction": 1.0})
+    from raysim.engine.simulation import RunStopped
+
+    with pytest.raises(RunStopped, match="client 0 is broken"):
+        run_rounds(config, tmp_path)
 
 
 @pytest.mark.slow

@@ -220,11 +220,15 @@ def test_bad_fedbcs_settings_name_the_key(override, message):
                                                              "model.name": "unet"})
 
 
-def test_fedbcs_needs_a_segmentation_model_and_prototype_methods_a_feature_head():
-    with pytest.raises(ConfigError, match="model.name: fedbcs needs a segmentation model; "
-                                          "use one of unet"):
+def test_methods_run_only_the_tasks_they_declare():
+    with pytest.raises(ConfigError, match="algorithm.name: fedbcs runs segmentation tasks, but "
+                                          "dataset 'digits' is a classification task; methods "
+                                          "that run it: fedavg, fedhpro, fedproto, fedprox, "
+                                          "fedtgp, fpl, moon"):
         small_config(**{"algorithm.name": "fedbcs"})
-    with pytest.raises(ConfigError, match="model 'unet' has no feature head"):
+    with pytest.raises(ConfigError, match="fedproto runs classification tasks, but dataset "
+                                          "'synthetic_organ' is a segmentation task; methods "
+                                          "that run it: fedavg, fedbcs, fedprox, scaffold$"):
         small_config(**{"algorithm.name": "fedproto", "model.name": "unet",
                         "data.dataset": "synthetic_organ", "data.partition.kind": "domains"})
 

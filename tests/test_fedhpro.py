@@ -28,7 +28,7 @@ from algorithms.fedhpro import (
     retrain_classifier,
     sign_distance,
 )
-from raysim.algorithm import ClientContext, ServerContext, TaskInfo
+from raysim.algorithm import ClientContext, LocalRound, ServerContext, TaskInfo
 from raysim.config import ConfigError, TrainConfig, config_from_dict
 from raysim.data import DatasetSpec
 from raysim.dsa import AUGMENTATIONS, siamese_augment
@@ -211,9 +211,8 @@ def test_official_objective_is_ce_plus_hpcl_over_b_plus_hpal(margin):
     nn.init.zeros_(model.classifier.weight)
     nn.init.zeros_(model.classifier.bias)  # CE = log 2
     hyper = torch.tensor([[3.0, 0.0], [1.0, 0.0], [0.0, 1.0], [2.0, 0.0]])
-    objective = algo.local_objective(client_context(), model,
-                                     HyperPrototypeBroadcast({}, hyper), None,
-                                     identity_data(x, y))
+    objective = algo.local_objective(LocalRound(
+        client_context(), model, HyperPrototypeBroadcast({}, hyper), identity_data(x, y), None))
     z = x.flatten(1)
     # one sample per class: m = 2·⟨z_0, z_1⟩/(C − 1)² = 2·2.5
     m = 5.0 if margin else 0.0
@@ -229,8 +228,8 @@ def test_paper_objective_weights_terms_by_lambda_without_the_extra_1_over_b():
     x, y = torch.tensor([[1.0, 1.0], [2.0, 0.5]]).view(2, 1, 1, 2), torch.tensor([0, 1])
     model = LinearHead(2, 2)
     hyper = torch.randn(10, 2, generator=torch.Generator().manual_seed(0))
-    objective = algo.local_objective(client_context(), model,
-                                     HyperPrototypeBroadcast({}, hyper), None)
+    objective = algo.local_objective(LocalRound(
+        client_context(), model, HyperPrototypeBroadcast({}, hyper), None, None))
     z = x.flatten(1)
     expected = (F.cross_entropy(model(x).logits, y).item()
                 + 0.3 * hpcl_loss(z, y, hpcl_anchors(hyper, 2), 0.5).item()
@@ -329,7 +328,7 @@ def test_server_round_replaces_the_classifier_and_updates_hyper_prototypes():
     before = torch.random.get_rng_state()
     new = algo.server_round(server_context(), state, updates)
     assert torch.equal(torch.random.get_rng_state(), before)
-    fedavg = super(FedHPro, algo).server_round(server_context(), state, updates).weights
+    fedavg = algo.aggregate(server_context(), state, updates)  # the plain FedAvg mean
     assert not torch.allclose(new.weights["classifier.weight"], fedavg["classifier.weight"])
     with torch.no_grad():  # the installed classifier is the one fitted on F
         logits = new.meta_features @ new.weights["classifier.weight"].T + \

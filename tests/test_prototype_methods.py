@@ -190,7 +190,8 @@ def run(config, tmp_path, num_workers=2):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["moon", "fedproto", "fpl", "fedtgp"])
 def test_each_method_learns_above_chance(ray_session, tmp_path, name):
-    config = small_config(**{"algorithm.name": name, "rounds": 4, "train.local_epochs": 2})
+    config = small_config(**{"algorithm.name": name, "rounds": 4, "train.local_epochs": 2,
+                             "diagnostics.anchors": True})
     results, _ = run(config, tmp_path)
     metrics = results[-1].metrics
     assert metrics["test_accuracy"] > 0.3  # chance is 0.1

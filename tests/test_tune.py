@@ -147,8 +147,12 @@ def test_metric_that_no_algorithm_reports(tmp_path, capsys):
 
 def test_metric_missing_for_one_searched_algorithm(tmp_path, capsys):
     path = write_sweep(tmp_path, search={"algorithm.name": {"grid": ["fedproto", "fedavg"]}},
+                       metric="anchor_cosine",
+                       overrides={**TINY, "rounds": 3, "diagnostics.anchors": True})
+    assert "'anchor_cosine' is not reported by fedavg (in" in tune_error(path, capsys)
+    path = write_sweep(tmp_path, search={"algorithm.name": {"grid": ["fedproto"]}},
                        metric="anchor_cosine")
-    assert "'anchor_cosine' is not reported by fedavg" in tune_error(path, capsys)
+    assert "need diagnostics.anchors: true" in tune_error(path, capsys)
 
 
 def test_sampled_bounds_are_validated(tmp_path, capsys):

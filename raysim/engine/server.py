@@ -115,7 +115,8 @@ class Server:
         metrics.update({f"server_{k}": float(v) for k, v in state.metrics.items()})
         if self.stateful:
             self.store.put(round_index, {r.client_id: r.update.state for r in ok})
-        metrics.update(self._diagnostics(state))
+        if self.config.diagnostics.anchors and self.algorithm.has_anchors:
+            metrics.update(self._diagnostics(state))
         metrics.update(average_client_metrics(updates))
         metrics["samples"] = float(sum(u.num_samples for u in updates))
         report["server_seconds"] = time.perf_counter() - start
@@ -141,7 +142,8 @@ class Server:
         anchors = self.algorithm.anchors(self.algorithm.broadcast(state))
         if anchors is None:
             return {}
-        return server_diagnostics(anchors[0].float().cpu(), anchors[1].cpu(), state.weights)
+        return server_diagnostics(anchors[0].float().cpu(), anchors[1].cpu(),
+                                  self.algorithm.classifier(state.weights))
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.states[self.latest].weights

@@ -13,7 +13,6 @@ Every retry, drop, restart and replay is reported as a failure record of the rou
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -21,19 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from raysim.config import Config
+from raysim.engine.backends import make_backend
 from raysim.engine.evaluation import eval_batches, reduce_domain_eval
-from raysim.engine.server import Server
-from raysim.engine.transport import register_tensor_transport
-from raysim.engine.worker import ClientWorker
 from raysim.seeding import sample_clients
 from raysim.task import Task, keeps_client_state
 from raysim.training import steps_per_epoch
-
-PING_SECONDS = 10.0  # a busy actor answers a ping after its current task; a dead one at once
 
 
 @dataclass(frozen=True)
@@ -83,19 +76,6 @@ def balance(client_ids: Sequence[int], costs: Sequence[int], num_workers: int) -
     return groups
 
 
-class _RemoteClientWorker(ClientWorker):
-    def __init__(self, config: Config, data_refs: list, info: Any) -> None:
-        register_tensor_transport()
-        dataset, client_indices = ray.get(data_refs)
-        super().__init__(config, dataset, client_indices, info)
-
-
-class _RemoteServer(Server):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        register_tensor_transport()
-        super().__init__(*args, **kwargs)
-
-
 @dataclass
 class RoundWork:
     """One dispatched round: what each worker slot trains, and the refs of its results."""
@@ -111,7 +91,8 @@ class RoundWork:
 
 
 class Simulation:
-    """One FL run on a Ray pool. `ray.init` must have been called.
+    """One FL run on a pool of workers: Ray actors (`ray.init` must have been called), or with
+    `resources.backend: local` plain objects in this process (see `raysim.engine.backends`).
 
     `restore` starts after a checkpoint's round; `load_checkpoint` returns the newest complete
     checkpoint when the server actor must be recreated (default: the last one this simulation
@@ -141,9 +122,10 @@ class Simulation:
                                 ("test", task.dataset.test))
             if split is not None
         }
+        self.backend = make_backend(config.resources.backend)
         self.workers: list[Any] = []
         self.server: Any = None
-        self.data_refs: list[Any] = []
+        self.shared: Any = None
         self.restarts = 0
         self.stop_requested = False
         self._events: list[dict[str, Any]] = []  # records waiting for the next round's result
@@ -152,41 +134,26 @@ class Simulation:
     # ------------------------------------------------------------------ actors
     def start(self) -> list[dict[str, Any]]:
         """Create the server and the worker pool; return once every worker is ready."""
-        # Results lost with a dead actor are handled here (rerun, replay) and reported as
-        # failure records; Ray's log line for each discarded ref would only repeat them.
-        os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
-        register_tensor_transport()
-        # Put once, read zero-copy by every worker on a node.
-        self.data_refs = [ray.put(self.task.dataset), ray.put(self.task.partition.client_indices)]
+        self.shared = self.backend.share(self.task.dataset, self.task.partition.client_indices)
         self.workers = [self._new_worker() for _ in range(self.num_workers)]
         self.server = self._new_server(self.restore)
-        return ray.get([w.describe.remote() for w in self.workers])
+        return self.backend.get([w.describe.remote() for w in self.workers])
 
     def _new_worker(self) -> Any:
-        res = self.config.resources
-        cls = ray.remote(_RemoteClientWorker).options(
-            num_cpus=res.worker.num_cpus, num_gpus=res.worker.num_gpus)
-        return cls.remote(self.config, self.data_refs, self.task.info)
+        return self.backend.worker(self.config, self.shared, self.task.info)
 
     def _new_server(self, restore: Restore | None) -> Any:
-        res = self.config.resources
-        options: dict[str, Any] = {"num_cpus": res.server.num_cpus,
-                                   "num_gpus": res.server.num_gpus}
-        if self.config.client_state.store == "disk" and self.stateful:
-            # the disk store writes into the run directory: keep the server on this node
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
-                ray.get_runtime_context().get_node_id(), soft=False)
         payload = None if restore is None else {"round": restore.round, "files": restore.files,
                                                 "others": restore.others}
-        return ray.remote(_RemoteServer).options(**options).remote(
-            self.config, self.task.info, self.run_dir, payload)
+        # the disk store writes into the run directory: keep the server on this node
+        pin_here = self.config.client_state.store == "disk" and self.stateful
+        return self.backend.server(self.config, (self.task.info, self.run_dir, payload),
+                                   pin_here)
 
     def describe(self) -> list[dict[str, Any]]:
         """Process ids and placement of the workers, then the server's (for fault tests)."""
-        return ray.get([w.describe.remote() for w in self.workers]
-                       + [self.server.describe.remote()])
+        return self.backend.get([w.describe.remote() for w in self.workers]
+                                + [self.server.describe.remote()])
 
     # ------------------------------------------------------------------ the round loop
     def request_stop(self) -> None:
@@ -208,7 +175,7 @@ class Simulation:
                 return
             try:
                 result = self._collect(inflight[0], started=last)
-            except RayError as error:
+            except self.backend.errors as error:
                 self._recover(error, inflight)
                 continue
             inflight.popleft()
@@ -267,7 +234,7 @@ class Simulation:
 
     def _collect(self, work: RoundWork, started: float) -> RoundResult:
         r = work.round
-        report = ray.get(work.report_ref)
+        report = self.backend.get(work.report_ref)
         events = self._events + [
             failure_record(r, "client_retried", reason, client=cid, attempt=attempt)
             for cid, attempt, reason in report["retries"]
@@ -282,7 +249,8 @@ class Simulation:
                 f"failure: {first[-1] if first else 'unknown'}", r - 1)
         metrics = dict(report["metrics"])
         if work.eval_refs:
-            sums = iter([s for part in ray.get(work.eval_refs) for s in part])  # in batch order
+            sums = iter([s for part in self.backend.get(work.eval_refs)
+                         for s in part])  # in batch order
             names = self.task.dataset.spec.domains
             for split, split_groups in self.eval_groups.items():
                 groups = [(names[d] if d >= 0 else "", [next(sums) for _ in batches])
@@ -297,18 +265,18 @@ class Simulation:
                            events=tuple(events), checkpoint=report.get("checkpoint"))
 
     # ------------------------------------------------------------------ recovery
-    def _recover(self, error: RayError, inflight: deque[RoundWork]) -> None:
+    def _recover(self, error: Exception, inflight: deque[RoundWork]) -> None:
         """Replace the actors that died and run again what was lost with them. An error with
         every actor alive is the method's or the engine's own: it is raised."""
         r = inflight[0].round
-        dead = [i for i, worker in enumerate(self.workers) if not alive(worker)]
-        server_dead = not alive(self.server)
+        dead = [i for i, worker in enumerate(self.workers) if not self.backend.alive(worker)]
+        server_dead = not self.backend.alive(self.server)
         if not dead and not server_dead:
             raise error
         self._broadcasts = {}
         for slot in dead:
             self._count_restart(r, f"worker {slot}")
-            ray.kill(self.workers[slot])
+            self.backend.kill(self.workers[slot])
             self.workers[slot] = self._new_worker()
             self._events.append(failure_record(r, "worker_restarted", _reason(error),
                                                actor=f"worker {slot}"))
@@ -330,18 +298,18 @@ class Simulation:
 
     def _repair(self, work: RoundWork) -> None:
         """Run again the groups whose results were lost; evaluate again if that was lost."""
-        if not succeeded(work.report_ref):
+        if not self.backend.succeeded(work.report_ref):
             for slot, ref in enumerate(work.train_refs):
-                if ref is not None and not succeeded(ref):
+                if ref is not None and not self.backend.succeeded(ref):
                     work.train_refs[slot] = self._train(slot, work.round, work.groups[slot])
             self._aggregate(work)
-        elif not all(succeeded(ref) for ref in work.eval_refs):
+        elif not all(self.backend.succeeded(ref) for ref in work.eval_refs):
             work.eval_refs = self._dispatch_evaluation(self._broadcast(work.round + 1))
 
     def _restart_server(self, r: int, reason: str) -> None:
         """A new server from the newest checkpoint, then the rounds since it replayed (no
         evaluation: their metrics were logged already)."""
-        ray.kill(self.server)
+        self.backend.kill(self.server)
         restore = self.load_checkpoint()
         if restore is not None and restore.round >= r:
             restore = None  # a checkpoint of a round not yet collected cannot be
@@ -349,7 +317,7 @@ class Simulation:
         self._events.append(failure_record(r, "server_restarted", reason, actor="server"))
         start = restore.round + 1 if restore else 1
         for replayed in range(start, r):
-            report = ray.get(self._dispatch(replayed, replay=True).report_ref)
+            report = self.backend.get(self._dispatch(replayed, replay=True).report_ref)
             if report.get("insufficient"):
                 raise RunStopped(f"round {replayed}: the replay after a server restart lost "
                                  "too many clients", replayed - 1)
@@ -362,37 +330,19 @@ class Simulation:
     # ------------------------------------------------------------------ state
     def snapshot(self, round_index: int) -> dict[str, bytes]:
         """The files of a checkpoint after `round_index` (the last round the server ran)."""
-        return ray.get(self.server.snapshot.remote(round_index))
+        return self.backend.get(self.server.snapshot.remote(round_index))
 
     def release_checkpoint(self, round_index: int) -> None:
         self.server.release.remote(round_index)
 
     def global_weights(self) -> dict:
-        return ray.get(self.server.weights.remote())
+        return self.backend.get(self.server.weights.remote())
 
     def shutdown(self) -> None:
         for actor in [*self.workers, self.server]:
             if actor is not None:
-                ray.kill(actor)
+                self.backend.kill(actor)
         self.workers, self.server = [], None
-
-
-def alive(actor: Any) -> bool:
-    try:
-        ray.get(actor.ping.remote(), timeout=PING_SECONDS)
-    except GetTimeoutError:
-        return True  # busy with a task: alive
-    except RayActorError:
-        return False
-    return True
-
-
-def succeeded(ref: Any) -> bool:
-    try:
-        ray.get(ref)
-    except RayError:
-        return False
-    return True
 
 
 def _reason(error: Exception) -> str:

@@ -78,6 +78,7 @@ class ClientWorker:
         }
         self.client_indices = client_indices
         self.max_retries = config.fault_tolerance.max_client_retries
+        self.diagnose_anchors = config.diagnostics.anchors and self.algorithm.has_anchors
         # The first optimiser built in a process imports torch._dynamo (~1 s): pay it now,
         # not inside the first client's timed step.
         make_optimizer(self.model, config.train)
@@ -131,22 +132,21 @@ class ClientWorker:
         problem = check_finite(update)
         if problem:
             return ClientResult(client_id, None, problem, retries=retries)
-        update = self._with_anchor_alignment(update, broadcast, data)
+        if self.diagnose_anchors:
+            update = self._with_anchor_alignment(update, broadcast, data)
         return ClientResult(client_id, update, None, time.perf_counter() - start, retries)
 
     def _with_anchor_alignment(
         self, update: ClientUpdate, broadcast: Broadcast, data: ClientData
     ) -> ClientUpdate:
         """Diagnostic `anchor_cosine`: how well the trained local class means line up with the
-        global anchors this client was pulled towards (methods with anchors only)."""
+        global anchors this client was pulled towards (`diagnostics.anchors`)."""
         anchors = self.algorithm.anchors(broadcast)
         if anchors is None:
             return update
-        sent = getattr(update, "prototypes", None)
-        if sent is not None:  # the method already sends its local class means: reuse them
-            means, counts = sent, update.counts
-        else:
-            means, counts = local_prototypes(self.model, data, len(anchors[0]))
+        # the class means the method sends, else one pass over the client's data for them
+        means, counts = self.algorithm.local_means(update) or \
+            local_prototypes(self.model, data, len(anchors[0]))
         cosine = anchor_alignment(means, counts, anchors[0].float(), anchors[1])
         if cosine is None:
             return update
