@@ -12,6 +12,8 @@ and uploads y and Δc_i = c_i⁺ − c_i. The server moves
 with ȳ the sample-weighted mean of the clients' weights (the paper's uniform mean over S when
 all clients hold the same amount of data), |S| the clients of the round, N all clients.
 Control variates cover the model's parameters (not BatchNorm statistics); η is `train.lr`.
+The paper's steps are plain SGD; with heavy-ball momentum β a local step moves about
+η/(1 − β) per unit of gradient, so Kη becomes Kη/(1 − β) (exactly the paper's for β = 0).
 """
 
 from __future__ import annotations
@@ -85,8 +87,9 @@ class SCAFFOLD(FedAvg):
 
     def upload(self, step: LocalRound) -> ControlUpdate:
         """Option II: c_i⁺ = c_i − c + (x − y)/(K η)."""
-        update = super().upload(step)
-        own, scale = self.client_control(step), step.metrics["train_steps"] * step.ctx.train.lr
+        update, train = super().upload(step), step.ctx.train
+        own = self.client_control(step)
+        scale = step.metrics["train_steps"] * train.lr / (1 - train.momentum)
         new = {n: own[n] - c + (step.broadcast.weights[n] - update.weights[n]) / scale
                for n, c in step.broadcast.control.items()}
         return extend(update, ControlUpdate, state={**(update.state or {}), "control": new},

@@ -29,7 +29,7 @@ from raysim.sinks import CollectRounds
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 SETTINGS = ["digits_a0.5", "digits_a0.1", "digits_domains"]
-BASELINES = ["fedavg", "fedprox", "moon", "fedproto", "fpl", "fedtgp"]
+BASELINES = ["fedavg", "fedprox", "scaffold", "moon", "fedproto", "fpl", "fedtgp"]
 METHODS = [*BASELINES, "fedhpro-official", "fedhpro-paper"]
 # FedHPro ablations: label → overrides on top of the official variant
 ABLATIONS = {

@@ -89,16 +89,14 @@ def _launch(run, args: argparse.Namespace, launched_at: float) -> int:
     """Run a prepared (new or resumed) run; print its outcome. Exit 0 when it completed, 130
     when interrupted (after its checkpoint), 1 when fault tolerance stopped it."""
     from raysim.run import describe_partition, execute
-    from raysim.sinks import ConsoleProgress, RunDirectory, WandbSink
+    from raysim.sinks import ConsoleProgress, RunDirectory, extra_sinks
 
     config = run.config
     start = f"resuming after round {run.restore.round}, " if run.restore is not None else ""
     print(f"raysim: {config.name}: {config.algorithm.name} on {config.data.dataset}, {start}"
           f"{config.rounds} rounds × {config.clients_per_round} clients -> {run.run_dir}")
     print(f"raysim: {describe_partition(run.task)}")
-    sinks = [RunDirectory(run.run_dir)]
-    if config.logging.wandb.mode != "disabled":
-        sinks.append(WandbSink(run.run_dir))
+    sinks = [RunDirectory(run.run_dir), *extra_sinks(config, run.run_dir)]
     if config.logging.progress and not args.quiet:
         sinks.append(ConsoleProgress())
     summary = execute(run, sinks, address=args.address, launched_at=launched_at)

@@ -30,6 +30,17 @@ def require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def lookup(registry: Any, name: str, key: str) -> Any:
+    """`registry[name]` (a plug-in registry of `raysim.registry`), or a ConfigError at `key`
+    saying why not (unknown, with the known names; failed import; missing contract)."""
+    from raysim.registry import RegistryError
+
+    try:
+        return registry[name]
+    except RegistryError as error:
+        raise ConfigError(f"{key}: {error}") from None
+
+
 @dataclass
 class PartitionConfig:
     """How the training split is divided among clients (see `raysim.data.partition`)."""
@@ -42,10 +53,10 @@ class PartitionConfig:
     within: str = "iid"  # domains: how each domain's samples are split among its clients
 
     def __post_init__(self) -> None:
-        from raysim.data import PARTITION_KINDS, WITHIN_DOMAIN_KINDS
+        from raysim.data.partition import WITHIN_DOMAIN_KINDS
+        from raysim.registry import PARTITIONERS
 
-        require(self.kind in PARTITION_KINDS, "kind",
-                 f"unknown partition {self.kind!r}; choose one of {', '.join(PARTITION_KINDS)}")
+        lookup(PARTITIONERS, self.kind, "kind")
         require(self.num_clients >= 1, "num_clients", "must be >= 1")
         require(self.alpha > 0, "alpha", f"must be > 0 (got {self.alpha})")
         require(self.classes_per_client >= 1, "classes_per_client", "must be >= 1")
@@ -96,10 +107,9 @@ class DataConfig:
     val_fraction: float = 0.2  # nuclei: share of each site's train list held out for validation
 
     def __post_init__(self) -> None:
-        from raysim.data import DATASETS
+        from raysim.registry import DATASETS
 
-        require(self.dataset in DATASETS, "dataset",
-                 f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        lookup(DATASETS, self.dataset, "dataset")
         require(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)")
         require(self.image_size is None or (self.image_size >= 16 and self.image_size % 16 == 0),
                 "image_size", f"must be a multiple of 16 (got {self.image_size})")
@@ -112,14 +122,14 @@ class ModelConfig:
     width: int | None = None  # base width (unet: 32, resnet10: 32); None: the model's default
 
     def __post_init__(self) -> None:
-        from raysim.models import MODELS, WIDTH_ARGUMENT
+        from raysim.registry import MODELS
 
-        require(self.name in MODELS, "name",
-                 f"unknown model {self.name!r}; choose one of {', '.join(MODELS)}")
+        model = lookup(MODELS, self.name, "name")
         if self.width is not None:
-            require(self.name in WIDTH_ARGUMENT, "width",
+            with_width = [n for n in MODELS if MODELS[n].width_argument]
+            require(model.width_argument is not None, "width",
                     f"model {self.name!r} has no width setting; models with one: "
-                    f"{', '.join(WIDTH_ARGUMENT)}")
+                    f"{', '.join(with_width)}")
             require(self.width >= 1, "width", "must be >= 1")
 
 
@@ -189,6 +199,15 @@ class WandbConfig:
 class LoggingConfig:
     progress: bool = True  # live progress line on the console
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # more sinks by registered name (`raysim.sinks` entry points), each made as cls(run_dir);
+    # W&B joins them whenever wandb.mode is not disabled
+    sinks: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from raysim.registry import SINKS
+
+        for i, name in enumerate(self.sinks):
+            lookup(SINKS, name, f"sinks[{i}]")
 
 
 @dataclass
@@ -282,15 +301,13 @@ class Config:
 
 
     def _check_model_fits_algorithm(self) -> None:
-        from raysim.data.datasets import dataset_task
-        from raysim.models import MODELS, model_task
-        from raysim.registry import algorithm_class
+        from raysim.registry import DATASETS, MODELS, algorithm_class
 
         algorithm = algorithm_class(self.algorithm.name)
         model = MODELS[self.model.name]
-        task = dataset_task(self.data.dataset)
-        if model_task(self.model.name) != task:
-            fitting = [name for name in MODELS if model_task(name) == task]
+        task = DATASETS[self.data.dataset].task
+        if model.task != task:
+            fitting = [name for name in MODELS if MODELS[name].task == task]
             raise ConfigError(
                 f"model.name: {self.model.name!r} is not a {task} model, but dataset "
                 f"{self.data.dataset!r} is a {task} task; use one of {', '.join(fitting)}"
@@ -305,7 +322,7 @@ class Config:
                 f"it: {', '.join(fitting)}"
             )
         if algorithm.needs_features and not model.has_feature_head:
-            with_heads = [name for name, cls in MODELS.items() if cls.has_feature_head]
+            with_heads = [name for name in MODELS if MODELS[name].has_feature_head]
             raise ConfigError(
                 f"algorithm.name: {self.algorithm.name} works on the model's features, but "
                 f"model {self.model.name!r} has no feature head; use one of {', '.join(with_heads)}"

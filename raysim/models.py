@@ -28,6 +28,8 @@ class LogisticRegression(nn.Module):
     paper). It has no feature head, so prototype methods cannot run on it."""
 
     has_feature_head = False
+    task = "classification"
+    width_argument = None  # the keyword `model.width` sets; None: no width
 
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int) -> None:
         super().__init__()
@@ -47,6 +49,8 @@ class SmallCNN(nn.Module):
     """
 
     has_feature_head = True
+    task = "classification"
+    width_argument = None  # the keyword `model.width` sets; None: no width
 
     def __init__(
         self, input_shape: tuple[int, int, int], num_classes: int, feature_dim: int = 128
@@ -98,6 +102,8 @@ class ResNet10(nn.Module):
     (256→256→512) that only inflates the state dict; it is left out here."""
 
     has_feature_head = True
+    task = "classification"
+    width_argument = "nf"
 
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, nf: int = 32) -> None:
         super().__init__()
@@ -146,6 +152,7 @@ class UNet(nn.Module):
     """
 
     has_feature_head = False
+    width_argument = "width"
     task = "segmentation"
 
     def __init__(
@@ -179,21 +186,19 @@ class UNet(nn.Module):
         return SegmentationOutput(self.head(x), tuple(encoder), tuple(reversed(decoder)))
 
 
-MODELS = {
-    "cnn": SmallCNN, "resnet10": ResNet10, "logreg": LogisticRegression, "unet": UNet,
-}
-# The keyword `model.width` sets, for the models that have one.
-WIDTH_ARGUMENT = {"resnet10": "nf", "unet": "width"}
-
-
 def model_task(name: str) -> str:
-    return getattr(MODELS[name], "task", "classification")
+    from raysim.registry import MODELS
+
+    return MODELS[name].task
 
 
 def build_model(
     name: str, input_shape: tuple[int, int, int], num_classes: int, width: int | None = None
 ) -> nn.Module:
-    if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    kwargs = {WIDTH_ARGUMENT[name]: width} if width is not None else {}
-    return MODELS[name](tuple(input_shape), num_classes, **kwargs)
+    """The registered model `name` (`raysim.models` entry points: cnn, resnet10, logreg, unet,
+    and plug-ins), as `cls(input_shape, num_classes, **{cls.width_argument: width})`."""
+    from raysim.registry import MODELS
+
+    cls = MODELS[name]
+    kwargs = {cls.width_argument: width} if width is not None else {}
+    return cls(tuple(input_shape), num_classes, **kwargs)

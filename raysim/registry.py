@@ -1,42 +1,116 @@
-"""Algorithms by name, through the `raysim.algorithms` entry-point group.
+"""Every extension point by name, through entry-point groups: methods, datasets, partitioners,
+models and sinks. The bundled ones register themselves in pyproject.toml exactly as a
+third-party package does (see examples/plugin/): one mechanism for both.
 
-Names may also be `module:Class` import paths. The bundled methods in `algorithms/` register
-themselves in pyproject.toml exactly as a third-party package would: one mechanism for both.
+A registry reads like a mapping from names to the registered objects. An object is imported
+when it is first asked for, then checked against its contract, so a plug-in that fails to
+import, lacks a hook, or shares its name with another package's gives one error naming it,
+while the config is validated (before Ray starts). Names may also be `module:attr` import
+paths (an object being prototyped outside any package; it must import on every Ray node).
 """
 
 from __future__ import annotations
 
 import importlib
-from functools import cache
-from importlib.metadata import entry_points
+from collections.abc import Iterator, Mapping
+from functools import cached_property
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
 
-GROUP = "raysim.algorithms"
+
+class RegistryError(KeyError):
+    """A name that does not resolve to a usable plug-in; `args[0]` is the one-line reason."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
-@cache
-def _entry_points() -> dict:
-    return {ep.name: ep for ep in entry_points(group=GROUP)}
+class Registry(Mapping):
+    def __init__(self, group: str, kind: str, contract: tuple[str, ...]) -> None:
+        self.group, self.kind, self.contract = group, kind, contract
+        self._loaded: dict[str, Any] = {}
+
+    @cached_property
+    def _points(self) -> dict[str, EntryPoint]:
+        found: dict[str, EntryPoint] = {}
+        for point in entry_points(group=self.group):
+            other = found.get(point.name)
+            if other is not None and _package(other) != _package(point):
+                raise RegistryError(
+                    f"two packages register the {self.kind} {point.name!r} ({self.group}): "
+                    f"{_package(other)} ({other.value}) and {_package(point)} ({point.value}); "
+                    "uninstall one of them")
+            found[point.name] = point
+        return found
+
+    def names(self) -> list[str]:
+        return sorted(self._points)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._points)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and (name in self._points or ":" in name)
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._loaded:
+            self._loaded[name] = self._check(name, *self._load(name))
+        return self._loaded[name]
+
+    def _load(self, name: str) -> tuple[Any, str]:
+        if ":" in name:
+            module, _, attr = name.partition(":")
+            try:
+                return getattr(importlib.import_module(module), attr), name
+            except (ImportError, AttributeError) as error:
+                raise RegistryError(f"cannot import {self.kind} {name!r}: {error}") from None
+        points = self._points
+        if name not in points:
+            if not points:
+                raise RegistryError(f"no {self.kind}s registered under {self.group!r}; install "
+                                    "raysim (pip install -e .)")
+            raise RegistryError(f"unknown {self.kind} {name!r}; choose one of "
+                                f"{', '.join(sorted(points))}")
+        point = points[name]
+        try:
+            return point.load(), f"{point.value}, from {_package(point)}"
+        except Exception as error:  # a plug-in's import error, whatever it is
+            first = str(error).strip().splitlines()
+            raise RegistryError(
+                f"the {self.kind} plug-in {name!r} ({point.value}, from {_package(point)}) "
+                f"failed to import: {type(error).__name__}: {first[0] if first else ''}"
+            ) from None
+
+    def _check(self, name: str, obj: Any, origin: str) -> Any:
+        missing = [attr for attr in self.contract if not hasattr(obj, attr)]
+        if missing:
+            raise RegistryError(f"the {self.kind} plug-in {name!r} ({origin}) lacks "
+                                f"{', '.join(missing)}, which every {self.kind} must have")
+        return obj
+
+
+def _package(point: EntryPoint) -> str:
+    dist = getattr(point, "dist", None)
+    return dist.name if dist is not None else "an unknown package"
+
+
+ALGORITHMS = Registry("raysim.algorithms", "algorithm", (
+    "Config", "client_update", "server_round", "evaluate_batch", "init_server", "broadcast",
+    "prepare_model", "tasks", "stateful", "needs_features", "reported_metrics", "has_anchors"))
+DATASETS = Registry("raysim.datasets", "dataset", ("task", "load", "check"))
+PARTITIONERS = Registry("raysim.partitioners", "partition kind", ("__call__",))
+MODELS = Registry("raysim.models", "model", ("has_feature_head", "task", "width_argument"))
+SINKS = Registry("raysim.sinks", "sink", ("start", "log_round", "finish"))
 
 
 def algorithm_names() -> list[str]:
-    return sorted(_entry_points())
+    return ALGORITHMS.names()
 
 
 def algorithm_class(name: str) -> type:
-    """The algorithm class registered as `name`, or imported from `module:Class` (a method
-    being prototyped outside any package; it must be importable on every Ray node).
-    KeyError lists the known names."""
-    if ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as error:
-            raise KeyError(f"cannot import algorithm {name!r}: {error}") from None
-    points = _entry_points()
-    if not points:
-        raise KeyError(
-            f"no algorithms registered under {GROUP!r}; install raysim (pip install -e .)"
-        )
-    if name not in points:
-        raise KeyError(f"unknown algorithm {name!r}; choose one of {', '.join(sorted(points))}")
-    return points[name].load()
+    """The algorithm class registered as `name`, or imported from `module:Class`.
+    RegistryError (a KeyError) says why not."""
+    return ALGORITHMS[name]

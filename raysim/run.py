@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysim.config import Config, ConfigError, config_to_dict, dump_config, load_config
-from raysim.data import DatasetFormatError, DatasetNotFoundError, check_dataset
+from raysim.data import DatasetFormatError, DatasetNotFoundError
 from raysim.task import Task, build_task
 
 
@@ -40,9 +40,10 @@ class Run:
 
 
 def prepare(config: Config, run_dir: str | Path | None = None) -> Run:
-    data = config.data
+    from raysim.registry import DATASETS
+
     try:
-        check_dataset(data.dataset, data.root, data.download)
+        DATASETS[config.data.dataset].check(config.data)
     except DatasetNotFoundError as error:
         raise ConfigError(str(error)) from None
     try:

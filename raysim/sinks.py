@@ -21,7 +21,20 @@ from raysim.engine.simulation import RoundResult
 from raysim.records import failures_table, metrics_table
 
 
+def extra_sinks(config: Any, run_dir: Path) -> list[Sink]:
+    """The run's sinks besides the run directory and the progress line: W&B (unless disabled)
+    and those `logging.sinks` names, from the `raysim.sinks` registry."""
+    from raysim.registry import SINKS
+
+    names = list(config.logging.sinks)
+    if config.logging.wandb.mode != "disabled" and "wandb" not in names:
+        names.insert(0, "wandb")
+    return [SINKS[name](run_dir) for name in names]
+
+
 class Sink:
+    """The interface of every sink (a plug-in registers a class taking the run directory)."""
+
     def start(self, run: Any) -> None:
         """`run` is the `raysim.run.Run` being executed (config, task, run_dir)."""
 

@@ -10,9 +10,9 @@ from torch import nn
 
 from raysim.algorithm import TaskInfo
 from raysim.config import Config
-from raysim.data import Dataset, Partition, load_dataset, make_partition
-from raysim.models import MODELS, build_model
-from raysim.registry import algorithm_class
+from raysim.data import Dataset, Partition, make_partition
+from raysim.models import build_model
+from raysim.registry import DATASETS, MODELS, algorithm_class
 from raysim.seeding import MODEL_INIT, derive_seed
 
 
@@ -25,10 +25,7 @@ class Task:
 
 def build_task(config: Config) -> Task:
     data = config.data
-    dataset = load_dataset(
-        data.dataset, data.root, data.download, data.test_fraction,
-        synthetic=data.synthetic, image_size=data.image_size, val_fraction=data.val_fraction,
-    )
+    dataset = DATASETS[data.dataset].load(data)
     part = data.partition
     partition = make_partition(
         partition_labels(dataset), dataset.spec.num_classes, kind=part.kind,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from raysim.config import Config, ConfigError
-from raysim.sinks import RunDirectory, Sink, WandbSink
+from raysim.sinks import RunDirectory, Sink, extra_sinks
 from raysim.sweep import Sweep
 
 
@@ -130,9 +130,8 @@ def run_trial(params: dict[str, Any], *, sweep: Sweep, trials_dir: str, cpu_only
             return
     else:
         run = prepare(config, run_dir)
-    sinks: list[Sink] = [RunDirectory(run.run_dir), TuneReport()]
-    if config.logging.wandb.mode != "disabled":
-        sinks.append(WandbSink(run.run_dir))
+    sinks: list[Sink] = [RunDirectory(run.run_dir), TuneReport(),
+                         *extra_sinks(config, run.run_dir)]
     execute(run, sinks)
 
 

@@ -88,7 +88,7 @@ def test_server_moves_weights_by_eta_g_and_control_by_the_sampled_share(global_l
 
 @pytest.mark.slow
 def test_scaffold_runs_deterministically_and_keeps_control_variates(ray_session, tmp_path):
-    config = small_config(**{"algorithm.name": "scaffold", "rounds": 4})
+    config = small_config(**{"algorithm.name": "scaffold", "rounds": 4, "train.local_epochs": 2})
     one, w1, states = run_rounds(config, tmp_path, num_workers=1)
     two, w2, _ = run_rounds(config, tmp_path, num_workers=2)
     assert [r.metrics for r in one][-1]["clients_failed"] == 0

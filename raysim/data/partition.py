@@ -391,14 +391,13 @@ def make_partition(
     per sample) is required by kind "domains" and, for any kind, fills
     ``Partition.client_domains``.
     """
-    if kind not in PARTITION_KINDS:
-        raise ValueError(
-            f"unknown partition kind {kind!r}; expected one of: {', '.join(PARTITION_KINDS)}"
-        )
-    if kind == "domains" and domains is None:
-        raise ValueError(
-            "partition kind 'domains' needs a dataset with domains, e.g. digits_domains"
-        )
+    from raysim.data.partitioners import PartitionRequest
+    from raysim.registry import PARTITIONERS
+
+    try:
+        partitioner = PARTITIONERS[kind]
+    except KeyError as error:
+        raise ValueError(str(error)) from None
     y = _as_labels(labels)
     dom = None if domains is None else _as_domains(domains, len(y))
     if y.size and (y.min() < 0 or y.max() >= num_classes):
@@ -413,23 +412,11 @@ def make_partition(
         pool = np.arange(len(y), dtype=np.int64)
     sub = y[pool]
 
+    parts = partitioner(PartitionRequest(
+        labels=sub, domains=None if dom is None else dom[pool], num_classes=num_classes,
+        num_clients=num_clients, rng=rng, alpha=alpha, classes_per_client=classes_per_client,
+        min_size=min_size, within=within))
     client_domains = None
-    if kind == "domains":
-        assert dom is not None
-        parts, client_domains = partition_domains(
-            sub, dom[pool], num_clients, rng, within=within, alpha=alpha, min_size=min_size
-        )
-    elif kind == "iid":
-        parts = partition_iid(sub, num_clients, rng)
-    elif kind == "dirichlet":
-        parts = partition_dirichlet(sub, num_clients, alpha, rng, min_size=min_size)
-    elif kind == "shards":
-        parts = partition_shards(sub, num_clients, classes_per_client, rng)
-    elif kind == "quantity":
-        parts = partition_quantity(sub, num_clients, alpha, rng, min_size=min_size)
-    else:
-        parts = partition_dirichlet_equal(sub, num_clients, alpha, rng)
-
     # pool is sorted, so mapping sorted local indices keeps each client's indices sorted.
     client_indices = tuple(pool[p] for p in parts)
     histograms = np.stack(
