@@ -2,7 +2,7 @@
 Hierarchical Style-Recalibrated Prototype Alignment for Federated Medical Image Segmentation",
 AAAI 2026. Written from the official code as the spec `fedbcs.md` records it (§n below).
 
-Model: the U-Net of `raysim.models.UNet` with
+Model: the U-Net of `raysim.nn.models.UNet` with
   * FSR, frequency-domain style recalibration, after encoder stages 2–4 (§2):
         FSR(x) = γ ⊙ F⁻¹( (w₀·|F(IN x)| + w₁·|F(x)|) · e^{i∠F(x)} ) + β,   w = softmax(h / T)
     which equals γ ⊙ (w₀·IN(x) + w₁·x) + β (§2.3; `fsr: closed_form`, three FFTs cheaper);
@@ -62,7 +62,7 @@ from raysim.algorithm import (
     extend,
 )
 from raysim.config import require
-from raysim.segmentation import joint_loss
+from raysim.nn.segmentation import joint_loss
 
 LEVELS = ("encoder", "decoder")
 NUM_STAGES = 4  # stages of the U-Net's encoder and decoder, 0 = finest

@@ -8,7 +8,7 @@ F ∈ R^{C·M×D}, M "meta" (CReFF federated) features per class; both start N(0
 
 Client k, from the broadcast model θ (backbone f, classifier h0 = (W, b)) and H:
 - §1(a) real-sample gradients, BEFORE local training, with θ in eval mode: for each local class
-  c, up to `batch_real` of its samples, one Siamese DSA transform (`raysim.dsa`), features
+  c, up to `batch_real` of its samples, one Siamese DSA transform (`raysim.methods.dsa`), features
   z = f(x); with ℓ_c = CE(W z + b, c) (mean over the n_c samples) it sends
   u_{k,c} = mean_i ∂ℓ_c/∂z_i = Wᵀ(p̄_c − e_c)/n_c and v_{k,c} = (∂ℓ_c/∂W, ∂ℓ_c/∂b).
 - §1(b), §3 local training: CE + HPCL + HPAL, with ẑ = z/‖z‖,
@@ -71,10 +71,10 @@ from raysim.algorithm import (
     extend,
 )
 from raysim.config import require
-from raysim.dsa import siamese_augment
-from raysim.prototypes import local_prototypes
+from raysim.methods.dsa import siamese_augment
+from raysim.methods.prototypes import local_prototypes
+from raysim.nn.training import ClientData
 from raysim.seeding import derive_seed
-from raysim.training import ClientData
 
 HYPER_PROTOTYPE_INIT = 0x48B0  # derive_seed tag of the initial H and F
 VARIANTS = ("official", "paper")

@@ -38,7 +38,7 @@ from raysim.algorithm import (
     extend,
 )
 from raysim.config import require
-from raysim.prototypes import local_prototypes
+from raysim.methods.prototypes import local_prototypes
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from algorithms.fedproto import (
 )
 from raysim.algorithm import ServerContext, ServerState, extend
 from raysim.config import require
-from raysim.finch import finch_cluster_means
+from raysim.methods.finch import finch_cluster_means
 
 
 @dataclass(frozen=True)

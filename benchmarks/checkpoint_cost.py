@@ -19,8 +19,8 @@ import statistics
 from pathlib import Path
 
 from raysim.config import load_config
+from raysim.results.sinks import RunDirectory
 from raysim.run import execute, prepare
-from raysim.sinks import RunDirectory
 
 RESULTS = Path(__file__).parent / "results"
 CASES = {

@@ -41,7 +41,7 @@ def store_child(kind: str, clients: int, folder: str) -> None:
     import torch
 
     from raysim.engine.client_store import make_store
-    from raysim.models import build_model
+    from raysim.nn.models import build_model
 
     weights = build_model("cnn", (1, 8, 8), 10).state_dict()
     store = make_store(kind, folder)

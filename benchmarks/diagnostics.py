@@ -22,8 +22,8 @@ import numpy as np
 from accuracy import RESULTS, config_path
 
 from raysim.config import load_config
+from raysim.results.sinks import CollectRounds
 from raysim.run import execute, prepare
-from raysim.sinks import CollectRounds
 
 FIGURES = Path(__file__).parent / "figures"
 METHODS = ["fedproto", "fpl", "fedtgp", "fedhpro-official", "fedhpro-paper"]

@@ -39,7 +39,7 @@ def measure(label: str, size: int, batch: int, width: int, repeats: int, threads
     import torch
 
     from algorithms.fedbcs import AlignmentObjective, BCSBroadcast, FedBCS
-    from raysim.models import UNet
+    from raysim.nn.models import UNet
 
     torch.set_num_threads(threads)
     path, fsr, align = CASES[label]

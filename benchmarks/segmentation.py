@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from raysim.config import load_config
+from raysim.results.sinks import CollectRounds
 from raysim.run import execute, prepare
-from raysim.sinks import CollectRounds
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"

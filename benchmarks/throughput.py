@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from raysim.config import load_config
+from raysim.nn.training import ClientData, Preprocess
 from raysim.run import prepare
 from raysim.seeding import sample_clients
 from raysim.task import initial_model
-from raysim.training import ClientData, Preprocess
 
 RESULTS = Path(__file__).parent / "results"
 

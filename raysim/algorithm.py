@@ -19,7 +19,7 @@ fixed here:
 `step` (a `LocalRound`) carries the context, model, broadcast, data and client state, and what
 each earlier hook produced. Messages and states are frozen dataclasses of data (tensors,
 numbers, lists, dicts), so the engine can move them and checkpoint them without pickle. The
-supervised loss and the evaluation metrics belong to the task (`raysim.objectives`), not to a
+supervised loss and the evaluation metrics belong to the task (`raysim.nn.objectives`), not to a
 method; a method declares what it supports and reports in class attributes.
 """
 
@@ -103,7 +103,7 @@ class LocalRound:
     ctx: ClientContext
     model: nn.Module
     broadcast: Broadcast
-    data: Any  # raysim.training.ClientData
+    data: Any  # raysim.nn.training.ClientData
     state: Any  # this client's state from its last round (None: its first round)
     prepared: Any = None  # what before_training returned
     objective: BatchLoss | None = None
@@ -158,7 +158,7 @@ class Algorithm:
         self, config: Any = None, task: TaskInfo | None = None,
         device: torch.device | None = None,
     ) -> None:
-        from raysim.objectives import objective_of
+        from raysim.nn.objectives import objective_of
 
         self.config = config if config is not None else self.Config()
         self.task = task
@@ -187,7 +187,7 @@ class Algorithm:
     def aggregate(self, ctx: ServerContext, state: ServerState,
                   updates: list[ClientUpdate]) -> Weights:
         """w_{t+1} = Σ_k n_k w_k / Σ_k n_k, accumulated in float64 in client-id order."""
-        from raysim.aggregation import weighted_average
+        from raysim.methods.aggregation import weighted_average
 
         return weighted_average([u.weights for u in updates], [u.num_samples for u in updates])
 
@@ -228,7 +228,7 @@ class Algorithm:
     def client_optimizer(self, step: LocalRound) -> torch.optim.Optimizer:
         """A fresh optimiser, or with `train.keep_optimizer_state` the one this client left off
         with (its moments survive rounds; the weights are the global ones)."""
-        from raysim.training import make_optimizer
+        from raysim.nn.training import make_optimizer
 
         optimizer = make_optimizer(step.model, step.ctx.train)
         state = step.state

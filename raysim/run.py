@@ -73,7 +73,7 @@ def prepare_resume(run_dir: str | Path, overrides: Sequence[str] = ()) -> Run:
 def resume_run(config: Config, run_dir: Path) -> Run:
     """`config` continued from the newest complete checkpoint in `run_dir` (see
     `prepare_resume`)."""
-    from raysim.checkpoint import (
+    from raysim.results.checkpoint import (
         RESULT_NEUTRAL,
         changed_keys,
         checkpoint_rounds,
@@ -81,7 +81,7 @@ def resume_run(config: Config, run_dir: Path) -> Run:
         newest_complete,
         results_hash,
     )
-    from raysim.records import from_parquet_bytes, results_from_tables
+    from raysim.results.records import from_parquet_bytes, results_from_tables
 
     warnings: list[str] = []
     found = newest_complete(run_dir, warnings, check=check_state_files)
@@ -152,7 +152,7 @@ def describe_partition(task: Task) -> str:
 
 def init_ray(address: str | None = None) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), else start an embedded local Ray."""
-    from raysim.cluster import connect
+    from raysim.cli.cluster import connect
 
     connect(address)
 
@@ -196,7 +196,7 @@ def execute(
     `launched_at` (a `time.perf_counter()` reading, default: now) is where the reported time to
     the first round starts counting; the CLI passes its own start.
     """
-    from raysim.cluster import placement_notes
+    from raysim.cli.cluster import placement_notes
     from raysim.engine.simulation import RunStopped, Simulation
 
     started = time.perf_counter()
@@ -265,8 +265,8 @@ class CheckpointWriter:
         self.last_round = run.restore.round if run.restore is not None else None
 
     def write(self, round_index: int, files: dict[str, bytes], results: list) -> None:
-        from raysim.checkpoint import META, meta_for, write_checkpoint
-        from raysim.records import failures_table, metrics_table, to_parquet_bytes
+        from raysim.results.checkpoint import META, meta_for, write_checkpoint
+        from raysim.results.records import failures_table, metrics_table, to_parquet_bytes
 
         done = [r for r in results if r.round <= round_index]
         files = {**files,
@@ -327,7 +327,7 @@ class Interrupts:
 
 def load_restore(run_dir: Path, config: Config) -> Any:
     """The newest complete checkpoint of `run_dir` as a `Restore` (None: there is none)."""
-    from raysim.checkpoint import newest_complete
+    from raysim.results.checkpoint import newest_complete
 
     warnings: list[str] = []
     found = newest_complete(run_dir, warnings)
@@ -339,7 +339,7 @@ def load_restore(run_dir: Path, config: Config) -> Any:
 def check_state_files(found: Any) -> None:
     """Decode every state file of a checkpoint (before any Ray work): anything but raysim's
     safetensors state, a pickle payload included, raises StateFormatError naming the file."""
-    from raysim.state_io import StateFormatError, unpack
+    from raysim.results.state_io import StateFormatError, unpack
 
     for name in found.names():
         if name.endswith(".safetensors"):
@@ -352,9 +352,9 @@ def check_state_files(found: Any) -> None:
 def restore_from(found: Any, run_dir: Path) -> Any:
     """A verified checkpoint as the server's `Restore`: its state files, and for a disk store
     the index of every other kept checkpoint (whose files the store must keep)."""
-    from raysim.checkpoint import checkpoint_rounds, verify
     from raysim.engine.client_store import INDEX_FILE
     from raysim.engine.simulation import Restore
+    from raysim.results.checkpoint import checkpoint_rounds, verify
 
     state_files = [n for n in found.names() if n.endswith(".safetensors")]
     files = {name: found.read(name) for name in state_files}

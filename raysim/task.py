@@ -11,7 +11,7 @@ from torch import nn
 from raysim.algorithm import TaskInfo
 from raysim.config import Config
 from raysim.data import Dataset, Partition, make_partition
-from raysim.models import build_model
+from raysim.nn.models import build_model
 from raysim.registry import DATASETS, MODELS, algorithm_class
 from raysim.seeding import MODEL_INIT, derive_seed
 

@@ -16,7 +16,7 @@ from algorithms.fedprox import FedProx
 from algorithms.moon import MOON
 from raysim.algorithm import Broadcast, ClientContext, ClientUpdate, LocalRound
 from raysim.config import TrainConfig
-from raysim.models import ModelOutput
+from raysim.nn.models import ModelOutput
 
 
 class Counting(FedAvg):

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from raysim.cli import main
+from raysim.cli.main import main
 
 # An address nothing listens on: if the CLI touched Ray before validating, it would fail with
 # a connection error, not the config error asserted below.

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from raysim.algorithm import ClientUpdate
-from raysim.diagnostics import (
+from raysim.engine.server import average_client_metrics
+from raysim.methods.diagnostics import (
     anchor_alignment,
     anchor_self_accuracy,
     interclass_cosine,
     server_diagnostics,
 )
-from raysim.engine.server import average_client_metrics
 
 ANCHORS = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
 

@@ -23,13 +23,13 @@ import torch
 import yaml
 from conftest import metrics_of, run_rounds, small_config, without_timing
 
-from raysim.checkpoint import MANIFEST, newest_complete, write_checkpoint
 from raysim.config import ConfigError, config_from_dict, config_to_dict, load_config
 from raysim.engine.client_store import INDEX_FILE, DiskStore, MemoryStore
 from raysim.engine.server import SERVER_FILE
+from raysim.results.checkpoint import MANIFEST, newest_complete, write_checkpoint
+from raysim.results.sinks import RunDirectory
+from raysim.results.state_io import StateFormatError, pack, unpack
 from raysim.run import execute, prepare, prepare_resume
-from raysim.sinks import RunDirectory
-from raysim.state_io import StateFormatError, pack, unpack
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -343,8 +343,8 @@ def finished_run(tmp_path: Path) -> Path:
     """A run directory with checkpoints after rounds 2 and 4 (written without Ray)."""
     config = small_config(rounds=6)
     run = prepare(config, tmp_path / "run")
-    from raysim.checkpoint import META, meta_for
-    from raysim.records import failures_table, metrics_table, to_parquet_bytes
+    from raysim.results.checkpoint import META, meta_for
+    from raysim.results.records import failures_table, metrics_table, to_parquet_bytes
 
     for r in (2, 4):
         files = {SERVER_FILE: pack({"not": "used"}), META: json.dumps(meta_for(config, r)).encode(),

@@ -12,9 +12,9 @@ from conftest import run_rounds, small_config, without_timing
 from raysim.config import ConfigError
 from raysim.engine.evaluation import eval_batches, reduce_domain_eval, reduce_eval
 from raysim.engine.simulation import balance
+from raysim.results.state_io import pack
 from raysim.run import fit_resources, prepare
 from raysim.seeding import client_generator, sample_clients
-from raysim.state_io import pack
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from algorithms.fedbcs import (
 )
 from raysim.algorithm import ServerContext, TaskInfo
 from raysim.config import ConfigError, TrainConfig
-from raysim.models import UNet
+from raysim.nn.models import UNet
 
 
 def fsr_pair(channels: int, seed: int = 0) -> tuple[StyleRecalibration, StyleRecalibration]:

@@ -31,11 +31,11 @@ from algorithms.fedhpro import (
 from raysim.algorithm import ClientContext, LocalRound, ServerContext, TaskInfo
 from raysim.config import ConfigError, TrainConfig, config_from_dict
 from raysim.data import DatasetSpec
-from raysim.dsa import AUGMENTATIONS, siamese_augment
 from raysim.engine.simulation import Simulation
-from raysim.models import ModelOutput
+from raysim.methods.dsa import AUGMENTATIONS, siamese_augment
+from raysim.nn.models import ModelOutput
+from raysim.nn.training import ClientData, Preprocess
 from raysim.run import prepare
-from raysim.training import ClientData, Preprocess
 
 TIMING = {"round_seconds", "samples_per_second"}
 CPU = torch.device("cpu")

@@ -8,7 +8,7 @@ import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from raysim.finch import (
+from raysim.methods.finch import (
     FinchResult,
     cluster_means,
     finch,

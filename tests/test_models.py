@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raysim.models import ModelOutput, ResNet10, SmallCNN, build_model
+from raysim.nn.models import ModelOutput, ResNet10, SmallCNN, build_model
 
 
 @pytest.mark.parametrize(("name", "shape", "feature_dim"),

@@ -16,7 +16,7 @@ from algorithms.moon import model_contrastive_loss
 from raysim.algorithm import ServerContext, TaskInfo
 from raysim.config import ConfigError, TrainConfig, config_from_dict
 from raysim.engine.simulation import Simulation
-from raysim.prototypes import class_means
+from raysim.methods.prototypes import class_means
 from raysim.run import prepare
 
 
@@ -77,7 +77,7 @@ def test_fedproto_nearest_prototype_inference():
 
     class Identity(torch.nn.Module):
         def forward(self, x):
-            from raysim.models import ModelOutput
+            from raysim.nn.models import ModelOutput
 
             return ModelOutput(x, -x)  # logits would predict the wrong class
 

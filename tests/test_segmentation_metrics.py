@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import binary_erosion, distance_transform_edt
 
-from raysim.segmentation import (
+from raysim.nn.segmentation import (
     asd_per_image,
     dice_per_image,
     hd95_per_image,

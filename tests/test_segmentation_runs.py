@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from raysim.config import load_config
+from raysim.results.sinks import RunDirectory
 from raysim.run import execute, prepare
-from raysim.sinks import RunDirectory
 
 ROOT = Path(__file__).resolve().parent.parent
 

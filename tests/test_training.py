@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import torch
 
-from raysim.aggregation import weighted_average
 from raysim.data import DatasetSpec
-from raysim.training import ClientData, Preprocess, random_crop_flip
+from raysim.methods.aggregation import weighted_average
+from raysim.nn.training import ClientData, Preprocess, random_crop_flip
 
 SPEC = DatasetSpec("t", 2, (1, 2, 2), (0.5,), (0.25,), 10.0, None)
 
@@ -67,7 +67,7 @@ def test_kept_optimizer_state_carries_adam_moments_across_rounds():
     from algorithms.fedavg import FedAvg
     from raysim.algorithm import Broadcast, ClientContext, TaskInfo
     from raysim.config import TrainConfig
-    from raysim.models import build_model
+    from raysim.nn.models import build_model
 
     train = TrainConfig(local_epochs=1, batch_size=4, lr=1e-3, optimizer="adam",
                         keep_optimizer_state=True)

@@ -12,11 +12,11 @@ import pytest
 import yaml
 from conftest import metrics_of
 
-from raysim.cli import main
+from raysim.cli.main import main
 from raysim.config import load_config
-from raysim.metric_names import check_metric, default_mode
-from raysim.sweep import load_sweep, parse_sweep
-from raysim.tune import run_sweep, trial_bundles
+from raysim.results.metric_names import check_metric, default_mode
+from raysim.tune.sweep import load_sweep, parse_sweep
+from raysim.tune.trials import run_sweep, trial_bundles
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "yaml" / "quickstart.yaml"
@@ -227,8 +227,8 @@ def test_an_interrupted_sweep_resumes_its_trials_from_their_checkpoints(ray_sess
     import sys
     import time
 
+    from raysim.results.sinks import RunDirectory
     from raysim.run import execute, prepare
-    from raysim.sinks import RunDirectory
 
     path = write_sweep(tmp_path, overrides={**TINY, "rounds": 6, "checkpoint.every": 2},
                        search={"train.lr": {"grid": [0.05, 0.1]}}, max_concurrent_trials=1)

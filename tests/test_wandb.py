@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from raysim.cli import main
-from raysim.sinks import wandb_mode
+from raysim.cli.main import main
+from raysim.results.sinks import wandb_mode
 
 
 def test_online_without_credentials_falls_back_to_offline(monkeypatch, tmp_path):

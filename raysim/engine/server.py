@@ -18,11 +18,11 @@ import torch
 
 from raysim.algorithm import Broadcast, ServerContext, TaskInfo
 from raysim.config import Config
-from raysim.diagnostics import server_diagnostics
 from raysim.engine.client_store import make_store
 from raysim.engine.worker import ClientResult, assigned_device
+from raysim.methods.diagnostics import server_diagnostics
+from raysim.results.state_io import pack, unpack
 from raysim.seeding import server_generator
-from raysim.state_io import pack, unpack
 from raysim.task import initial_model, keeps_client_state, make_algorithm
 
 SERVER_FILE = "server_state.safetensors"

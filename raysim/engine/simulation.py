@@ -24,9 +24,9 @@ import numpy as np
 from raysim.config import Config
 from raysim.engine.backends import make_backend
 from raysim.engine.evaluation import eval_batches, reduce_domain_eval
+from raysim.nn.training import steps_per_epoch
 from raysim.seeding import sample_clients
 from raysim.task import Task, keeps_client_state
-from raysim.training import steps_per_epoch
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,11 @@ import torch
 from raysim.algorithm import Broadcast, ClientContext, ClientUpdate, TaskInfo
 from raysim.config import Config
 from raysim.data import Dataset
-from raysim.diagnostics import anchor_alignment
-from raysim.prototypes import local_prototypes
+from raysim.methods.diagnostics import anchor_alignment
+from raysim.methods.prototypes import local_prototypes
+from raysim.nn.training import ClientData, Preprocess, make_optimizer
 from raysim.seeding import client_generator
 from raysim.task import make_algorithm, new_model
-from raysim.training import ClientData, Preprocess, make_optimizer
 
 
 @dataclass(frozen=True)

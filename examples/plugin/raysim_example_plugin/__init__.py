@@ -13,7 +13,7 @@ from algorithms.fedavg import FedAvg
 from raysim.algorithm import ServerContext, ServerState, Weights, extend
 from raysim.config import require
 from raysim.data import ArraySplit, Dataset, DatasetSpec
-from raysim.sinks import Sink
+from raysim.results.sinks import Sink
 
 # ---------------------------------------------------------------- a method
 

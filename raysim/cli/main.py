@@ -8,8 +8,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from raysim.cluster import check_cluster
-from raysim.commands import ADDRESS_HELP, add_commands, run_command
+from raysim.cli.cluster import check_cluster
+from raysim.cli.commands import ADDRESS_HELP, add_commands, run_command
 from raysim.config import ConfigError, dump_config, load_config
 
 
@@ -88,8 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _launch(run, args: argparse.Namespace, launched_at: float) -> int:
     """Run a prepared (new or resumed) run; print its outcome. Exit 0 when it completed, 130
     when interrupted (after its checkpoint), 1 when fault tolerance stopped it."""
+    from raysim.results.sinks import ConsoleProgress, RunDirectory, extra_sinks
     from raysim.run import describe_partition, execute
-    from raysim.sinks import ConsoleProgress, RunDirectory, extra_sinks
 
     config = run.config
     start = f"resuming after round {run.restore.round}, " if run.restore is not None else ""

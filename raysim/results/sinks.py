@@ -18,7 +18,7 @@ from typing import Any, TextIO
 import pyarrow.parquet as pq
 
 from raysim.engine.simulation import RoundResult
-from raysim.records import failures_table, metrics_table
+from raysim.results.records import failures_table, metrics_table
 
 
 def extra_sinks(config: Any, run_dir: Path) -> list[Sink]:

@@ -24,7 +24,7 @@ FINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def project_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def launch_entrypoint(config_path: str, overrides: Sequence[str], run_dir: str | None,
@@ -96,7 +96,7 @@ def _call(address: str | None, function, *args, **kwargs):
     """Run a job-server call; connection and authentication failures become ConfigError."""
     from ray.exceptions import AuthenticationError
 
-    from raysim.cluster import AUTH_HELP
+    from raysim.cli.cluster import AUTH_HELP
 
     where = address or "the default job server address"
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from raysim.config import dump_config, load_config
-from raysim.sweep import Sweep
+from raysim.tune.sweep import Sweep
 
 HETEROGENEITY_PREFIX = "data."  # partition α, long-tail ρ, number of clients, domains, ...
 

@@ -56,8 +56,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 def tune_command(args: argparse.Namespace) -> int:
     from raysim.config import ConfigError
-    from raysim.sweep import load_sweep
-    from raysim.tune import source_of
+    from raysim.tune.sweep import load_sweep
+    from raysim.tune.trials import source_of
 
     if (args.sweep is None) == (args.resume is None):
         raise ConfigError("tune: give a sweep file, or --resume SWEEP_DIR (not both)")
@@ -74,7 +74,7 @@ def tune_command(args: argparse.Namespace) -> int:
     print(f"raysim: sweep {sweep.name}: {grid * sweep.num_samples} trials "
           f"({', '.join(sweep.keys)}), {sweep.mode} {sweep.metric}, "
           f"scheduler {sweep.scheduler.name} -> {sweep_dir}")
-    from raysim.tune import run_sweep
+    from raysim.tune.trials import run_sweep
 
     outcome = run_sweep(sweep, sweep_dir, address=args.address, verbose=args.verbose,
                         resume=bool(args.resume), source=source)
@@ -95,7 +95,7 @@ def tune_command(args: argparse.Namespace) -> int:
 
 
 def submit_command(args: argparse.Namespace) -> int:
-    from raysim import jobs
+    from raysim.cli import jobs
 
     job_id = jobs.submit(args.config, args.override, args.address, args.run_dir, args.python)
     where = f" --address {args.address}" if args.address else ""
@@ -108,7 +108,7 @@ def submit_command(args: argparse.Namespace) -> int:
 
 
 def logs_command(args: argparse.Namespace) -> int:
-    from raysim import jobs
+    from raysim.cli import jobs
 
     if args.follow:
         state = jobs.follow_logs(args.job, args.address)
@@ -119,7 +119,7 @@ def logs_command(args: argparse.Namespace) -> int:
 
 
 def status_command(args: argparse.Namespace) -> int:
-    from raysim import jobs
+    from raysim.cli import jobs
 
     info = jobs.status(args.job, args.address)
     message = re.sub(r"\s+", " ", info["message"]).strip()

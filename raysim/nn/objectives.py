@@ -24,13 +24,13 @@ def classification_sums(logits: Tensor, y: Tensor) -> dict[str, float]:
 
 
 def segmentation_loss(logits: Tensor, y: Tensor) -> Tensor:
-    from raysim.segmentation import joint_loss
+    from raysim.nn.segmentation import joint_loss
 
     return joint_loss(logits, y)
 
 
 def segmentation_evaluation(logits: Tensor, y: Tensor) -> dict[str, float]:
-    from raysim.segmentation import joint_loss, segmentation_sums
+    from raysim.nn.segmentation import joint_loss, segmentation_sums
 
     return {**segmentation_sums(logits.argmax(1), y), "loss": joint_loss(logits, y).item() * len(y)}
 

@@ -34,7 +34,7 @@ from raysim.config import (
     read_yaml,
     set_dotted,
 )
-from raysim.metric_names import check_metric, default_mode
+from raysim.results.metric_names import check_metric, default_mode
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 SWEEP_KEYS = ("name", "experiment", "overrides", "search", "algorithm_params", "metric", "mode",

@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from raysim.config import Config, ConfigError
-from raysim.sinks import RunDirectory, Sink, extra_sinks
-from raysim.sweep import Sweep
+from raysim.results.sinks import RunDirectory, Sink, extra_sinks
+from raysim.tune.sweep import Sweep
 
 
 @dataclass
 class SweepOutcome:
     sweep_dir: Path
-    table: Any  # pandas.DataFrame, one row per trial (see raysim.sweep_report)
+    table: Any  # pandas.DataFrame, one row per trial (see raysim.results.sweep_report)
     results: Any  # ray.tune.ResultGrid
     best_config_path: Path | None
     plot_path: Path | None
@@ -47,7 +47,7 @@ class TuneReport(Sink):
     def log_round(self, result: Any) -> None:
         from ray import tune
 
-        from raysim.checkpoint import checkpoint_dir
+        from raysim.results.checkpoint import checkpoint_dir
 
         self.latest.update(result.metrics)
         checkpoint = None
@@ -141,7 +141,7 @@ def restore_trial(config: Config, run_dir: Path, checkpoint: Any) -> Any:
     import json
     import shutil
 
-    from raysim.checkpoint import checkpoint_dir, newest_complete
+    from raysim.results.checkpoint import checkpoint_dir, newest_complete
     from raysim.run import resume_run
 
     with checkpoint.as_directory() as source:
@@ -260,8 +260,8 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, address: str | None = None,
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from raysim.cluster import connect
-    from raysim.sweep_report import write_report
+    from raysim.cli.cluster import connect
+    from raysim.results.sweep_report import write_report
 
     configs = sweep.validate()
     connect(address)

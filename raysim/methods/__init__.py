@@ -1,0 +1,1 @@
+"""Helpers methods share: aggregation, class prototypes, FINCH, DSA, anchor diagnostics."""

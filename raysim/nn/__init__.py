@@ -1,0 +1,1 @@
+"""Neural-network helpers: the models, local training, the task losses and metrics."""

@@ -1,0 +1,1 @@
+"""What a run leaves: sinks, metric and failure records, checkpoints, state files, sweep reports."""
