@@ -41,6 +41,10 @@ def lookup(registry: Any, name: str, key: str) -> Any:
         raise ConfigError(f"{key}: {error}") from None
 
 
+# How the `domains` partition splits one domain's samples among that domain's clients.
+WITHIN_DOMAIN_KINDS: tuple[str, ...] = ("iid", "dirichlet")
+
+
 @dataclass
 class PartitionConfig:
     """How the training split is divided among clients (see `raysim.data.partition`)."""
@@ -53,7 +57,6 @@ class PartitionConfig:
     within: str = "iid"  # domains: how each domain's samples are split among its clients
 
     def __post_init__(self) -> None:
-        from raysim.data.partition import WITHIN_DOMAIN_KINDS
         from raysim.registry import PARTITIONERS
 
         lookup(PARTITIONERS, self.kind, "kind")

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raysim.config import WITHIN_DOMAIN_KINDS
+
 __all__ = [
     "PARTITION_KINDS",
     "WITHIN_DOMAIN_KINDS",
@@ -34,8 +36,6 @@ PARTITION_KINDS: tuple[str, ...] = (
     "dirichlet_equal",
     "domains",
 )
-# How the ``domains`` partition splits one domain's samples among that domain's clients.
-WITHIN_DOMAIN_KINDS: tuple[str, ...] = ("iid", "dirichlet")
 
 # Redraw budget for rejection-sampled partitions before giving up with a user error.
 _MAX_TRIES = 1000
