@@ -1,4 +1,4 @@
-"""Where clients' persistent state lives between their rounds (MOON's previous model, kept
+"""Where clients' persistent state lives between their rounds (a previous local model, kept
 optimiser moments, control variates).
 
 The server actor owns the store: a worker receives the states of the clients it trains with

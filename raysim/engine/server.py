@@ -1,6 +1,6 @@
 """The server: holds the global state and the client-state store, runs the algorithm's server
 step. Plain Python; the engine wraps it with `ray.remote` and its own resource request, so
-server-side learning (hyper-prototypes, trainable prototypes) can take a GPU fraction.
+server-side learning (trained prototypes, generators) can take a GPU fraction.
 
 The state is kept per round: `states[r]` is the server state after round r, and the broadcast
 of round r is built from `states[r - 1]`. Running round r again (after a dead worker) therefore
