@@ -226,7 +226,8 @@ def execute(
             startup = time.perf_counter() - started
             try:
                 for result in simulation.rounds():
-                    results.append(result)
+                    # the checkpoint's files are written, not kept: a run keeps its records only
+                    results.append(dataclasses.replace(result, checkpoint=None))
                     if first_round is None:
                         first_round = time.perf_counter() - launched_at
                     if result.checkpoint is not None:  # before the sinks: Tune reports it

@@ -112,7 +112,9 @@ class Simulation:
         self.run_dir = str(run_dir) if run_dir is not None else None
         self.restore = restore
         self.first_round = restore.round + 1 if restore else 1
+        # without a loader (no run directory), the last checkpoint is kept in memory
         self._last_checkpoint = restore
+        self._keep_checkpoints = load_checkpoint is None
         self.load_checkpoint = load_checkpoint or (lambda: self._last_checkpoint)
         # Fixed evaluation batches per split: the validation split (model selection) where the
         # dataset has one, and the test split.
@@ -180,7 +182,7 @@ class Simulation:
                 continue
             inflight.popleft()
             last = time.perf_counter()
-            if result.checkpoint is not None:
+            if result.checkpoint is not None and self._keep_checkpoints:
                 self._last_checkpoint = Restore(result.round, result.checkpoint)
             yield result
 

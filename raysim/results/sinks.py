@@ -6,6 +6,7 @@ into the simulation loop for their own problems: logging must not stop a run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue
@@ -124,7 +125,7 @@ class RunDirectory(Sink):
         self.write_failures()
 
     def log_round(self, result: RoundResult) -> None:
-        self.results.append(result)
+        self.results.append(dataclasses.replace(result, checkpoint=None))  # records, not files
         self.write_metrics()  # small; rewritten each round so an interrupted run keeps its data
         if result.events:
             self.records.extend(result.events)
