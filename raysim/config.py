@@ -525,7 +525,7 @@ def merge(base: dict, update: dict) -> dict:
 
 
 def config_from_dict(raw: dict, overrides: typing.Sequence[str] = ()) -> Config:
-    raw = _deep_copy(raw)
+    raw = deep_copy(raw)
     for override in overrides:
         apply_override(raw, override)
     return parse_dataclass(Config, raw)
@@ -549,9 +549,10 @@ def dump_config(config: Config) -> str:
     return yaml.safe_dump(config_to_dict(config), sort_keys=False)
 
 
-def _deep_copy(raw: Any) -> Any:
+def deep_copy(raw: Any) -> Any:
+    """A copy of a raw (YAML) config's nested dicts and lists."""
     if isinstance(raw, dict):
-        return {key: _deep_copy(value) for key, value in raw.items()}
+        return {key: deep_copy(value) for key, value in raw.items()}
     if isinstance(raw, list):
-        return [_deep_copy(value) for value in raw]
+        return [deep_copy(value) for value in raw]
     return raw

@@ -29,9 +29,11 @@ from raysim.config import (
     Config,
     ConfigError,
     config_from_dict,
+    deep_copy,
     merge,
     parse_yaml,
     read_yaml,
+    require,
     set_dotted,
 )
 from raysim.results.metric_names import check_metric, default_mode
@@ -105,7 +107,7 @@ class Sweep:
         """The base with the trial's values set. A trial that draws another algorithm than the
         base's starts from that algorithm's defaults (the base's algorithm keys belong to the
         base's algorithm); `algorithm_params` of the drawn algorithm come next, swept keys last."""
-        raw = _deep_copy(self.base)
+        raw = deep_copy(self.base)
         base_algorithm = raw.get("algorithm") if isinstance(raw.get("algorithm"), dict) else {}
         name = params.get("algorithm.name", base_algorithm.get("name", "fedavg"))
         if name != base_algorithm.get("name", "fedavg"):
@@ -133,7 +135,7 @@ class Sweep:
         configs = [_check_point(self, point) for point in self.validation_points()]
         check_metric(self.metric, configs)
         rounds = max(config.rounds for config in configs)
-        _require(self.scheduler.name != "asha" or self.scheduler.grace_period <= rounds,
+        require(self.scheduler.name != "asha" or self.scheduler.grace_period <= rounds,
                  "scheduler.grace_period", f"{self.scheduler.grace_period} > rounds ({rounds})")
         return configs
 
@@ -181,25 +183,25 @@ def parse_sweep(raw: Any, folder: Path, default_name: str = "sweep") -> Sweep:
     if not isinstance(metric, str):
         raise ConfigError(f"metric: expected a metric name, got {metric!r}")
     mode = raw.get("mode", default_mode(metric))
-    _require(mode in ("max", "min"), "mode", f"choose max or min (got {mode!r})")
+    require(mode in ("max", "min"), "mode", f"choose max or min (got {mode!r})")
     rank_by = raw.get("rank_by", "final")
-    _require(rank_by in ("final", "best"), "rank_by",
+    require(rank_by in ("final", "best"), "rank_by",
              f"choose final (the last reported value) or best (over all rounds); got {rank_by!r}")
     num_samples = raw.get("num_samples", 1)
-    _require(isinstance(num_samples, int) and num_samples >= 1, "num_samples",
+    require(isinstance(num_samples, int) and num_samples >= 1, "num_samples",
              f"must be an integer >= 1 (got {num_samples!r})")
     concurrency = raw.get("max_concurrent_trials")
-    _require(concurrency is None or (isinstance(concurrency, int) and concurrency >= 1),
+    require(concurrency is None or (isinstance(concurrency, int) and concurrency >= 1),
              "max_concurrent_trials", f"must be an integer >= 1 (got {concurrency!r})")
     max_failures = raw.get("max_failures", 2)
-    _require(isinstance(max_failures, int) and not isinstance(max_failures, bool)
+    require(isinstance(max_failures, int) and not isinstance(max_failures, bool)
              and max_failures >= 0, "max_failures",
              f"must be an integer >= 0 (got {max_failures!r})")
     driver_cpus = raw.get("trial_driver_cpus", 0.0)
-    _require(isinstance(driver_cpus, (int, float)) and driver_cpus >= 0, "trial_driver_cpus",
+    require(isinstance(driver_cpus, (int, float)) and driver_cpus >= 0, "trial_driver_cpus",
              f"must be a number >= 0 (got {driver_cpus!r})")
     seed = raw.get("seed")
-    _require(seed is None or isinstance(seed, int), "seed", f"must be an integer (got {seed!r})")
+    require(seed is None or isinstance(seed, int), "seed", f"must be an integer (got {seed!r})")
     return Sweep(
         name=str(raw.get("name", default_name)), base=base, search=search, metric=metric,
         mode=mode, rank_by=rank_by, algorithm_params=_parse_algorithm_params(raw),
@@ -224,7 +226,7 @@ def _parse_search(raw: Any) -> tuple[SearchDimension, ...]:
                               + ", ".join(f"{{{k}: [...]}}" for k in SEARCH_KINDS)
                               + f"; got {spec!r}")
         ((kind, values),) = spec.items()
-        _require(isinstance(values, list) and values, where, f"{kind}: expected a list")
+        require(isinstance(values, list) and values, where, f"{kind}: expected a list")
         if kind in ("uniform", "loguniform", "randint"):
             _check_bounds(where, kind, values)
         if kind in ("uniform", "loguniform"):
@@ -237,25 +239,25 @@ def _check_bounds(where: str, kind: str, values: list) -> None:
     number = int if kind == "randint" else (int, float)
     ok = len(values) == 2 and all(isinstance(v, number) and not isinstance(v, bool)
                                   for v in values)
-    _require(ok, where, f"{kind}: expected [low, high], two "
+    require(ok, where, f"{kind}: expected [low, high], two "
              + ("integers" if number is int else "numbers"))
     low, high = values
-    _require(low < high, where, f"{kind}: low must be < high (got {low}, {high})")
-    _require(kind != "loguniform" or low > 0, where, f"loguniform: low must be > 0 (got {low})")
+    require(low < high, where, f"{kind}: low must be < high (got {low}, {high})")
+    require(kind != "loguniform" or low > 0, where, f"loguniform: low must be > 0 (got {low})")
 
 
 def _parse_algorithm_params(raw: dict) -> dict:
     from raysim.registry import algorithm_class
 
     params = raw.get("algorithm_params") or {}
-    _require(isinstance(params, dict), "algorithm_params",
+    require(isinstance(params, dict), "algorithm_params",
              "expected a mapping of algorithm name to its keys, e.g. {fedprox: {mu: 0.01}}")
     for name, keys in params.items():
         try:
             algorithm_class(str(name))
         except KeyError as error:
             raise ConfigError(f"algorithm_params.{name}: {error.args[0]}") from None
-        _require(isinstance(keys, dict) and "name" not in keys, f"algorithm_params.{name}",
+        require(isinstance(keys, dict) and "name" not in keys, f"algorithm_params.{name}",
                  "expected a mapping of that algorithm's keys (without `name`)")
     return params
 
@@ -265,16 +267,16 @@ def _parse_scheduler(raw: Any) -> Scheduler:
         return Scheduler()
     if raw == "asha":
         raw = {"name": "asha"}
-    _require(isinstance(raw, dict), "scheduler", "expected none, asha or {name: asha, ...}")
+    require(isinstance(raw, dict), "scheduler", "expected none, asha or {name: asha, ...}")
     _check_keys(raw, SCHEDULER_KEYS, "scheduler")
-    _require("name" in raw, "scheduler.name", "missing; e.g. {name: asha, grace_period: 1}")
+    require("name" in raw, "scheduler.name", "missing; e.g. {name: asha, grace_period: 1}")
     scheduler = Scheduler(**raw)
-    _require(scheduler.name in ("none", "asha"), "scheduler.name",
+    require(scheduler.name in ("none", "asha"), "scheduler.name",
              f"choose none or asha (got {scheduler.name!r})")
-    _require(isinstance(scheduler.grace_period, int) and scheduler.grace_period >= 1,
+    require(isinstance(scheduler.grace_period, int) and scheduler.grace_period >= 1,
              "scheduler.grace_period", "must be an integer >= 1 (rounds)")
     factor = scheduler.reduction_factor
-    _require(isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 1,
+    require(isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 1,
              "scheduler.reduction_factor", f"must be a number > 1 (got {factor!r})")
     return scheduler
 
@@ -284,7 +286,7 @@ def _absolute_data_root(base: dict) -> dict:
     changes their working directory), so pin it to an absolute path now."""
     root = (base.get("data") or {}).get("root") if isinstance(base.get("data"), dict) else None
     if isinstance(root, str) and not Path(root).is_absolute():
-        base = _deep_copy(base)
+        base = deep_copy(base)
         base["data"]["root"] = str(Path.cwd() / root)
     return base
 
@@ -297,16 +299,3 @@ def _check_keys(raw: dict, allowed: tuple[str, ...], section: str) -> None:
             hint = f"; did you mean {close[0]!r}?" if close else \
                 f"; valid keys here: {', '.join(allowed)}"
             raise ConfigError(f"unknown key {dotted!r}{hint}")
-
-
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{key}: {message}")
-
-
-def _deep_copy(raw: Any) -> Any:
-    if isinstance(raw, dict):
-        return {key: _deep_copy(value) for key, value in raw.items()}
-    if isinstance(raw, list):
-        return [_deep_copy(value) for value in raw]
-    return raw
