@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -128,8 +128,9 @@ def checkpoint_rounds(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def verify(path: Path) -> str | None:
-    """None when every file the manifest names is there with its size and hash; else why not."""
+def verify(path: Path, read: dict[str, bytes] | None = None) -> str | None:
+    """None when every file the manifest names is there with its size and hash; else why not.
+    `read` (if given) receives the files' bytes, so they are read once."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
@@ -144,6 +145,8 @@ def verify(path: Path) -> str | None:
             return f"{name} is missing"
         if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
             return f"{name} is truncated or corrupted (size or SHA-256 differs from the manifest)"
+        if read is not None:
+            read[name] = data
     if META not in files:
         return "no meta.json"
     return None
@@ -154,12 +157,14 @@ class LoadedCheckpoint:
     path: Path
     round: int
     meta: dict[str, Any]
+    files: dict[str, bytes] = field(default_factory=dict, repr=False)  # verified contents
 
     def read(self, name: str) -> bytes:
-        return (self.path / name).read_bytes()
+        return self.files[name] if name in self.files else (self.path / name).read_bytes()
 
     def names(self) -> list[str]:
-        return sorted(json.loads((self.path / MANIFEST).read_text())["files"])
+        return sorted(self.files) or sorted(
+            json.loads((self.path / MANIFEST).read_text())["files"])
 
 
 def newest_complete(run_dir: Path, warnings: list[str] | None = None,
@@ -168,10 +173,11 @@ def newest_complete(run_dir: Path, warnings: list[str] | None = None,
     """The newest checkpoint that passes its manifest (and `check`, which raises ValueError
     for contents it refuses); each one skipped adds a warning."""
     for round_index, path in checkpoint_rounds(run_dir):
-        problem = verify(path)
+        files: dict[str, bytes] = {}
+        problem = verify(path, files)
         if problem is None:
             try:
-                found = LoadedCheckpoint(path, round_index, json.loads((path / META).read_text()))
+                found = LoadedCheckpoint(path, round_index, json.loads(files[META]), files)
                 if check is not None:
                     check(found)
                 return found
