@@ -205,6 +205,12 @@ def execute(
     if config.resources.backend == "ray":
         import ray
 
+        # Everything the driver imports later is imported now, before it joins the cluster:
+        # a Ray job's working directory (this code) may be gone from disk once it has.
+        import raysim.engine.remote
+        import raysim.results.checkpoint
+        import raysim.results.records  # noqa: F401
+
         init_ray(address)
         config, notes = fit_resources(run.config, ray.cluster_resources())
         for note in notes:
