@@ -16,6 +16,11 @@ fixed here:
     server_round:   weights = aggregate(ctx, state, updates)          (sample-weighted mean)
                     return server_update(ctx, state, weights, updates) (server-side learning)
 
+A method whose `aggregate` is the sample-weighted mean (`weighted_mean = True`, the default)
+lets the workers sum their own clients' weights: the server then receives one exact sum per
+worker (`raysim.methods.aggregation.WeightSum`), the mean is the same bits as summing every
+client on the server, and `updates[k].weights` is empty in `server_update`.
+
 `step` (a `LocalRound`) carries the context, model, broadcast, data and client state, and what
 each earlier hook produced. Messages and states are frozen dataclasses of data (tensors,
 numbers, lists, dicts), so the engine can move them and checkpoint them without pickle. The
@@ -151,7 +156,8 @@ class Algorithm:
     # metrics it adds: client metrics as logged, server metrics with their `server_` prefix
     reported_metrics: ClassVar[tuple[str, ...]] = ()
     has_anchors: ClassVar[bool] = False  # `anchors` returns global class anchors
-    # `aggregate` is the sample-weighted mean of the clients' weights (workers may pre-reduce)
+    # `aggregate` is the sample-weighted mean of the clients' weights: the workers sum their
+    # clients' weights before sending (a method that overrides `aggregate` sets it False)
     weighted_mean: ClassVar[bool] = True
 
     def __init__(
@@ -178,15 +184,18 @@ class Algorithm:
         return Broadcast(weights=state.weights)
 
     def server_round(
-        self, ctx: ServerContext, state: ServerState, updates: list[ClientUpdate]
+        self, ctx: ServerContext, state: ServerState, updates: list[ClientUpdate],
+        summed: Any = None,
     ) -> ServerState:
         """The engine's server step (not a hook): `aggregate`, then `server_update`. `updates`
-        come in client-id order."""
-        return self.server_update(ctx, state, self.aggregate(ctx, state, updates), updates)
+        come in client-id order; `summed` (a `WeightSum`) is their weights already summed on
+        the workers, for `weighted_mean` methods."""
+        weights = summed.mean() if summed is not None else self.aggregate(ctx, state, updates)
+        return self.server_update(ctx, state, weights, updates)
 
     def aggregate(self, ctx: ServerContext, state: ServerState,
                   updates: list[ClientUpdate]) -> Weights:
-        """w_{t+1} = Σ_k n_k w_k / Σ_k n_k, accumulated in float64 in client-id order."""
+        """w_{t+1} = Σ_k n_k w_k / Σ_k n_k, summed exactly (the same bits in any order)."""
         from raysim.methods.aggregation import weighted_average
 
         return weighted_average([u.weights for u in updates], [u.num_samples for u in updates])

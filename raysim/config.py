@@ -55,11 +55,16 @@ class PartitionConfig:
     classes_per_client: int = 2  # shards: exactly k classes per client
     min_size: int = 2  # dirichlet / quantity: redraw until every client holds this many samples
     within: str = "iid"  # domains: how each domain's samples are split among its clients
+    path: str | None = None  # file: a Parquet table client → sample (raysim.data.partition_file)
+    overlap: bool = False  # file: clients may share samples
 
     def __post_init__(self) -> None:
         from raysim.registry import PARTITIONERS
 
         lookup(PARTITIONERS, self.kind, "kind")
+        require(self.kind != "file" or self.path is not None, "path",
+                "kind 'file' reads a partition file: set data.partition.path (write one with "
+                "`raysim partition CONFIG --out FILE`)")
         require(self.num_clients >= 1, "num_clients", "must be >= 1")
         require(self.alpha > 0, "alpha", f"must be > 0 (got {self.alpha})")
         require(self.classes_per_client >= 1, "classes_per_client", "must be >= 1")
@@ -98,6 +103,30 @@ class SyntheticConfig:
 
 
 @dataclass
+class FedProxSyntheticConfig:
+    """synthetic_fedprox: Synthetic(α, β) of the FedProx paper, any number of clients, each
+    generated from (seed, client id) when it is sampled (raysim.data.synthetic_fedprox)."""
+
+    alpha: float = 1.0  # spread of the clients' labelling models (std of u_k)
+    beta: float = 1.0  # spread of the clients' input means (std of B_k)
+    iid: bool = False  # the paper's IID variant: one shared model, zero input means
+    seed: int = 0  # the dataset's own seed: the same clients for every run seed
+    size_mu: float = 4.0  # client sizes: ⌊LogNormal(size_mu, size_sigma)⌋ + size_min
+    size_sigma: float = 2.0
+    size_min: int = 50
+    test_clients: int = 100  # the test set: held-out samples of this many clients
+    test_per_client: int = 100
+
+    def __post_init__(self) -> None:
+        require(self.alpha >= 0, "alpha", f"must be >= 0 (got {self.alpha})")
+        require(self.beta >= 0, "beta", f"must be >= 0 (got {self.beta})")
+        require(self.size_sigma >= 0, "size_sigma", f"must be >= 0 (got {self.size_sigma})")
+        require(self.size_min >= 1, "size_min", "must be >= 1")
+        require(self.test_clients >= 1, "test_clients", "must be >= 1")
+        require(self.test_per_client >= 1, "test_per_client", "must be >= 1")
+
+
+@dataclass
 class DataConfig:
     dataset: str = "digits"
     root: str | None = None  # folder holding the dataset files (not needed for digits)
@@ -106,13 +135,18 @@ class DataConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     long_tail: LongTailConfig = field(default_factory=LongTailConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    synthetic_fedprox: FedProxSyntheticConfig = field(default_factory=FedProxSyntheticConfig)
     image_size: int | None = None  # prostate_mri / nuclei: resize to this square; None = native
     val_fraction: float = 0.2  # nuclei: share of each site's train list held out for validation
 
     def __post_init__(self) -> None:
         from raysim.registry import DATASETS
 
-        lookup(DATASETS, self.dataset, "dataset")
+        dataset = lookup(DATASETS, self.dataset, "dataset")
+        if getattr(dataset, "generates_clients", False):
+            require(self.partition.kind == "natural", "partition.kind",
+                    f"{self.dataset} generates each client's own samples: set "
+                    "data.partition.kind: natural")
         require(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)")
         require(self.image_size is None or (self.image_size >= 16 and self.image_size % 16 == 0),
                 "image_size", f"must be a multiple of 16 (got {self.image_size})")

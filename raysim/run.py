@@ -39,7 +39,9 @@ class Run:
     restore: Any = None  # raysim.engine.simulation.Restore: where a resumed run starts
 
 
-def prepare(config: Config, run_dir: str | Path | None = None) -> Run:
+def build_checked_task(config: Config) -> Task:
+    """The config's task, or a ConfigError for what the user must fix: missing or unusable
+    dataset files, an infeasible partition or partition file."""
     from raysim.registry import DATASETS
 
     try:
@@ -47,11 +49,15 @@ def prepare(config: Config, run_dir: str | Path | None = None) -> Run:
     except DatasetNotFoundError as error:
         raise ConfigError(str(error)) from None
     try:
-        task = build_task(config)
+        return build_task(config)
     except DatasetFormatError as error:  # unusable file contents, named in the message
         raise ConfigError(f"data: {error}") from None
     except ValueError as error:  # an infeasible partition, e.g. too many clients for alpha
         raise ConfigError(f"data.partition: {error}") from None
+
+
+def prepare(config: Config, run_dir: str | Path | None = None) -> Run:
+    task = build_checked_task(config)
     run_dir = Path(run_dir) if run_dir else default_run_dir(config.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
@@ -122,29 +128,34 @@ def default_run_dir(name: str) -> Path:
 
 
 def write_label_histograms(task: Task, path: Path) -> None:
-    """Per-client label counts, long format: client, label, count."""
-    hist = task.partition.histograms
-    clients, labels = (grid.ravel() for grid in np.indices(hist.shape))
+    """Per-client label counts, long format: client, label, count (the nonzero ones). A
+    dataset that generates its clients has none until they train: no file."""
+    counts = task.partition.label_counts
+    if counts is None:
+        return
     table = pa.table({
-        "client": pa.array(clients, pa.int32()),
-        "label": pa.array(labels, pa.int32()),
-        "count": pa.array(hist[clients, labels], pa.int64()),
+        "client": pa.array(counts.client, pa.int32()),
+        "label": pa.array(counts.label, pa.int32()),
+        "count": pa.array(counts.count, pa.int64()),
     })
     pq.write_table(table, path)
 
 
 def describe_partition(task: Task) -> str:
-    sizes, hist = task.partition.sizes, task.partition.histograms
-    dataset = task.dataset
+    partition, dataset = task.partition, task.dataset
+    sizes = partition.sizes
     val = f"{len(dataset.val.y)} val / " if dataset.val is not None else ""
     text = (
         f"{len(sizes)} clients, {int(sizes.sum())} train / {val}"
         f"{len(dataset.test.y)} test samples; "
         f"client size min/median/max {sizes.min()}/{int(np.median(sizes))}/{sizes.max()}"
     )
+    if partition.generated:
+        return f"{text}; each client's samples generated when it trains"
     if task.info.kind == "segmentation":  # the histogram counts images without/with foreground
         return f"{text}; sites {', '.join(dataset.spec.domains)}"
-    return f"{text}; classes per client mean {(hist > 0).sum(axis=1).mean():.1f}"
+    classes = len(partition.label_counts.count) / partition.num_clients
+    return f"{text}; classes per client mean {classes:.1f}"
 
 
 # --------------------------------------------------------------------------- Ray side
@@ -201,6 +212,8 @@ def execute(
 
     started = time.perf_counter()
     launched_at = started if launched_at is None else launched_at
+    # where start-up goes: seconds from launch to each point (summary["startup_phases"])
+    phases = {"prepared": started - launched_at}
     config = run.config
     if config.resources.backend == "ray":
         import ray
@@ -212,6 +225,7 @@ def execute(
         import raysim.results.records  # noqa: F401
 
         init_ray(address)
+        phases["ray_ready"] = time.perf_counter() - launched_at
         config, notes = fit_resources(run.config, ray.cluster_resources())
         for note in notes:
             print(f"raysim: warning: {note}", file=sys.stderr)
@@ -223,10 +237,11 @@ def execute(
         sink.start(run)
     results = list(run.history)
     saved = CheckpointWriter(run, simulation)
-    status, stop_reason, first_round, workers = "completed", None, None, []
+    status, stop_reason, first_round, workers, memory = "completed", None, None, [], {}
     try:
         with Interrupts(simulation, run.run_dir) as interrupts:
             workers = simulation.start()
+            phases["actors_ready"] = time.perf_counter() - launched_at
             for note in placement_notes(workers):
                 print(f"raysim: warning: {note}", file=sys.stderr)
             startup = time.perf_counter() - started
@@ -235,7 +250,7 @@ def execute(
                     # the checkpoint's files are written, not kept: a run keeps its records only
                     results.append(dataclasses.replace(result, checkpoint=None))
                     if first_round is None:
-                        first_round = time.perf_counter() - launched_at
+                        first_round = phases["first_round"] = time.perf_counter() - launched_at
                     if result.checkpoint is not None:  # before the sinks: Tune reports it
                         saved.write(result.round, result.checkpoint, results)
                     for sink in sinks:
@@ -249,17 +264,31 @@ def execute(
                 status = "interrupted"
                 if results:
                     saved.write_now(results[-1].round, results)
+            memory = peak_memory(simulation)
     finally:
         simulation.shutdown()
     summary = summarize(run, results, startup, time.perf_counter() - launched_at)
     summary.update(status=status, launch_to_first_round_seconds=first_round, workers=workers,
                    checkpoint=str(saved.last) if saved.last else None,
-                   checkpoints_written=saved.written)
+                   checkpoints_written=saved.written, peak_rss_mb=memory,
+                   startup_phases=phases)
     if stop_reason:
         summary["stop_reason"] = stop_reason
     for sink in sinks:
         sink.finish(summary)
     return summary
+
+
+def peak_memory(simulation: Any) -> dict[str, Any]:
+    """Peak resident memory (MiB) of the driver, the server actor and each worker so far."""
+    from raysim.engine.worker import peak_rss_mb
+
+    try:
+        *workers, server = simulation.describe()
+    except simulation.backend.errors:  # an actor died at the very end: report what is known
+        return {"driver": peak_rss_mb()}
+    return {"driver": peak_rss_mb(), "server": server["peak_rss_mb"],
+            "workers": [w["peak_rss_mb"] for w in workers]}
 
 
 class CheckpointWriter:
@@ -408,6 +437,8 @@ def summarize(run: Run, results: list, startup: float, wall: float) -> dict[str,
         "wall_seconds": wall,
         "startup_seconds": startup,
         "round_seconds": [r.seconds for r in results],
+        # per round: seconds the clients spent in the method's step (the rest is the engine's)
+        "client_train_seconds": [r.train_seconds for r in results],
         "clients_dropped": sum(len(r.failures) for r in results),
         "failures": {kind: kinds.count(kind) for kind in sorted(set(kinds))},
         "actor_restarts": sum(kind.endswith("_restarted") for kind in kinds),

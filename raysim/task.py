@@ -23,17 +23,27 @@ class Task:
     info: TaskInfo
 
 
+# What the driver holds per registered client of an in-memory dataset while partitioning (the
+# partitioners' per-client arrays, the flat split, sizes and costs), for the memory check.
+BYTES_PER_CLIENT = 400
+
+
 def build_task(config: Config) -> Task:
     data = config.data
     dataset = DATASETS[data.dataset].load(data)
     part = data.partition
-    partition = make_partition(
-        partition_labels(dataset), dataset.spec.num_classes, kind=part.kind,
-        num_clients=part.num_clients,
-        seed=config.seed, alpha=part.alpha, classes_per_client=part.classes_per_client,
-        min_size=part.min_size, long_tail_rho=data.long_tail.rho,
-        domains=dataset.train.domain, within=part.within,
-    )
+    if dataset.clients is not None:  # generated on the workers: only the sizes are known
+        partition = Partition.of_sizes(dataset.clients.sizes, dataset.spec.num_classes)
+    else:
+        check_driver_memory(part.num_clients)
+        partition = make_partition(
+            partition_labels(dataset), dataset.spec.num_classes, kind=part.kind,
+            num_clients=part.num_clients,
+            seed=config.seed, alpha=part.alpha, classes_per_client=part.classes_per_client,
+            min_size=part.min_size, long_tail_rho=data.long_tail.rho,
+            domains=dataset.train.domain, within=part.within, clients=dataset.train.client,
+            path=part.path, overlap=part.overlap,
+        )
     spec = dataset.spec
     feature_dim = None  # models without a feature head are not built just to say so
     if MODELS[config.model.name].has_feature_head:
@@ -49,6 +59,29 @@ def build_task(config: Config) -> Task:
         num_clients=part.num_clients,
     )
     return Task(dataset=dataset, partition=partition, info=info)
+
+
+def check_driver_memory(num_clients: int) -> None:
+    """Refuse, before any work, a partition of an in-memory dataset that the driver's memory
+    cannot hold (ValueError: what it needs, what there is, what to do instead)."""
+    available = _available_memory()
+    needed = num_clients * BYTES_PER_CLIENT
+    if available is not None and needed > available // 2:
+        raise ValueError(
+            f"num_clients={num_clients} needs about {needed / 2**30:.1f} GiB in the driver to "
+            f"partition an in-memory dataset, and {available / 2**30:.1f} GiB is available: "
+            "lower num_clients, or use a dataset that generates its clients (synthetic_fedprox)")
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def partition_labels(dataset: Dataset) -> np.ndarray:

@@ -35,7 +35,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["clients_per_round=51"], "clients_per_round: 51 > data.partition.num_clients (50)"),
         (["data.dataset=imagenet"],
          "unknown dataset 'imagenet'; choose one of cifar10, cifar100, digits,"),
-        (["model.name=vit"], "unknown model 'vit'; choose one of cnn, logreg, resnet10, unet"),
+        (["model.name=vit"], "unknown model 'vit'; choose one of cnn, logreg, mlp, resnet10, unet"),
         (["algorithm.name=fedfoo"],
          "unknown algorithm 'fedfoo'; choose one of fedavg, fedbcs, fedhpro, fedproto, fedprox, "
          "fedtgp, fpl, moon, scaffold"),
@@ -101,6 +101,14 @@ def test_launch_writes_config_metrics_and_summary(ray_session, tmp_path, capsys)
     assert len(summary["round_seconds"]) == 3
     assert 0.0 <= summary["final"]["test_accuracy"] <= 1.0
     assert summary["wall_seconds"] > summary["launch_to_first_round_seconds"] > 0
+    phases = summary["startup_phases"]  # in the order start-up goes through them
+    assert 0 < phases["prepared"] < phases["ray_ready"] < phases["actors_ready"] \
+        < phases["first_round"] == summary["launch_to_first_round_seconds"]
+    memory = summary["peak_rss_mb"]
+    assert memory["driver"] > 50 and memory["server"] > 50 and len(memory["workers"]) == 2
+    assert len(summary["client_train_seconds"]) == 3
+    assert all(0 < t < s * 2 for t, s in zip(summary["client_train_seconds"],
+                                              summary["round_seconds"]))
 
     table = pq.read_table(run_dir / "metrics.parquet").to_pylist()
     rounds_with_accuracy = sorted(r["round"] for r in table if r["metric"] == "test_accuracy")
@@ -113,3 +121,4 @@ def test_launch_writes_config_metrics_and_summary(ray_session, tmp_path, capsys)
     histograms = pq.read_table(run_dir / "label_histograms.parquet").to_pydict()
     assert sum(histograms["count"]) == 1797 - 450  # digits: every train sample, once
     assert set(histograms["client"]) == set(range(50))
+    assert min(histograms["count"]) > 0  # sparse: nonzero rows only

@@ -70,7 +70,7 @@ def test_scientific_notation_string_is_accepted_for_floats():
         ({"data": {"dataset": "imagenet"}},
          "data.dataset: unknown dataset 'imagenet'; choose one of cifar10, cifar100, digits,"),
         ({"model": {"name": "vit"}},
-         "model.name: unknown model 'vit'; choose one of cnn, logreg, resnet10, unet"),
+         "model.name: unknown model 'vit'; choose one of cnn, logreg, mlp, resnet10, unet"),
         ({"algorithm": {"name": "fedsomething"}},
          "algorithm.name: unknown algorithm 'fedsomething'; choose one of fedavg, fedbcs, fedhpro"),
         ({"algorithm": {"name": "fedprox", "mu": -1}}, "algorithm.mu: must be >= 0"),

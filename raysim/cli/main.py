@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("config", help="print the resolved config (defaults included)")
     _add_config_args(show)
+
+    split = commands.add_parser(
+        "partition", help="write the client split a config produces as a partition file "
+        "(Parquet: client, index), for data.partition.kind: file or another tool")
+    _add_config_args(split)
+    split.add_argument("--out", required=True, help="the Parquet file to write")
     add_commands(commands)
     return parser
 
@@ -64,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = prepare_resume(args.run_dir, args.override)
             check_cluster(args.address)
             return _launch(run, args, launched_at)
-        if args.command not in ("launch", "config"):
+        if args.command not in ("launch", "config", "partition"):
             return run_command(args)
         overrides = [*args.override, *(["resources.backend=local"]
                                        if getattr(args, "local", False) else [])]
@@ -72,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "config":
             print(dump_config(config), end="")
             return 0
+        if args.command == "partition":
+            return _write_partition(config, args.out)
         check_cluster(args.address)
         from raysim.run import prepare
 
@@ -83,6 +91,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nraysim: interrupted during start-up, before any new round",
               file=sys.stderr)
         return 130
+
+
+def _write_partition(config, out: str) -> int:
+    from raysim.data.partition_file import write_partition
+    from raysim.run import build_checked_task, describe_partition
+
+    task = build_checked_task(config)
+    if task.partition.generated:
+        raise ConfigError(f"data.dataset: {config.data.dataset} generates each client's "
+                          "samples: there is no sample index to write")
+    path = write_partition(task.partition, out, len(task.dataset.train.y), config.data.dataset)
+    print(f"raysim: {describe_partition(task)}")
+    print(f"raysim: wrote {path} ({len(task.partition.indices)} rows: client, index); use it "
+          f"with data.partition: {{kind: file, path: {path}, "
+          f"num_clients: {task.partition.num_clients}}}")
+    return 0
 
 
 def _launch(run, args: argparse.Namespace, launched_at: float) -> int:

@@ -72,11 +72,13 @@ _CIFAR_STD = (0.2023, 0.1994, 0.2010)
 class ArraySplit:
     """One split: images ``x`` as (N, C, H, W); ``y`` int64 labels (N,) or, for segmentation,
     uint8 masks (N, H, W) in {0, 1}; and, for multi-domain datasets, an int64 domain id per
-    sample (an index into ``DatasetSpec.domains``)."""
+    sample (an index into ``DatasetSpec.domains``); for datasets with natural clients, the
+    client id of each sample (what partition kind ``natural`` splits by)."""
 
     x: np.ndarray
     y: np.ndarray
     domain: np.ndarray | None = None
+    client: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if len(self.x) != len(self.y):
@@ -90,6 +92,8 @@ class ArraySplit:
             raise ValueError(f"y must be labels (N,) or masks (N, H, W), got shape {self.y.shape}")
         if self.domain is not None and len(self.domain) != len(self.y):
             raise ValueError(f"domain has {len(self.domain)} entries but y has {len(self.y)}")
+        if self.client is not None and len(self.client) != len(self.y):
+            raise ValueError(f"client has {len(self.client)} entries but y has {len(self.y)}")
 
     def __len__(self) -> int:
         return len(self.y)
@@ -115,12 +119,17 @@ class DatasetSpec:
 @dataclass(frozen=True)
 class Dataset:
     """A dataset's spec with its train and test splits and, where the dataset defines one, a
-    validation split for model selection (the test split is never used to select)."""
+    validation split for model selection (the test split is never used to select).
+
+    A dataset with any number of clients (`synthetic_fedprox`) has no train split in memory:
+    `clients` generates each client's samples on the worker when the client is sampled
+    (an object with `sizes`, the (num_clients,) sample counts, and `client(k) -> (x, y)`)."""
 
     spec: DatasetSpec
-    train: ArraySplit
+    train: ArraySplit | None
     test: ArraySplit
     val: ArraySplit | None = None
+    clients: Any = None
 
 
 class DatasetNotFoundError(FileNotFoundError):

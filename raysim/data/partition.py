@@ -17,6 +17,8 @@ from raysim.config import WITHIN_DOMAIN_KINDS
 __all__ = [
     "PARTITION_KINDS",
     "WITHIN_DOMAIN_KINDS",
+    "ClientSplit",
+    "LabelCounts",
     "Partition",
     "long_tail_indices",
     "make_partition",
@@ -35,6 +37,8 @@ PARTITION_KINDS: tuple[str, ...] = (
     "quantity",
     "dirichlet_equal",
     "domains",
+    "natural",
+    "file",
 )
 
 # Redraw budget for rejection-sampled partitions before giving up with a user error.
@@ -349,12 +353,61 @@ def long_tail_indices(labels: np.ndarray, rho: float, rng: np.random.Generator) 
 
 
 @dataclass(frozen=True)
-class Partition:
-    """Per-client index sets plus their label histograms, for reporting and sampling."""
+class LabelCounts:
+    """Per-client label counts as sparse rows (client, label, count), sorted by client then
+    label, with no zero counts: 10^6 clients holding a few classes each stay a few MB."""
 
-    client_indices: tuple[np.ndarray, ...]
+    client: np.ndarray
+    label: np.ndarray
+    count: np.ndarray
+
+    @classmethod
+    def of(cls, owner: np.ndarray, labels: np.ndarray, num_classes: int) -> LabelCounts:
+        """The counts of samples with client `owner[i]` and label `labels[i]`."""
+        keys, counts = np.unique(owner.astype(np.int64) * num_classes + labels,
+                                 return_counts=True)
+        return cls(keys // num_classes, keys % num_classes, counts.astype(np.int64))
+
+    def dense(self, num_clients: int, num_classes: int) -> np.ndarray:
+        out = np.zeros((num_clients, num_classes), dtype=np.int64)
+        out[self.client, self.label] = self.count
+        return out
+
+
+@dataclass(frozen=True)
+class ClientSplit:
+    """Client k's samples are `indices[offsets[k]:offsets[k + 1]]`, each client's sorted: one
+    flat array for any number of clients (no Python object per client)."""
+
+    offsets: np.ndarray  # (num_clients + 1,) int64
+    indices: np.ndarray  # int64
+
+    @classmethod
+    def from_lists(cls, parts: list[np.ndarray]) -> ClientSplit:
+        sizes = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+        flat = np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
+        return cls(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), flat)
+
+    @classmethod
+    def from_owner(cls, owner: np.ndarray, num_clients: int) -> ClientSplit:
+        """Sample i goes to client `owner[i]` (a sample may be listed once per client)."""
+        order = np.argsort(owner, kind="stable")
+        counts = np.bincount(owner, minlength=num_clients)
+        return cls(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                   order.astype(np.int64))
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Which training samples each client holds, as flat arrays (`ClientSplit`'s layout), and
+    their sparse label counts. For a dataset that generates each client's samples when it
+    trains (`synthetic_fedprox`), only the sizes are known: `indices` and `label_counts` are
+    None."""
+
+    offsets: np.ndarray  # (num_clients + 1,) int64: client k's samples are [offsets[k], [k+1])
+    indices: np.ndarray | None  # int64 positions in the training split; None: generated
     num_classes: int
-    histograms: np.ndarray
+    label_counts: LabelCounts | None = None
     # (num_clients,) int64 domain id per client (its majority domain unless the partition is
     # by domain); None when the dataset has no domains.
     client_domains: np.ndarray | None = None
@@ -362,12 +415,61 @@ class Partition:
     @property
     def sizes(self) -> np.ndarray:
         """Number of samples held by each client."""
-        return np.array([len(idx) for idx in self.client_indices], dtype=np.int64)
+        return np.diff(self.offsets)
 
     @property
     def num_clients(self) -> int:
-        """Number of clients in the partition."""
-        return len(self.client_indices)
+        return len(self.offsets) - 1
+
+    @property
+    def generated(self) -> bool:
+        return self.indices is None
+
+    def indices_of(self, client: int) -> np.ndarray:
+        if self.indices is None:
+            raise ValueError("this dataset generates each client's samples: they have no "
+                             "indices")
+        return self.indices[self.offsets[client]:self.offsets[client + 1]]
+
+    @property
+    def client_indices(self) -> tuple[np.ndarray, ...]:
+        """Every client's indices (views; a Python object per client: small partitions)."""
+        return tuple(self.indices_of(k) for k in range(self.num_clients))
+
+    @property
+    def histograms(self) -> np.ndarray:
+        """Dense (num_clients, num_classes) label counts (small partitions)."""
+        if self.label_counts is None:
+            raise ValueError("the labels of generated clients are known only once they train")
+        return self.label_counts.dense(self.num_clients, self.num_classes)
+
+    def owners(self) -> np.ndarray:
+        """The client of each entry of `indices`."""
+        return np.repeat(np.arange(self.num_clients, dtype=np.int64), self.sizes)
+
+    @classmethod
+    def of_split(cls, split: ClientSplit, labels: np.ndarray, num_classes: int,
+                 domains: np.ndarray | None = None) -> Partition:
+        """A partition of samples with these labels (and domains, one per sample)."""
+        sizes = np.diff(split.offsets)
+        owner = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+        client_domains = None
+        if domains is not None:
+            # the majority domain of each client: cheap, and reports break results down by it
+            per_domain = LabelCounts.of(owner, domains[split.indices], int(domains.max()) + 1)
+            order = np.lexsort((-per_domain.count, per_domain.client))
+            first = np.unique(per_domain.client[order], return_index=True)[1]
+            client_domains = np.zeros(len(sizes), dtype=np.int64)
+            client_domains[per_domain.client[order][first]] = per_domain.label[order][first]
+        return cls(offsets=split.offsets, indices=split.indices, num_classes=num_classes,
+                   label_counts=LabelCounts.of(owner, labels[split.indices], num_classes),
+                   client_domains=client_domains)
+
+    @classmethod
+    def of_sizes(cls, sizes: np.ndarray, num_classes: int) -> Partition:
+        """Clients of these sizes whose samples are generated when they train."""
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        return cls(offsets=offsets, indices=None, num_classes=num_classes)
 
 
 def make_partition(
@@ -383,13 +485,17 @@ def make_partition(
     long_tail_rho: float = 1.0,
     domains: np.ndarray | None = None,
     within: str = "iid",
+    clients: np.ndarray | None = None,
+    path: str | None = None,
+    overlap: bool = False,
 ) -> Partition:
     """Build the partition the config asks for, from a seed alone (reproducible across runs).
 
     With ``long_tail_rho > 1`` the pool is first restricted to a long-tailed subset; the
     returned indices always point into the original ``labels`` array. ``domains`` (a domain id
     per sample) is required by kind "domains" and, for any kind, fills
-    ``Partition.client_domains``.
+    ``Partition.client_domains``. ``clients`` (a client id per sample, where the dataset has
+    them) is what kind "natural" splits by; kind "file" reads ``path``.
     """
     from raysim.data.partitioners import PartitionRequest
     from raysim.registry import PARTITIONERS
@@ -407,6 +513,9 @@ def make_partition(
     if long_tail_rho < 1:
         raise ValueError(f"long_tail_rho must be >= 1 (1 disables it), got {long_tail_rho}")
     if long_tail_rho > 1:
+        if kind in FIXED_KINDS:
+            raise ValueError(f"kind {kind!r} takes the clients' samples as they are: "
+                             "long_tail.rho applies only to partitions raysim draws")
         pool = long_tail_indices(y, long_tail_rho, rng)
     else:
         pool = np.arange(len(y), dtype=np.int64)
@@ -415,21 +524,12 @@ def make_partition(
     parts = partitioner(PartitionRequest(
         labels=sub, domains=None if dom is None else dom[pool], num_classes=num_classes,
         num_clients=num_clients, rng=rng, alpha=alpha, classes_per_client=classes_per_client,
-        min_size=min_size, within=within))
-    client_domains = None
+        min_size=min_size, within=within, clients=clients, path=path, overlap=overlap))
+    split = parts if isinstance(parts, ClientSplit) else ClientSplit.from_lists(parts)
     # pool is sorted, so mapping sorted local indices keeps each client's indices sorted.
-    client_indices = tuple(pool[p] for p in parts)
-    histograms = np.stack(
-        [np.bincount(y[idx], minlength=num_classes) for idx in client_indices]
-    ).astype(np.int64)
-    if client_domains is None and dom is not None:
-        # Cheap to record for any kind, and lets reports break results down by domain.
-        client_domains = np.array(
-            [np.bincount(dom[idx]).argmax() for idx in client_indices], dtype=np.int64
-        )
-    return Partition(
-        client_indices=client_indices,
-        num_classes=num_classes,
-        histograms=histograms,
-        client_domains=client_domains,
-    )
+    split = ClientSplit(split.offsets, pool[split.indices])
+    return Partition.of_split(split, y, num_classes, dom)
+
+
+# Kinds whose clients are given (by the dataset, or by a file), not drawn.
+FIXED_KINDS = ("natural", "file")

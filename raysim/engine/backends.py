@@ -40,9 +40,9 @@ class RayBackend:
     def get(self, refs: Any, timeout: float | None = None) -> Any:
         return self.ray.get(refs, timeout=timeout)
 
-    def share(self, dataset: Any, client_indices: Any) -> list[Any]:
+    def share(self, dataset: Any, client_split: Any) -> list[Any]:
         """Put once, read zero-copy by every worker on a node."""
-        return [self.ray.put(dataset), self.ray.put(client_indices)]
+        return [self.ray.put(dataset), self.ray.put(client_split)]
 
     def worker(self, config: Any, shared: list[Any], info: Any) -> Any:
         from raysim.engine.remote import RemoteClientWorker
@@ -139,8 +139,8 @@ class LocalBackend:
             return [_resolve(r) for r in refs]
         return _resolve(refs)
 
-    def share(self, dataset: Any, client_indices: Any) -> tuple[Any, Any]:
-        return dataset, client_indices
+    def share(self, dataset: Any, client_split: Any) -> tuple[Any, Any]:
+        return dataset, client_split
 
     def worker(self, config: Any, shared: tuple[Any, Any], info: Any) -> LocalActor:
         from raysim.engine.worker import ClientWorker

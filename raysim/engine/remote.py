@@ -15,8 +15,8 @@ from raysim.engine.worker import ClientWorker
 class RemoteClientWorker(ClientWorker):
     def __init__(self, config: Any, shared: list, info: Any) -> None:
         register_tensor_transport()
-        dataset, client_indices = ray.get(shared)
-        super().__init__(config, dataset, client_indices, info)
+        dataset, client_split = ray.get(shared)
+        super().__init__(config, dataset, client_split, info)
 
 
 class RemoteServer(Server):

@@ -19,7 +19,8 @@ import torch
 from raysim.algorithm import Broadcast, ServerContext, TaskInfo
 from raysim.config import Config
 from raysim.engine.client_store import make_store
-from raysim.engine.worker import ClientResult, assigned_device
+from raysim.engine.worker import GroupResult, assigned_device, peak_rss_mb
+from raysim.methods.aggregation import WeightSum
 from raysim.methods.diagnostics import server_diagnostics
 from raysim.results.state_io import pack, unpack
 from raysim.seeding import server_generator
@@ -69,7 +70,8 @@ class Server:
         return os.getpid()
 
     def describe(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "round": self.latest, "clients_with_state": len(self.store)}
+        return {"pid": os.getpid(), "round": self.latest, "clients_with_state": len(self.store),
+                "peak_rss_mb": peak_rss_mb()}
 
     def broadcast(self, round_index: int) -> Broadcast:
         """What the clients of `round_index` receive: built from the state after the round
@@ -83,22 +85,32 @@ class Server:
         return self.store.get(client_ids)
 
     def aggregate(
-        self, round_index: int, sampled: int, checkpoint: bool, *worker_results: list[ClientResult]
+        self, round_index: int, sampled: int, checkpoint: bool, *groups: GroupResult
     ) -> dict[str, Any]:
         """Run the server step on this round's updates, in client-id order whatever the worker.
+        The workers' weight sums (weighted-mean methods) are added up exactly, so the result
+        does not depend on how clients were spread over workers.
 
         Returns the round's report: averaged client metrics, failures, per-client retries and
         seconds, and with `checkpoint` the files of a checkpoint of the state after the round.
         When fewer than `fault_tolerance.min_clients_fraction` of the `sampled` clients
         succeeded, no state changes and the report says `insufficient`.
         """
-        results = sorted((r for batch in worker_results for r in batch), key=lambda r: r.client_id)
+        results = sorted((r for group in groups for r in group.clients),
+                         key=lambda r: r.client_id)
+        sums = [g.weight_sum for g in groups if g.weight_sum is not None]
+        summed = None
+        if sums:
+            summed = WeightSum()
+            for part in sums:
+                summed.merge(part)
         ok = [r for r in results if r.update is not None]
         failures = {r.client_id: r.error for r in results if r.update is None}
         retries = [(r.client_id, attempt, reason) for r in results
                    for attempt, reason in enumerate(r.retries, start=1)]
         report: dict[str, Any] = {"failures": failures, "retries": retries,
-                                  "client_seconds": {r.client_id: r.seconds for r in ok}}
+                                  "client_seconds": {r.client_id: r.seconds for r in ok},
+                                  "train_seconds": sum(r.train_seconds for r in ok)}
         metrics: dict[str, float] = {"clients_ok": float(len(ok)),
                                      "clients_failed": float(len(failures))}
         report["metrics"] = metrics
@@ -110,7 +122,7 @@ class Server:
         updates = [r.update for r in ok]
         ctx = ServerContext(round_index, server_generator(self.config.seed, round_index),
                             self.device)
-        state = self.algorithm.server_round(ctx, self.states[round_index - 1], updates)
+        state = self.algorithm.server_round(ctx, self.states[round_index - 1], updates, summed)
         self.states = {round_index - 1: self.states[round_index - 1], round_index: state}
         metrics.update({f"server_{k}": float(v) for k, v in state.metrics.items()})
         if self.stateful:

@@ -38,6 +38,9 @@ class RoundResult:
     events: tuple[dict[str, Any], ...] = ()  # failure records: retries, drops, restarts, replays
     # the files of a checkpoint after this round, when one was due (written by the caller)
     checkpoint: dict[str, bytes] | None = field(default=None, repr=False, compare=False)
+    # seconds the clients spent in the method's client step, summed (the rest of
+    # round_seconds × workers is the engine's: dispatch, data, weights, aggregation)
+    train_seconds: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,9 @@ class Simulation:
     # ------------------------------------------------------------------ actors
     def start(self) -> list[dict[str, Any]]:
         """Create the server and the worker pool; return once every worker is ready."""
-        self.shared = self.backend.share(self.task.dataset, self.task.partition.client_indices)
+        partition = self.task.partition
+        self.shared = self.backend.share(self.task.dataset,
+                                         (partition.offsets, partition.indices))
         self.workers = [self._new_worker() for _ in range(self.num_workers)]
         self.server = self._new_server(self.restore)
         return self.backend.get([w.describe.remote() for w in self.workers])
@@ -264,7 +269,8 @@ class Simulation:
         metrics["samples_per_second"] = metrics.get("samples", 0.0) * \
             self.config.train.local_epochs / seconds
         return RoundResult(round=r, metrics=metrics, failures=report["failures"], seconds=seconds,
-                           events=tuple(events), checkpoint=report.get("checkpoint"))
+                           events=tuple(events), checkpoint=report.get("checkpoint"),
+                           train_seconds=report.get("train_seconds", 0.0))
 
     # ------------------------------------------------------------------ recovery
     def _recover(self, error: Exception, inflight: deque[RoundWork]) -> None:

@@ -1,8 +1,11 @@
 """A client worker: one long-lived process that hosts many virtual clients, one at a time.
 
 It receives the dataset once (zero-copy from the object store), builds the model and the
-algorithm once, and per client only loads the broadcast weights and swaps the index set.
-The class is plain Python; the engine wraps it with `ray.remote`.
+algorithm once, and per client only loads the broadcast weights and swaps the index set (or,
+for a dataset that generates its clients, generates the client's samples). For a method whose
+weights are averaged by sample count, it sums its clients' weights itself (exactly, see
+`raysim.methods.aggregation`), so one payload per worker reaches the server, not one per
+client. The class is plain Python; the engine wraps it with `ray.remote`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from raysim.algorithm import Broadcast, ClientContext, ClientUpdate, TaskInfo
 from raysim.config import Config
 from raysim.data import Dataset
+from raysim.methods.aggregation import WeightSum
 from raysim.methods.diagnostics import anchor_alignment
 from raysim.methods.prototypes import local_prototypes
 from raysim.nn.training import ClientData, Preprocess, make_optimizer
@@ -36,6 +40,16 @@ class ClientResult:
     error: str | None = None
     seconds: float = 0.0
     retries: tuple[str, ...] = ()  # why each earlier attempt failed
+    train_seconds: float = 0.0  # inside the method's client step (the rest is the engine's)
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    """One worker's clients of a round: their results in client-id order and, for
+    `weighted_mean` methods, the exact sum of their weights (the updates then carry none)."""
+
+    clients: list[ClientResult]
+    weight_sum: WeightSum | None = None
 
 
 def as_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -51,6 +65,15 @@ def assigned_device(num_gpus: float) -> torch.device:
     return torch.device("cpu")
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB (bytes on macOS)
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
 def check_finite(update: ClientUpdate) -> str | None:
     for name, tensor in update.weights.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
@@ -60,23 +83,29 @@ def check_finite(update: ClientUpdate) -> str | None:
 
 class ClientWorker:
     def __init__(
-        self, config: Config, dataset: Dataset, client_indices: tuple[np.ndarray, ...],
-        info: TaskInfo,
+        self, config: Config, dataset: Dataset,
+        client_split: tuple[np.ndarray, np.ndarray | None], info: TaskInfo,
     ) -> None:
+        """`client_split`: the partition's (offsets, indices), client k's samples being
+        indices[offsets[k]:offsets[k+1]]; indices is None for a dataset that generates its
+        clients (`dataset.clients`)."""
         torch.set_num_threads(max(1, math.floor(config.resources.worker.num_cpus)))
         self.config = config
         self.device = assigned_device(config.resources.worker.num_gpus)
         self.algorithm = make_algorithm(config, info, self.device)
         self.model = new_model(config, info, self.algorithm).to(self.device)
         self.preprocess = Preprocess(dataset.spec, self.device)
-        self.train_x = as_tensor(dataset.train.x, self.device)
-        self.train_y = as_tensor(dataset.train.y, self.device)
+        self.generated = dataset.clients
+        if dataset.train is not None:
+            self.train_x = as_tensor(dataset.train.x, self.device)
+            self.train_y = as_tensor(dataset.train.y, self.device)
         self.eval_splits = {
             name: (as_tensor(split.x, self.device), as_tensor(split.y, self.device))
             for name, split in (("test", dataset.test), ("val", dataset.val))
             if split is not None
         }
-        self.client_indices = client_indices
+        self.offsets, self.indices = client_split
+        self.presum = self.algorithm.weighted_mean
         self.max_retries = config.fault_tolerance.max_client_retries
         self.diagnose_anchors = config.diagnostics.anchors and self.algorithm.has_anchors
         # The first optimiser built in a process imports torch._dynamo (~1 s): pay it now,
@@ -90,18 +119,38 @@ class ClientWorker:
         placed = ray.is_initialized()
         return {"pid": os.getpid(), "device": str(self.device), "threads": torch.get_num_threads(),
                 "node_id": ray.get_runtime_context().get_node_id() if placed else None,
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()] if placed else []}
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()] if placed else [],
+                "peak_rss_mb": peak_rss_mb()}
 
     def ping(self) -> int:
         return os.getpid()
 
     def train(
         self, broadcast: Broadcast, round_index: int, client_ids: list[int], states: list[Any]
-    ) -> list[ClientResult]:
-        return [
+    ) -> GroupResult:
+        results = [
             self._train_one(broadcast, round_index, cid, state)
-            for cid, state in zip(client_ids, states)
+            for cid, state in sorted(zip(client_ids, states), key=lambda pair: pair[0])
         ]
+        if not self.presum:
+            return GroupResult(results)
+        total = WeightSum()
+        for i, result in enumerate(results):
+            if result.update is not None:
+                total.add(result.update.weights, result.update.num_samples)
+                results[i] = dataclasses.replace(
+                    result, update=dataclasses.replace(result.update, weights={}))
+        return GroupResult(results, total)
+
+    def client_data(self, client_id: int) -> ClientData:
+        """Client `client_id`'s samples: an index view of the worker's dataset, or generated."""
+        if self.generated is not None:
+            x, y = self.generated.client(client_id)
+            return ClientData(as_tensor(x, self.device), as_tensor(y, self.device),
+                              torch.arange(len(y), device=self.device), self.preprocess)
+        lo, hi = int(self.offsets[client_id]), int(self.offsets[client_id + 1])
+        indices = as_tensor(self.indices[lo:hi], self.device)
+        return ClientData(self.train_x, self.train_y, indices, self.preprocess)
 
     def _train_one(
         self, broadcast: Broadcast, round_index: int, client_id: int, state: Any
@@ -110,8 +159,7 @@ class ClientWorker:
         seed, so a success is the same update) up to `fault_tolerance.max_client_retries`
         times, then dropped with its reason; non-finite weights are dropped at once."""
         start = time.perf_counter()
-        indices = as_tensor(self.client_indices[client_id], self.device)
-        data = ClientData(self.train_x, self.train_y, indices, self.preprocess)
+        data = self.client_data(client_id)
         failed: list[str] = []
         while True:
             ctx = ClientContext(
@@ -122,7 +170,9 @@ class ClientWorker:
                 train=self.config.train,
             )
             try:
+                began = time.perf_counter()
                 update = self.algorithm.client_update(ctx, self.model, broadcast, data, state)
+                trained = time.perf_counter() - began
                 break
             except Exception:  # retried, then reported and dropped; the round goes on
                 failed.append(traceback.format_exc(limit=8))
@@ -134,7 +184,8 @@ class ClientWorker:
             return ClientResult(client_id, None, problem, retries=retries)
         if self.diagnose_anchors:
             update = self._with_anchor_alignment(update, broadcast, data)
-        return ClientResult(client_id, update, None, time.perf_counter() - start, retries)
+        return ClientResult(client_id, update, None, time.perf_counter() - start, retries,
+                            trained)
 
     def _with_anchor_alignment(
         self, update: ClientUpdate, broadcast: Broadcast, data: ClientData

@@ -1,31 +1,146 @@
-"""Aggregation as pure functions: deterministic (client-id order, float64 accumulation)."""
+"""Aggregation as pure functions whose result does not depend on the order or grouping of the
+updates: the sample-weighted sum Σ_k n_k·w_k is held exactly, so a worker may sum its own
+clients and the server add the workers' sums, with any number of workers, and the mean is the
+same bits as the server summing every client itself.
+
+Exactness comes from fixed-point binning (reproducible summation, as in Demmel and Nguyen's
+ReproBLAS): each float64 value n·w is split into pieces on a fixed grid of bins 32 bits apart,
+and each bin adds its pieces without rounding (a bin's pieces are multiples of its unit and
+small enough that 2^20 of them cannot overflow its 53 bits). Only the parts of a value below
+2^-84 are dropped, the same for every value whatever it is summed with.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from raysim.algorithm import Weights
 
+BIN_BITS = 32  # bin j holds multiples of 2^(32·j − 52), from values below 2^(32·j − 21)
+HEADROOM_BITS = 20  # a sum may take up to 2^20 values (clients) without rounding
+LOWEST_BIN = -1  # parts below 2^(32·LOWEST_BIN − 52) = 2^-84 are dropped
+MAX_VALUES = 2**HEADROOM_BITS
+
+
+def _unit(j: int) -> float:
+    return math.ldexp(1.0, BIN_BITS * j - 52)
+
+
+def _top_bin(magnitude: float) -> int:
+    """The lowest bin whose headroom holds values of this magnitude."""
+    _, exponent = math.frexp(magnitude)  # magnitude < 2^exponent <= 2^(32·top − 21)
+    return max(LOWEST_BIN, -(-(exponent + 1 + HEADROOM_BITS) // BIN_BITS))
+
+
+def _split_into(bins: dict[int, np.ndarray], values: np.ndarray, top: int) -> None:
+    """Add `values` (float64; overwritten) to `bins` as pieces on bins top..LOWEST_BIN; the
+    pieces add up to each value rounded to the lowest bin's unit. In place: no temporaries
+    beyond one scratch array."""
+    rest, piece = values, np.empty_like(values)
+    for j in range(top, LOWEST_BIN - 1, -1):
+        anchor = 1.5 * math.ldexp(1.0, BIN_BITS * j)  # rest + anchor rounds rest to bin j's unit
+        np.add(rest, anchor, out=piece)
+        np.subtract(piece, anchor, out=piece)
+        if j > LOWEST_BIN:
+            np.subtract(rest, piece, out=rest)
+        if j in bins:
+            np.add(bins[j], piece, out=bins[j])
+        else:
+            bins[j] = piece.copy()
+
+
+class WeightSum:
+    """Σ_k n_k·w_k over a set of updates, exactly, and Σ_k n_k. `add` one update, `merge`
+    another sum (in any order, from any process); `mean()` gives the weighted average."""
+
+    def __init__(self) -> None:
+        self.bins: dict[str, dict[int, np.ndarray]] = {}  # float tensors: bin → sums
+        self.integers: dict[str, np.ndarray] = {}  # integer buffers (exact in int64)
+        self.dtypes: dict[str, torch.dtype] = {}
+        self.samples = 0
+        self.count = 0
+
+    def add(self, weights: Weights, num_samples: int) -> WeightSum:
+        if self.count >= MAX_VALUES:
+            raise ValueError(f"a weight sum takes at most {MAX_VALUES} updates")
+        n = int(num_samples)
+        for name, tensor in weights.items():
+            self.dtypes.setdefault(name, tensor.dtype)
+            array = tensor.detach().cpu().numpy()
+            if not tensor.is_floating_point():
+                total = self.integers.get(name)
+                scaled = array.astype(np.int64) * n
+                self.integers[name] = scaled if total is None else total + scaled
+                continue
+            values = array.astype(np.float64)
+            values *= n  # exact: a float32 times an integer below 2^29
+            magnitude = max(float(values.max()), -float(values.min())) if values.size else 0.0
+            if not math.isfinite(magnitude):
+                raise ValueError(f"non-finite values in {name!r}")
+            _split_into(self.bins.setdefault(name, {}), values, _top_bin(magnitude))
+        self.samples += n
+        self.count += 1
+        return self
+
+    def merge(self, other: WeightSum) -> WeightSum:
+        if self.count + other.count > MAX_VALUES:
+            raise ValueError(f"a weight sum takes at most {MAX_VALUES} updates")
+        for name, pieces in other.bins.items():
+            self.dtypes.setdefault(name, other.dtypes[name])
+            bins = self.bins.setdefault(name, {})
+            for j, piece in pieces.items():
+                bins[j] = piece.copy() if j not in bins else bins[j] + piece
+        for name, total in other.integers.items():
+            self.dtypes.setdefault(name, other.dtypes[name])
+            mine = self.integers.get(name)
+            self.integers[name] = total.copy() if mine is None else mine + total
+        self.samples += other.samples
+        self.count += other.count
+        return self
+
+    def mean(self) -> Weights:
+        """Σ n_k·w_k / Σ n_k, cast back to each tensor's dtype (integer buffers, such as
+        BatchNorm's `num_batches_tracked`, rounded to the nearest integer)."""
+        if self.count == 0:
+            raise ValueError("cannot average zero updates")
+        if self.samples <= 0:
+            raise ValueError("the updates hold no samples")
+        out = {}
+        for name, dtype in self.dtypes.items():  # in the order of the first update's tensors
+            if name in self.integers:
+                mean = np.round(self.integers[name] / self.samples)
+            else:
+                mean = _total(self.bins[name]) / self.samples
+            out[name] = torch.from_numpy(np.asarray(mean)).to(dtype)
+        return out
+
+
+def _total(bins: dict[int, np.ndarray]) -> np.ndarray:
+    """The exact sum the bins hold, as float64. The bins are first brought to one canonical
+    form (carries go up, each lower bin keeps its remainder in [0, unit of the bin above)), so
+    the result depends on that sum alone, not on how it was split into bins."""
+    levels = sorted(bins)
+    digits = {j: bins[j].copy() for j in levels}
+    for low, high in zip(levels[:-1], levels[1:]):  # bins are contiguous: high == low + 1
+        unit = _unit(high)
+        carry = np.floor(digits[low] / unit) * unit
+        digits[low] -= carry
+        digits[high] += carry
+    total = digits[levels[-1]]
+    for j in reversed(levels[:-1]):
+        total = total + digits[j]
+    return total
+
 
 def weighted_average(weights: Sequence[Weights], counts: Sequence[float]) -> Weights:
-    """Σ_k n_k·w_k / Σ_k n_k per tensor, summed in the given order in float64 and cast back.
-
-    Integer buffers (BatchNorm's `num_batches_tracked`) are rounded to the nearest integer.
-    """
+    """Σ_k n_k·w_k / Σ_k n_k per tensor, exact and order-independent (see `WeightSum`)."""
     if not weights:
         raise ValueError("cannot average zero updates")
-    total = float(sum(counts))
-    if total <= 0:
-        raise ValueError("the updates hold no samples")
-    out = {}
-    for name, reference in weights[0].items():
-        acc = torch.zeros(reference.shape, dtype=torch.float64)
-        for w, n in zip(weights, counts):
-            acc.add_(w[name].detach().to("cpu", torch.float64), alpha=float(n) / total)
-        if reference.is_floating_point():
-            out[name] = acc.to(reference.dtype)
-        else:
-            out[name] = acc.round().to(reference.dtype)
-    return out
+    total = WeightSum()
+    for w, n in zip(weights, counts):
+        total.add(w, int(n))
+    return total.mean()

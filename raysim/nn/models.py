@@ -40,6 +40,29 @@ class LogisticRegression(nn.Module):
         return ModelOutput(None, self.classifier(x.flatten(1)))
 
 
+class MLP(nn.Module):
+    """flatten → linear `width` → ReLU → linear width/2 → ReLU (the features) → classifier: a
+    small non-convex model for vector data (synthetic_fedprox) with a feature head, so the
+    prototype methods run on it too."""
+
+    has_feature_head = True
+    task = "classification"
+    width_argument = "width"
+
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int,
+                 width: int = 128) -> None:
+        super().__init__()
+        self.feature_dim = max(1, width // 2)
+        self.encoder = nn.Sequential(
+            nn.Flatten(), nn.Linear(math.prod(input_shape), width), nn.ReLU(),
+            nn.Linear(width, self.feature_dim), nn.ReLU())
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        features = self.encoder(x)
+        return ModelOutput(features, self.classifier(features))
+
+
 class SmallCNN(nn.Module):
     """conv3×3 32 → ReLU → conv3×3 64 → ReLU → avg-pool 4×4 → linear 128 → ReLU → classifier.
 

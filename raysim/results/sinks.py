@@ -166,6 +166,7 @@ def wandb_mode(requested: str) -> tuple[str, str | None]:
 # never waits long on it; what was not uploaded stays in the run's local W&B files.
 WANDB_INIT_SECONDS = 20.0
 WANDB_FINISH_SECONDS = 45.0
+WANDB_TABLE_ROWS = 100_000  # label counts beyond this stay in label_histograms.parquet
 
 
 class WandbSink(Sink):
@@ -214,10 +215,10 @@ class WandbSink(Sink):
                 settings=wandb.Settings(init_timeout=WANDB_INIT_SECONDS,
                                         finish_timeout=WANDB_FINISH_SECONDS),
             )
-            if not run.history:
-                hist = run.task.partition.histograms
-                rows = [[c, k, int(hist[c, k])] for c in range(hist.shape[0])
-                        for k in range(hist.shape[1])]
+            counts = run.task.partition.label_counts
+            if not run.history and counts is not None and len(counts.count) <= WANDB_TABLE_ROWS:
+                rows = [[int(c), int(k), int(n)]
+                        for c, k, n in zip(counts.client, counts.label, counts.count)]
                 wb.log({"label_histograms": wandb.Table(columns=["client", "label", "count"],
                                                         data=rows)}, step=0)
             anchors: dict[int, dict[str, float]] = {}  # round → anchor diagnostics

@@ -1,0 +1,129 @@
+"""Synthetic(α, β): the synthetic federated dataset of the FedProx paper (Li et al., MLSys
+2020), as LEAF generates it, with any number of clients.
+
+Per client k (60 features, 10 classes):
+
+    u_k ~ N(0, α²),  B_k ~ N(0, β²)                       (α, β are standard deviations, as
+    W_k ∈ R^{60×10}, b_k ∈ R^10 with entries ~ N(u_k, 1)    in the paper's code)
+    v_k ∈ R^60 with entries ~ N(B_k, 1)
+    x ~ N(v_k, Σ),  Σ diagonal, Σ_jj = j^-1.2 (j = 1..60)
+    y = argmax softmax(W_k x + b_k)
+
+α controls how much the clients' optimal models differ, β how much their inputs do. With
+`iid: true` every client shares one W, b ~ N(0, 1) and v = 0 (the paper's IID variant).
+Client sizes follow the paper's lognormal: n_k = ⌊LogNormal(4, 2)⌋ + 50.
+
+Nothing is generated up front. A client's parameters and samples come from its own seeded
+stream (dataset seed, client id), so client k is the same whoever generates it and however
+many clients there are: a million registered clients cost their sizes (8 bytes each) until
+they are sampled, and a worker generates a sampled client's data when it trains. The test set
+is held-out data of `test_clients` clients spread evenly over the ids, drawn from a stream of
+their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from raysim.data.datasets import ArraySplit, Dataset, DatasetSpec
+
+FEATURES, CLASSES = 60, 10
+# stream tags: sizes, per-client parameters, train samples, test samples, the IID model
+_SIZES, _CLIENT, _TRAIN, _TEST, _SHARED = 0x51, 0x52, 0x53, 0x54, 0x55
+_STD = np.power(np.arange(1, FEATURES + 1, dtype=np.float64), -1.2) ** 0.5  # √Σ_jj
+
+SPEC = DatasetSpec(name="synthetic_fedprox", num_classes=CLASSES, input_shape=(1, 1, FEATURES),
+                   mean=(0.0,), std=(1.0,), scale=1.0, augment=None)
+
+
+@dataclass(frozen=True)
+class ClientModel:
+    """What defines client k's distribution: its labelling model and its input mean."""
+
+    weight: np.ndarray  # W_k (60, 10)
+    bias: np.ndarray  # b_k (10,)
+    input_mean: np.ndarray  # v_k (60,)
+
+
+@dataclass(frozen=True)
+class FedProxClients:
+    """The clients of one Synthetic(α, β) dataset; `client(k)` generates client k's samples."""
+
+    alpha: float
+    beta: float
+    iid: bool
+    seed: int
+    sizes: np.ndarray  # (num_clients,) int64
+
+    @classmethod
+    def build(cls, num_clients: int, alpha: float, beta: float, iid: bool = False,
+              seed: int = 0, size_mu: float = 4.0, size_sigma: float = 2.0,
+              size_min: int = 50) -> FedProxClients:
+        rng = np.random.default_rng([seed, _SIZES])
+        # drawn in one sequence: client k's size does not depend on how many follow it
+        sizes = rng.lognormal(size_mu, size_sigma, num_clients).astype(np.int64) + size_min
+        return cls(alpha, beta, iid, seed, sizes)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.sizes)
+
+    def model(self, k: int) -> ClientModel:
+        """Client k's labelling model (W_k, b_k) and input mean v_k."""
+        if self.iid:
+            shared = np.random.default_rng([self.seed, _SHARED])
+            weight = shared.normal(0.0, 1.0, (FEATURES, CLASSES))
+            bias = shared.normal(0.0, 1.0, CLASSES)
+            return ClientModel(weight, bias, np.zeros(FEATURES))
+        rng = np.random.default_rng([self.seed, _CLIENT, int(k)])
+        u = rng.normal(0.0, self.alpha)
+        b_mean = rng.normal(0.0, self.beta)
+        input_mean = rng.normal(b_mean, 1.0, FEATURES)
+        weight = rng.normal(u, 1.0, (FEATURES, CLASSES))
+        bias = rng.normal(u, 1.0, CLASSES)
+        return ClientModel(weight, bias, input_mean)
+
+    def samples(self, k: int, n: int, stream: int = _TRAIN) -> tuple[np.ndarray, np.ndarray]:
+        """n samples of client k's distribution: x (n, 1, 1, 60) float32, y (n,) int64."""
+        model = self.model(k)
+        rng = np.random.default_rng([self.seed, stream, int(k)])
+        x = model.input_mean + rng.standard_normal((n, FEATURES)) * _STD
+        y = np.argmax(x @ model.weight + model.bias, axis=1)
+        return x.astype(np.float32).reshape(n, 1, 1, FEATURES), y.astype(np.int64)
+
+    def client(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Client k's training samples."""
+        return self.samples(k, int(self.sizes[k]))
+
+    def test_split(self, test_clients: int, per_client: int) -> ArraySplit:
+        """Held-out samples of `test_clients` clients spread evenly over the ids."""
+        ids = np.unique(np.linspace(0, self.num_clients - 1, min(test_clients,
+                                                                 self.num_clients)).round())
+        parts = [self.samples(int(k), per_client, _TEST) for k in ids]
+        return ArraySplit(np.concatenate([x for x, _ in parts]),
+                          np.concatenate([y for _, y in parts]))
+
+
+class SyntheticFedProx:
+    """The `synthetic_fedprox` dataset plug-in (keys under `data.synthetic_fedprox`)."""
+
+    task = "classification"
+    generates_clients = True  # its partition is its own: data.partition.kind natural
+
+    def check(self, data: Any) -> None:
+        pass  # generated: nothing to find on disk
+
+    def load(self, data: Any) -> Dataset:
+        cfg = data.synthetic_fedprox
+        clients = FedProxClients.build(
+            data.partition.num_clients, cfg.alpha, cfg.beta, cfg.iid, cfg.seed,
+            cfg.size_mu, cfg.size_sigma, cfg.size_min)
+        return Dataset(spec=SPEC, train=None,
+                       test=clients.test_split(cfg.test_clients, cfg.test_per_client),
+                       clients=clients)
+
+
+synthetic_fedprox = SyntheticFedProx()
