@@ -172,8 +172,10 @@ def main() -> None:
     for f in flower_rows:
         ours = next((r for r in rows if r["setting"] == "synthetic" and r["clients"] ==
                      f["clients"] and r["per_round"] == 100), None)
-        ratio = f"; Flower / raysim {f['round_seconds_median'] / ours['round_seconds_median']:.1f}×" \
-            if ours else ""
+        ratio = ""
+        if ours:
+            times = f["round_seconds_median"] / ours["round_seconds_median"]
+            ratio = f"; Flower / raysim {times:.1f}×"
         print(f"Flower {f['clients']:>7,} clients: {f['round_seconds_median']:.3f} s/round, "
               f"first round {f['first_round_seconds']:.1f} s{ratio}")
     print(f"\nresults in {RESULTS / 'scale.json'}, figure {FIGURES / 'scale.png'}")
