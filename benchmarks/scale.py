@@ -5,8 +5,8 @@ one CPU), so its time to the first round and its peak memory are those a user se
 
 - synthetic_fedprox + logreg (clients generated on the workers when sampled), registered
   clients 100, 10^4, 10^5, 10^6 at 100 per round, and 10^6 at 1,000 per round;
-- digits + the small CNN at 100 and 600 clients (digits has 1,347 training samples: no more
-  clients fit).
+- digits + the small CNN at 100 and 600 clients, IID (digits has 1,347 training samples: no
+  more clients fit).
 
 Client sizes are fixed (size_sigma 0: 104 samples each), so every round does the same work
 and the per-round time shows the engine, not which clients were drawn. Engine overhead per
@@ -15,7 +15,7 @@ round. With --flower, Flower's simulation runs the same synthetic work (the same
 the same logistic regression and SGD in PyTorch) at 100, 1,000 and 10,000 registered clients,
 in its own venv (benchmarks/.flower-venv, created on first use; never a raysim dependency).
 
-    .venv/bin/python benchmarks/scale.py [--rounds 12] [--flower]
+    .venv/bin/python benchmarks/scale.py [--rounds 12] [--repeats 3] [--flower]
 
 Writes benchmarks/results/scale.json, benchmarks/figures/scale.png and prints a table.
 """
@@ -43,12 +43,14 @@ SETTINGS = [  # (label, registered clients, per round, overrides)
     ("synthetic", 100_000, 100, SYNTHETIC),
     ("synthetic", 1_000_000, 100, SYNTHETIC),
     ("synthetic", 1_000_000, 1_000, SYNTHETIC),
-    ("digits cnn", 100, 100, ["train.local_epochs=1"]),
-    ("digits cnn", 600, 100, ["train.local_epochs=1"]),
+    ("digits cnn", 100, 100, ["train.local_epochs=1", "data.partition.kind=iid"]),
+    ("digits cnn", 600, 100, ["train.local_epochs=1", "data.partition.kind=iid"]),
 ]
 
 
 def launch(clients: int, per_round: int, overrides: list[str], rounds: int, out: Path) -> dict:
+    """One fresh `raysim launch`: its per-round seconds (after the first round, which also
+    pays for warm-up), engine overhead per client, time to the first round and peak memory."""
     run_dir = out / f"run-{clients}-{per_round}-{len(overrides)}"
     command = [sys.executable, "-m", "raysim.cli", "launch", "yaml/quickstart.yaml", "--quiet",
                "--run-dir", str(run_dir), "-o", f"rounds={rounds}", "-o", "eval_every=1000",
@@ -66,15 +68,29 @@ def launch(clients: int, per_round: int, overrides: list[str], rounds: int, out:
     workers = summary["num_workers"]
     overhead = [(s * workers - t) / per_round for s, t in zip(seconds, train)]
     memory = summary["peak_rss_mb"]
+    return {"round_seconds": seconds, "overhead_ms": [1000 * o for o in overhead],
+            "first_round_seconds": summary["launch_to_first_round_seconds"],
+            "process_seconds": wall, "driver_mb": memory["driver"],
+            "server_mb": memory["server"], "worker_mb": max(memory["workers"])}
+
+
+def combine(setting: str, clients: int, per_round: int, repeats: list[dict]) -> dict:
+    """Repeats of one setting: medians over repeats of each repeat's median (the machine's
+    drift between launches is larger than the differences measured), spread over all rounds,
+    the largest peak memory."""
+    pooled = [s for r in repeats for s in r["round_seconds"]]
     return {
-        "clients": clients, "per_round": per_round, "rounds": rounds,
-        "round_seconds_median": statistics.median(seconds),
-        "round_seconds_p10": _quantile(seconds, 0.1), "round_seconds_p90": _quantile(seconds, 0.9),
-        "overhead_ms_per_client": 1000 * statistics.median(overhead),
-        "first_round_seconds": summary["launch_to_first_round_seconds"],
-        "process_seconds": wall,
-        "driver_mb": memory["driver"], "server_mb": memory["server"],
-        "worker_mb": max(memory["workers"]),
+        "setting": setting, "clients": clients, "per_round": per_round,
+        "repeats": len(repeats),
+        "round_seconds_median": statistics.median(statistics.median(r["round_seconds"])
+                                                  for r in repeats),
+        "round_seconds_p10": _quantile(pooled, 0.1), "round_seconds_p90": _quantile(pooled, 0.9),
+        "overhead_ms_per_client": statistics.median(statistics.median(r["overhead_ms"])
+                                                    for r in repeats),
+        "first_round_seconds": statistics.median(r["first_round_seconds"] for r in repeats),
+        "process_seconds": statistics.median(r["process_seconds"] for r in repeats),
+        **{key: max(r[key] for r in repeats) for key in ("driver_mb", "server_mb", "worker_mb")},
+        "runs": repeats,
     }
 
 
@@ -135,21 +151,28 @@ def plot(rows: list[dict], flower_rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="launches per setting, interleaved across settings")
     parser.add_argument("--flower", action="store_true",
                         help="also time Flower's simulation (installs it in its own venv)")
     args = parser.parse_args()
     scratch = RESULTS / "scale-runs"
-    rows = []
-    for setting, clients, per_round, overrides in SETTINGS:
-        rounds = max(4, args.rounds // 4) if per_round >= 1000 else args.rounds
-        row = {"setting": setting, **launch(clients, per_round, overrides, rounds, scratch)}
-        rows.append(row)
-        print(f"{setting:<11} {clients:>9,} clients {per_round:>5}/round: "
-              f"{row['round_seconds_median']:.3f} s/round", flush=True)
+    measured: list[list[dict]] = [[] for _ in SETTINGS]
+    for repeat in range(args.repeats):  # interleaved: drift hits every setting alike
+        for i, (setting, clients, per_round, overrides) in enumerate(SETTINGS):
+            rounds = max(4, args.rounds // 4) if per_round >= 1000 else args.rounds
+            run = launch(clients, per_round, overrides, rounds, scratch)
+            measured[i].append(run)
+            print(f"[{repeat + 1}/{args.repeats}] {setting:<11} {clients:>9,} clients "
+                  f"{per_round:>5}/round: {statistics.median(run['round_seconds']):.3f} s/round",
+                  flush=True)
+    rows = [combine(setting, clients, per_round, runs)
+            for (setting, clients, per_round, _), runs in zip(SETTINGS, measured)]
     flower_rows = flower([100, 1_000, 10_000], args.rounds, 100) if args.flower else []
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    report = {"rounds": args.rounds, "workers": 2, "raysim": rows, "flower": flower_rows}
+    report = {"rounds": args.rounds, "repeats": args.repeats, "workers": 2, "raysim": rows,
+              "flower": flower_rows}
     base = next(r for r in rows if r["setting"] == "synthetic" and r["clients"] == 100)
     top = next(r for r in rows if r["setting"] == "synthetic" and r["clients"] == 1_000_000
                and r["per_round"] == 100)

@@ -19,17 +19,7 @@ import warnings
 from raysim.config import ConfigError
 
 PROBE_SECONDS = 5.0
-# An embedded Ray starts one idle worker process per CPU while it boots; importing torch and
-# the engine there, then, lets the first actors start on warm processes.
-PRELOAD = ("torch", "raysim.engine.remote")
 
-
-def start_local(**options) -> None:
-    """Start an embedded local Ray whose pooled worker processes preload torch and raysim."""
-    import ray
-
-    ray.init(include_dashboard=False, logging_level="WARNING",
-             _system_config={"preload_python_modules": list(PRELOAD)}, **options)
 AUTH_HELP = (
     "set RAY_AUTH_MODE=token and give this process the cluster's token: RAY_AUTH_TOKEN=<token>, "
     "RAY_AUTH_TOKEN_PATH=<file holding it>, or the file ~/.ray/auth_token "
@@ -70,7 +60,7 @@ def connect(address: str | None) -> None:
         return
     target = cluster_address(address)
     if target is None:
-        start_local()
+        ray.init(include_dashboard=False, logging_level="WARNING")
         return
     check_address(target)
     client = "://" in target
