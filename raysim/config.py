@@ -239,6 +239,7 @@ class LoggingConfig:
     # more sinks by registered name (`raysim.sinks` entry points), each made as cls(run_dir);
     # W&B joins them whenever wandb.mode is not disabled
     sinks: list[str] = field(default_factory=list)
+    curves: bool = True  # `raysim launch` draws curves.png (the headline metric per round)
 
     def __post_init__(self) -> None:
         from raysim.registry import SINKS

@@ -51,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("config", help="print the resolved config (defaults included)")
     _add_config_args(show)
 
+    plot = commands.add_parser(
+        "plot", help="draw a metric per round of one or several runs as a PNG")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    plot.add_argument("--metric", help="the metric to draw (default: the first run's headline "
+                      "test metric); per-domain series are drawn beside it for one run")
+    plot.add_argument("--out", help="the PNG to write (default: RUN_DIR/<metric>.png for one "
+                      "run, ./<metric>.png for several)")
+
     split = commands.add_parser(
         "partition", help="write the client split a config produces as a partition file "
         "(Parquet: client, index), for data.partition.kind: file or another tool")
@@ -70,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = prepare_resume(args.run_dir, args.override)
             check_cluster(args.address)
             return _launch(run, args, launched_at)
+        if args.command == "plot":
+            return _plot(args)
         if args.command not in ("launch", "config", "partition"):
             return run_command(args)
         overrides = [*args.override, *(["resources.backend=local"]
@@ -91,6 +101,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nraysim: interrupted during start-up, before any new round",
               file=sys.stderr)
         return 130
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from raysim.results.plots import headline, plot_runs, read_metrics
+
+    runs = [Path(d) for d in args.run_dirs]
+    metric = args.metric or headline(runs[0], read_metrics(runs[0]))
+    default = (runs[0] if len(runs) == 1 else Path(".")) / f"{metric.replace('/', '_')}.png"
+    path = plot_runs(runs, metric, Path(args.out) if args.out else default)
+    print(f"raysim: wrote {path} ({metric} per round, {len(runs)} run{'s' * (len(runs) > 1)})")
+    return 0
 
 
 def _write_partition(config, out: str) -> int:
@@ -124,6 +147,10 @@ def _launch(run, args: argparse.Namespace, launched_at: float) -> int:
     if config.logging.progress and not args.quiet:
         sinks.append(ConsoleProgress())
     summary = execute(run, sinks, address=args.address, launched_at=launched_at)
+    if config.logging.curves:
+        from raysim.results.plots import write_curves
+
+        write_curves(run.run_dir)
     if summary["status"] != "completed":
         where = f"checkpoint {summary['checkpoint']}" if summary["checkpoint"] else "no checkpoint"
         print(f"raysim: {summary['status']} after round {summary['rounds_completed']} ({where}); "
@@ -144,7 +171,9 @@ def _launch(run, args: argparse.Namespace, launched_at: float) -> int:
     if summary["actor_restarts"] or summary["clients_dropped"]:
         print(f"raysim: survived {summary['actor_restarts']} actor restart(s); "
               f"{summary['clients_dropped']} client result(s) dropped (failures.parquet)")
-    print(f"raysim: results in {run.run_dir}/ (summary.json, metrics.parquet, config.yaml)")
+    curves = ", curves.png" if (run.run_dir / "curves.png").is_file() else ""
+    print(f"raysim: results in {run.run_dir}/ (summary.json, metrics.parquet, config.yaml"
+          f"{curves})")
     return 0
 
 

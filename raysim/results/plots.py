@@ -1,0 +1,89 @@
+"""Pictures of runs: a metric per round for one or several run directories (`raysim plot`),
+and the small `curves.png` every launch leaves in its run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from raysim.config import ConfigError
+
+SERIES_SEPARATOR = "/"  # test_accuracy/svhn: one series per domain or site
+
+
+def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """A run directory's metrics.parquet as {metric: [(round, value), ...]} in round order."""
+    path = Path(run_dir) / "metrics.parquet"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: not a raysim run directory (no metrics.parquet); pass a "
+                          "directory `raysim launch` printed")
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in pq.read_table(path).to_pylist():
+        series.setdefault(row["metric"], []).append((int(row["round"]), float(row["value"])))
+    return {name: sorted(points) for name, points in series.items()}
+
+
+def headline(run_dir: Path, metrics: dict) -> str:
+    """The run's headline test metric (summary.json says which), else the first one found."""
+    summary = Path(run_dir) / "summary.json"
+    if summary.is_file():
+        name = json.loads(summary.read_text()).get("headline")
+        if name in metrics:
+            return name
+    for name in ("test_accuracy", "test_dice", "train_loss"):
+        if name in metrics:
+            return name
+    return sorted(metrics)[0]
+
+
+def plot_runs(run_dirs: list[Path], metric: str | None, out: Path,
+              per_series: bool = True) -> Path:
+    """One PNG of `metric` per round (default: the first run's headline metric) for every run,
+    with the per-domain / per-site series of that metric dashed beside it when there is one
+    run. ConfigError: a directory that is not a run, or a metric a run does not have."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(Path(d), read_metrics(Path(d))) for d in run_dirs]
+    metric = metric or headline(*runs[0])
+    for run_dir, metrics in runs:
+        if metric not in metrics:
+            have = ", ".join(sorted(m for m in metrics if SERIES_SEPARATOR not in m))
+            raise ConfigError(f"{run_dir}: has no metric {metric!r}; it has: {have}")
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for i, (run_dir, metrics) in enumerate(runs):
+        color = f"C{i % 10}"
+        rounds, values = zip(*metrics[metric])
+        ax.plot(rounds, values, color=color, marker="." if len(rounds) < 40 else None,
+                label=run_dir.name)
+        if per_series and len(runs) == 1:
+            parts = sorted(m for m in metrics if m.startswith(metric + SERIES_SEPARATOR))
+            for j, name in enumerate(parts):
+                rounds, values = zip(*metrics[name])
+                ax.plot(rounds, values, color=f"C{(j + 1) % 10}", linestyle="--", linewidth=1,
+                        label=name.split(SERIES_SEPARATOR, 1)[1])
+    ax.set(xlabel="round", ylabel=metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def write_curves(run_dir: Path) -> Path | None:
+    """`curves.png` in the run directory: its headline metric (and per-domain series) per
+    round. None when matplotlib is missing or the run logged nothing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return None
+    if not read_metrics(run_dir):
+        return None
+    return plot_runs([run_dir], None, Path(run_dir) / "curves.png")
