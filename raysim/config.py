@@ -137,7 +137,10 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     synthetic_fedprox: FedProxSyntheticConfig = field(default_factory=FedProxSyntheticConfig)
     image_size: int | None = None  # prostate_mri / nuclei: resize to this square; None = native
-    val_fraction: float = 0.2  # nuclei: share of each site's train list held out for validation
+    # share of the training data held out for validation (model selection), seeded and
+    # stratified by class (and domain), for classification sets without a validation split of
+    # their own; nuclei: the share of each site's train list (default there: 0.2)
+    val_fraction: float | None = None
 
     def __post_init__(self) -> None:
         from raysim.registry import DATASETS
@@ -150,7 +153,11 @@ class DataConfig:
         require(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)")
         require(self.image_size is None or (self.image_size >= 16 and self.image_size % 16 == 0),
                 "image_size", f"must be a multiple of 16 (got {self.image_size})")
-        require(0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)")
+        require(self.val_fraction is None or 0 < self.val_fraction < 1, "val_fraction",
+                "must be in (0, 1)")
+        require(self.val_fraction is None or not getattr(dataset, "generates_clients", False),
+                "val_fraction", f"{self.dataset} has no validation split: its test set is "
+                "held-out data of its own clients")
 
 
 @dataclass

@@ -69,7 +69,8 @@ def test_config_fields_and_validation() -> None:
         "data": {"dataset": "synthetic_organ", "synthetic": {"sites": 6}, "image_size": 64},
     })
     assert config.data.synthetic == SyntheticConfig(sites=6)
-    assert config.data.image_size == 64 and config.data.val_fraction == 0.2
+    assert config.data.image_size == 64
+    assert config.data.val_fraction is None  # nuclei then holds out 0.2 of each train list
     bad = [
         ({"synthetic": {"image_size": 40}}, "data.synthetic.image_size: must be a multiple of 16"),
         ({"synthetic": {"image_size": 16}}, "data.synthetic.image_size"),

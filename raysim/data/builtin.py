@@ -10,7 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from raysim.data.datasets import Dataset, check_dataset, dataset_task, load_dataset
+from raysim.data.datasets import (
+    Dataset,
+    check_dataset,
+    dataset_task,
+    load_dataset,
+    with_validation,
+)
+
+NUCLEI_VAL_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -25,9 +33,12 @@ class BuiltinDataset:
         check_dataset(self.name, data.root, data.download)
 
     def load(self, data: Any) -> Dataset:
-        return load_dataset(self.name, data.root, data.download, data.test_fraction,
-                            synthetic=data.synthetic, image_size=data.image_size,
-                            val_fraction=data.val_fraction)
+        dataset = load_dataset(self.name, data.root, data.download, data.test_fraction,
+                               synthetic=data.synthetic, image_size=data.image_size,
+                               val_fraction=data.val_fraction or NUCLEI_VAL_FRACTION)
+        if data.val_fraction is not None and dataset.val is None:
+            dataset = with_validation(dataset, data.val_fraction)
+        return dataset
 
 
 digits = BuiltinDataset("digits")

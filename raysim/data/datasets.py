@@ -12,6 +12,7 @@ download.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import struct
@@ -38,6 +39,7 @@ __all__ = [
     "check_dataset",
     "dataset_task",
     "load_dataset",
+    "with_validation",
 ]
 
 DATASETS: tuple[str, ...] = (
@@ -413,6 +415,27 @@ def stratified_split(
         test.append(members[: int(round(len(members) * test_fraction))])
     test_idx = np.sort(np.concatenate(test))
     return np.setdiff1d(np.arange(len(labels)), test_idx), test_idx
+
+
+_VAL_STREAM = 0x7A1
+
+
+def with_validation(dataset: Dataset, fraction: float, split_seed: int = 0) -> Dataset:
+    """`dataset` with a seeded share `fraction` of its training split held out as the
+    validation split, stratified by class (and by domain where samples have one). The data
+    seed, not the run seed: the split is the same for every run."""
+    train = dataset.train
+    strata = train.y.astype(np.int64)
+    if train.domain is not None:
+        strata = strata * (int(train.domain.max()) + 1) + train.domain
+    keep, held = stratified_split(strata, fraction, _VAL_STREAM + split_seed)
+
+    def part(idx: np.ndarray) -> ArraySplit:
+        return ArraySplit(train.x[idx], train.y[idx],
+                          None if train.domain is None else train.domain[idx],
+                          None if train.client is None else train.client[idx])
+
+    return dataclasses.replace(dataset, train=part(keep), val=part(held))
 
 
 def _load_digits(test_fraction: float, split_seed: int) -> Dataset:
