@@ -135,6 +135,7 @@ def _write_partition(config, out: str) -> int:
 def _launch(run, args: argparse.Namespace, launched_at: float) -> int:
     """Run a prepared (new or resumed) run; print its outcome. Exit 0 when it completed, 130
     when interrupted (after its checkpoint), 1 when fault tolerance stopped it."""
+    from raysim.results.plots import write_curves  # before Ray: a job's code may go from disk
     from raysim.results.sinks import ConsoleProgress, RunDirectory, extra_sinks
     from raysim.run import describe_partition, execute
 
@@ -148,8 +149,6 @@ def _launch(run, args: argparse.Namespace, launched_at: float) -> int:
         sinks.append(ConsoleProgress())
     summary = execute(run, sinks, address=args.address, launched_at=launched_at)
     if config.logging.curves:
-        from raysim.results.plots import write_curves
-
         write_curves(run.run_dir)
     if summary["status"] != "completed":
         where = f"checkpoint {summary['checkpoint']}" if summary["checkpoint"] else "no checkpoint"
