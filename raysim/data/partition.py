@@ -352,6 +352,17 @@ def long_tail_indices(labels: np.ndarray, rho: float, rng: np.random.Generator) 
     return np.sort(np.concatenate(kept).astype(np.int64))
 
 
+def offsets_of(sizes: np.ndarray) -> np.ndarray:
+    """CSR offsets of consecutive clients of these sizes: (num_clients + 1,) int64."""
+    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+
+def owners_of(offsets: np.ndarray) -> np.ndarray:
+    """The client of each flat position, for CSR `offsets`."""
+    sizes = np.diff(offsets)
+    return np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+
+
 @dataclass(frozen=True)
 class LabelCounts:
     """Per-client label counts as sparse rows (client, label, count), sorted by client then
@@ -386,14 +397,13 @@ class ClientSplit:
     def from_lists(cls, parts: list[np.ndarray]) -> ClientSplit:
         sizes = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
         flat = np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
-        return cls(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), flat)
+        return cls(offsets_of(sizes), flat)
 
     @classmethod
     def from_owner(cls, owner: np.ndarray, num_clients: int) -> ClientSplit:
         """Sample i goes to client `owner[i]` (a sample may be listed once per client)."""
         order = np.argsort(owner, kind="stable")
-        counts = np.bincount(owner, minlength=num_clients)
-        return cls(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        return cls(offsets_of(np.bincount(owner, minlength=num_clients)),
                    order.astype(np.int64))
 
 
@@ -445,21 +455,20 @@ class Partition:
 
     def owners(self) -> np.ndarray:
         """The client of each entry of `indices`."""
-        return np.repeat(np.arange(self.num_clients, dtype=np.int64), self.sizes)
+        return owners_of(self.offsets)
 
     @classmethod
     def of_split(cls, split: ClientSplit, labels: np.ndarray, num_classes: int,
                  domains: np.ndarray | None = None) -> Partition:
         """A partition of samples with these labels (and domains, one per sample)."""
-        sizes = np.diff(split.offsets)
-        owner = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+        owner = owners_of(split.offsets)
         client_domains = None
         if domains is not None:
             # the majority domain of each client: cheap, and reports break results down by it
             per_domain = LabelCounts.of(owner, domains[split.indices], int(domains.max()) + 1)
             order = np.lexsort((-per_domain.count, per_domain.client))
             first = np.unique(per_domain.client[order], return_index=True)[1]
-            client_domains = np.zeros(len(sizes), dtype=np.int64)
+            client_domains = np.zeros(len(split.offsets) - 1, dtype=np.int64)
             client_domains[per_domain.client[order][first]] = per_domain.label[order][first]
         return cls(offsets=split.offsets, indices=split.indices, num_classes=num_classes,
                    label_counts=LabelCounts.of(owner, labels[split.indices], num_classes),
@@ -468,8 +477,7 @@ class Partition:
     @classmethod
     def of_sizes(cls, sizes: np.ndarray, num_classes: int) -> Partition:
         """Clients of these sizes whose samples are generated when they train."""
-        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        return cls(offsets=offsets, indices=None, num_classes=num_classes)
+        return cls(offsets=offsets_of(sizes), indices=None, num_classes=num_classes)
 
 
 def make_partition(

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raysim.data.partition import ClientSplit, Partition
+from raysim.data.partition import ClientSplit, Partition, offsets_of
 
 COLUMNS = ("client", "index")
 META_DATASET, META_SAMPLES = b"raysim.dataset", b"raysim.train_samples"
@@ -98,8 +98,7 @@ def read_partition(path: str | Path | None, num_samples: int, num_clients: int,
                              "if clients may share samples")
     elif ((np.diff(index) == 0) & (np.diff(client) == 0)).any():
         raise ValueError(f"{path}: a client lists the same sample twice")
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return ClientSplit(offsets, index)
+    return ClientSplit(offsets_of(counts), index)
 
 
 def _integers(table: pa.Table, name: str, path: Path) -> np.ndarray:
