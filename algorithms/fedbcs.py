@@ -62,10 +62,10 @@ from raysim.algorithm import (
     extend,
 )
 from raysim.config import require
-from raysim.nn.segmentation import joint_loss
+from raysim.methods.features import NUM_STAGES
+from raysim.nn.segmentation import joint_loss, resize_labels
 
 LEVELS = ("encoder", "decoder")
-NUM_STAGES = 4  # stages of the U-Net's encoder and decoder, 0 = finest
 COS_EPS = 1e-8
 
 
@@ -167,11 +167,6 @@ class ContextFusion(nn.Module):
 def _resize(t: Tensor, size: Any) -> Tensor:
     return t if tuple(t.shape[-2:]) == tuple(size) else F.interpolate(t, size=tuple(size),
                                                                      mode="nearest")
-
-
-def resize_labels(y: Tensor, size: Any) -> Tensor:
-    """(B, H, W) labels → (B, h, w), nearest neighbour."""
-    return _resize(y[:, None].float(), size)[:, 0].long()
 
 
 def _sum_pool(weights: Tensor, factor: int) -> Tensor:
@@ -315,6 +310,10 @@ class FedBCS(FedAvg):
         "train_seg_loss", "train_align_loss", "train_contrastive_saturated",
         *(f"server_clusters_{level}_{c}" for level in LEVELS
           for c in ("background", "foreground")))
+
+    search_space = {**FedAvg.search_space,
+        "algorithm.tau": {"loguniform": [1.0e-3, 0.1]},
+        "algorithm.weight": {"loguniform": [0.1, 10.0]}}
 
     @dataclass(frozen=True)
     class Config:

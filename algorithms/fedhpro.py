@@ -332,6 +332,11 @@ class FedHPro(FedAvg):
                         "server_crt_accuracy", "server_hp_match_loss_first",
                         "server_hp_match_loss_last", "server_hp_init_cosine")
 
+    search_space = {**FedAvg.search_space,
+        "algorithm.tau": {"loguniform": [0.02, 0.5]},
+        "algorithm.hp_lr": {"loguniform": [0.01, 1.0]},
+        "algorithm.lambda_hpcl": {"loguniform": [0.1, 3.0]}}
+
     @dataclass(frozen=True)
     class Config:
         """Defaults of the official code (README command for CIFAR-10)."""

@@ -9,6 +9,13 @@ Clients exchange class prototypes: the mean feature of each class.
   no global prototype yet contribute zero.
 - Optional nearest-prototype inference (§4.3): ŷ = argmin_c ‖f(x) − P̄^c‖.
 
+On segmentation (carried over as FedBCS's paper compares with it): every pixel is a sample. Its
+feature f is its column of one U-Net stage (`feature_level`, by default the decoder's last
+stage, the input of the 1×1 head), so p_k^c is the mean feature of client k's pixels of class c
+(counts are pixel counts), Eq. 6 weights by pixel counts, and the Eq. 8 term is the mean over
+the batch's pixels; the supervised loss is the task's ((CE + Dice)/2). Inference is the
+segmentation head's.
+
 Reading choices, each a config key: the paper's setting shares no weights (every client keeps a
 personal model); raysim evaluates one global model, so weights are also averaged as in FedAvg,
 which is how prototype baselines are usually compared on a global test set. Prototypes are
@@ -21,9 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from algorithms.fedavg import FedAvg
@@ -37,7 +44,8 @@ from raysim.algorithm import (
     Weights,
     extend,
 )
-from raysim.config import require
+from raysim.config import ConfigError, require
+from raysim.methods.features import check_feature_level, sample_features
 from raysim.methods.prototypes import local_prototypes
 
 
@@ -95,20 +103,31 @@ def tensors_to(broadcast: PrototypeBroadcast, device: torch.device) -> Prototype
 
 class FedProto(FedAvg):
     needs_features = True
-    tasks = ("classification",)
+    tasks = ("classification", "segmentation")
     has_anchors = True
     state_type: type[PrototypeState] = PrototypeState
     broadcast_type: type[PrototypeBroadcast] = PrototypeBroadcast
+
+    search_space = {**FedAvg.search_space,
+        "algorithm.lam": {"loguniform": [0.1, 10.0]}}
 
     @dataclass(frozen=True)
     class Config:
         lam: float = 1.0  # λ, weight of the prototype term (official default 1)
         weighted: bool = True  # Eq. 6 sample weighting; false = uniform over clients (code)
         inference: str = "logits"  # logits | prototype (nearest global prototype)
+        feature_level: str = "decoder_0"  # segmentation: the U-Net stage of pixel features
 
         def __post_init__(self) -> None:
             require(self.lam > 0, "lam", f"must be > 0 (got {self.lam})")
             check_inference(self.inference)
+            check_feature_level(self.feature_level)
+
+    @classmethod
+    def check_task(cls, config: Any, kind: str) -> None:
+        if kind == "segmentation" and config.inference != "logits":
+            raise ConfigError("algorithm.inference: nearest-prototype inference classifies "
+                              "whole samples; on a segmentation task use inference: logits")
 
     # ---------------------------------------------------------------- server side
     def init_server(self, model: nn.Module) -> PrototypeState:
@@ -136,15 +155,28 @@ class FedProto(FedAvg):
         if step.broadcast.prototypes is None:  # round 1: nothing to align to yet
             return super().local_objective(step)
         model, anchors = step.model, tensors_to(step.broadcast, step.ctx.device)
+        task_loss = self.objectives.loss
 
         def loss(x: Tensor, y: Tensor) -> Tensor:
             out = model(x)
-            return F.cross_entropy(out.logits, y) + self.alignment_loss(out.features, y, anchors)
+            features, labels = self.features_of(out, y)
+            return task_loss(out.logits, y) + self.alignment_loss(features, labels, anchors)
 
         return loss
 
+    def features_of(self, out: Any, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(N, d) features and (N,) labels of a batch: its samples, or its pixels."""
+        if self.task.kind != "segmentation":
+            return out.features, y
+        return sample_features(out, y, self.task.kind, self.config.feature_level)
+
     def after_training(self, step: LocalRound) -> tuple[Tensor, Tensor]:
-        """Eq. 4: the local class means of the trained model, and the class counts."""
+        """Eq. 4: the local class means of the trained model, and the class counts. On
+        segmentation the batches are the training batch size, as the U-Net's BatchNorm uses
+        batch statistics."""
+        if self.task.kind == "segmentation":
+            return local_prototypes(step.model, step.data, self.task.num_classes,
+                                    step.ctx.train.batch_size, features_of=self.features_of)
         return local_prototypes(step.model, step.data, self.task.num_classes)
 
     def upload(self, step: LocalRound) -> PrototypeUpdate:

@@ -17,6 +17,9 @@ from raysim.config import require
 
 
 class FedProx(FedAvg):
+    search_space = {**FedAvg.search_space,
+        "algorithm.mu": {"loguniform": [1.0e-3, 1.0]}}
+
     @dataclass(frozen=True)
     class Config:
         mu: float = 0.01  # proximal coefficient μ

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from algorithms.fedavg import FedAvg
 from algorithms.fedproto import FedProto, PrototypeState, PrototypeUpdate, check_inference
 from raysim.algorithm import ServerContext, ServerState, copy_tensors, copy_weights, extend
 from raysim.config import require
@@ -72,8 +73,12 @@ def margin_contrastive_loss(prototypes: Tensor, labels: Tensor, generated: Tenso
 
 
 class FedTGP(FedProto):
+    tasks = ("classification",)
     state_type = TrainablePrototypeState
     reported_metrics = ("server_tgp_loss_first", "server_tgp_loss_last", "server_tgp_margin")
+
+    search_space = {**FedAvg.search_space,
+        "algorithm.lam": {"loguniform": [0.1, 30.0]}}
 
     @dataclass(frozen=True)
     class Config:

@@ -11,6 +11,12 @@ The client loss adds two terms for every sample (x, y) with z = f(x):
 where P holds the cluster prototypes of every class. Both terms are averaged over the samples
 whose class has prototypes. Weights are averaged as in FedAvg (the official code does too).
 The FINCH partition is the one the official server takes: the coarsest that FINCH keeps.
+
+On segmentation (carried over as FedBCS's paper compares with it), every pixel is a sample, as
+in `algorithms/fedproto.py`: pixel features of one U-Net stage (`feature_level`), class
+prototypes of pixels, both terms averaged over the batch's pixels whose class has prototypes.
+That is FedBCS's contrastive and consistency terms at a single level, without its feature
+fusion, style recalibration or foreground-only restriction (FPL aligns every class).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from algorithms.fedavg import FedAvg
 from algorithms.fedproto import (
     FedProto,
     PrototypeBroadcast,
@@ -31,6 +38,7 @@ from algorithms.fedproto import (
 )
 from raysim.algorithm import ServerContext, ServerState, extend
 from raysim.config import require
+from raysim.methods.features import check_feature_level
 from raysim.methods.finch import finch_cluster_means
 
 
@@ -84,14 +92,19 @@ class FPL(FedProto):
     state_type = ClusterState
     broadcast_type = ClusterBroadcast
 
+    search_space = {**FedAvg.search_space,
+        "algorithm.tau": {"loguniform": [0.01, 0.5]}}
+
     @dataclass(frozen=True)
     class Config:
         tau: float = 0.02  # τ of L_CPCL (official `infoNCET` default)
         inference: str = "logits"  # logits | prototype (nearest unbiased prototype)
+        feature_level: str = "decoder_0"  # segmentation: the U-Net stage of pixel features
 
         def __post_init__(self) -> None:
             require(self.tau > 0, "tau", f"must be > 0 (got {self.tau})")
             check_inference(self.inference)
+            check_feature_level(self.feature_level)
 
     def aggregate_prototypes(
         self, ctx: ServerContext, state: ClusterState, averaged: ServerState,

@@ -12,6 +12,10 @@ client's first round uses the global model in its place (the official code start
 client's model pool from the initial global model, which makes ℓ_con the constant log 2).
 Reading choices: the representation is the model's feature (raysim models have no separate
 projection head), and the two frozen models run in eval mode.
+
+On segmentation (carried over as FedBCS's paper compares with it) the representation of an
+image is the mean over pixels of one U-Net stage (`feature_level`, by default the decoder's
+last stage), so ℓ_con stays one term per image; the supervised loss is the task's.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch import Tensor, nn
 from algorithms.fedavg import FedAvg
 from raysim.algorithm import BatchLoss, ClientUpdate, LocalRound, Weights
 from raysim.config import require
+from raysim.methods.features import check_feature_level, image_features
 
 
 def model_contrastive_loss(z: Tensor, z_glob: Tensor, z_prev: Tensor, tau: float) -> Tensor:
@@ -40,16 +45,22 @@ def model_contrastive_loss(z: Tensor, z_glob: Tensor, z_prev: Tensor, tau: float
 class MOON(FedAvg):
     stateful = True  # state["previous"]: this client's weights after its last round
     needs_features = True
-    tasks = ("classification",)
+    tasks = ("classification", "segmentation")
+
+    search_space = {**FedAvg.search_space,
+        "algorithm.mu": {"loguniform": [0.1, 10.0]},
+        "algorithm.tau": {"choice": [0.1, 0.5, 1.0]}}
 
     @dataclass(frozen=True)
     class Config:
         mu: float = 1.0  # μ (the paper uses 5 on CIFAR-10, 1 on CIFAR-100 / Tiny-ImageNet)
         tau: float = 0.5  # τ, temperature
+        feature_level: str = "decoder_0"  # segmentation: the U-Net stage pooled into z
 
         def __post_init__(self) -> None:
             require(self.mu > 0, "mu", f"must be > 0 (got {self.mu})")
             require(self.tau > 0, "tau", f"must be > 0 (got {self.tau})")
+            check_feature_level(self.feature_level)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -68,13 +79,15 @@ class MOON(FedAvg):
         previous = step.state.get("previous") if step.state else None
         previous_model = self.frozen_model("previous", model, previous or broadcast.weights)
         mu, tau, task_loss = self.config.mu, self.config.tau, self.objectives.loss
+        kind, level = self.task.kind, self.config.feature_level
 
         def loss(x: Tensor, y: Tensor) -> Tensor:
             out = model(x)
             with torch.no_grad():
-                z_glob = global_model(x).features
-                z_prev = previous_model(x).features
-            contrastive = model_contrastive_loss(out.features, z_glob, z_prev, tau)
+                z_glob = image_features(global_model(x), kind, level)
+                z_prev = image_features(previous_model(x), kind, level)
+            z = image_features(out, kind, level)
+            contrastive = model_contrastive_loss(z, z_glob, z_prev, tau)
             return task_loss(out.logits, y) + mu * contrastive
 
         return loss

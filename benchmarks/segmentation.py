@@ -1,9 +1,11 @@
-"""Federated segmentation on the synthetic multi-site sets: Dice of FedAvg, FedProx, FedBCS and
-FedBCS's ablations over several seeds, and the cost of FSR's FFT form against its closed form.
+"""Federated segmentation on the synthetic multi-site sets: Dice of FedAvg, FedProx, MOON,
+FedProto, FPL (pixel prototypes of the decoder's last stage), FedBCS and FedBCS's ablations
+over several seeds, and the cost of FSR's FFT form against its closed form.
 
-Configs: yaml/<flavour>/{fedavg,fedprox}.yaml and yaml/fedbcs/<flavour>.yaml (ablations are
-overrides of the latter). Every run reports the test Dice of the round with the best validation
-Dice (never selected on test), per site and averaged over sites, plus HD95 and ASD.
+Configs: yaml/<flavour>/{fedavg,fedprox,moon,fedproto,fpl}.yaml and yaml/fedbcs/<flavour>.yaml
+(ablations are overrides of the latter). Every run reports the test Dice of the round with the
+best validation Dice (never selected on test), per site and averaged over sites, plus HD95 and
+ASD.
 
     .venv/bin/python benchmarks/segmentation.py                     # both flavours, seeds 0 1 2
     .venv/bin/python benchmarks/segmentation.py --flavours synthetic_nuclei --methods fedbcs
@@ -33,6 +35,9 @@ FLAVOURS = ["synthetic_organ", "synthetic_nuclei"]
 METHODS = {
     "fedavg": ("fedavg", []),
     "fedprox": ("fedprox", []),
+    "moon": ("moon", []),
+    "fedproto": ("fedproto", []),
+    "fpl": ("fpl", []),
     "fedbcs": ("fedbcs", []),
     "fedbcs, FSR off": ("fedbcs", ["algorithm.fsr=none"]),
     "fedbcs, encoder level only": ("fedbcs", ["algorithm.levels=[encoder]"]),

@@ -55,6 +55,7 @@ class TaskInfo:
     seed: int = 0  # the run seed: derive generators from it (raysim.seeding.derive_seed)
     kind: str = "classification"  # or "segmentation": labels are (H, W) masks
     num_clients: int = 0  # registered clients (SCAFFOLD scales its control update by it)
+    protocol: str = "default"  # the evaluation protocol (evaluation.protocol): its metrics
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,13 @@ class Algorithm:
     # `aggregate` is the sample-weighted mean of the clients' weights: the workers sum their
     # clients' weights before sending (a method that overrides `aggregate` sets it False)
     weighted_mean: ClassVar[bool] = True
+    # What `raysim compare` tunes for this method: dotted config keys with a domain in the
+    # sweep syntax ({loguniform: [low, high]}, {choice: [...]}, ...). Every method tunes the
+    # shared client learning rate; a method adds its own keys (`algorithm.<field>`) with
+    # `search_space = {**Parent.search_space, ...}`. The range suits SGD; a comparison may
+    # replace any range (e.g. for Adam) in its `search_overrides`.
+    search_space: ClassVar[dict[str, dict[str, list]]] = {
+        "train.lr": {"loguniform": [0.003, 0.3]}}
 
     def __init__(
         self, config: Any = None, task: TaskInfo | None = None,
@@ -169,7 +177,13 @@ class Algorithm:
         self.config = config if config is not None else self.Config()
         self.task = task
         self.device = device or torch.device("cpu")
-        self.objectives = objective_of(task.kind if task is not None else "classification")
+        self.objectives = objective_of(task.kind, task.protocol) if task is not None \
+            else objective_of("classification")
+
+    @classmethod
+    def check_task(cls, config: Any, kind: str) -> None:
+        """Raise `ConfigError` where this method's settings `config` cannot run a task of this
+        `kind` (checked while the experiment's config is validated, before Ray)."""
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """The model this method trains, built from the configured one (FedBCS adds style

@@ -137,9 +137,14 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     synthetic_fedprox: FedProxSyntheticConfig = field(default_factory=FedProxSyntheticConfig)
     image_size: int | None = None  # prostate_mri / nuclei: resize to this square; None = native
+    # how resized masks are resampled: nearest (stays binary) or area (the FedBCS code's MONAI
+    # `Resized` default: area means truncated to 0/1 as its `.long()` casts do, which erodes
+    # boundaries); None: nearest, or area under evaluation.protocol: official
+    label_resize: str | None = None
     # share of the training data held out for validation (model selection), seeded and
     # stratified by class (and domain), for classification sets without a validation split of
-    # their own; nuclei: the share of each site's train list (default there: 0.2)
+    # their own; nuclei: the share of each site's train list (default there: 0.2, and 0 under
+    # evaluation.protocol: official, which trains on the whole list); 0: none held out
     val_fraction: float | None = None
 
     def __post_init__(self) -> None:
@@ -153,9 +158,11 @@ class DataConfig:
         require(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)")
         require(self.image_size is None or (self.image_size >= 16 and self.image_size % 16 == 0),
                 "image_size", f"must be a multiple of 16 (got {self.image_size})")
-        require(self.val_fraction is None or 0 < self.val_fraction < 1, "val_fraction",
-                "must be in (0, 1)")
-        require(self.val_fraction is None or not getattr(dataset, "generates_clients", False),
+        require(self.val_fraction is None or 0 <= self.val_fraction < 1, "val_fraction",
+                "must be in [0, 1) (0: no validation split)")
+        require(self.label_resize in (None, "nearest", "area"), "label_resize",
+                f"choose nearest or area (got {self.label_resize!r})")
+        require(not self.val_fraction or not getattr(dataset, "generates_clients", False),
                 "val_fraction", f"{self.dataset} has no validation split: its test set is "
                 "held-out data of its own clients")
 
@@ -296,6 +303,23 @@ class ClientStateConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """What a run reports. `default`: every metric on the test split, the reported round chosen
+    on the validation split; `official` (segmentation): FedBCS's published protocol, to compare
+    with its numbers like for like: the maximum test Dice over rounds, one-sided ASD (MONAI's
+    default), area-resized labels and, on nuclei, training on the whole train list."""
+
+    protocol: str = "default"  # default | official
+
+    def __post_init__(self) -> None:
+        require(self.protocol in PROTOCOLS, "protocol",
+                f"choose one of {', '.join(PROTOCOLS)} (got {self.protocol!r})")
+
+
+PROTOCOLS = ("default", "official")
+
+
+@dataclass
 class DiagnosticsConfig:
     """Extra measurements that cost time, off unless asked for."""
 
@@ -332,6 +356,7 @@ class Config:
     fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     client_state: ClientStateConfig = field(default_factory=ClientStateConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
         require(self.rounds >= 1, "rounds", "must be >= 1")
@@ -339,11 +364,26 @@ class Config:
         require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         require(self.clients_per_round >= 1, "clients_per_round", "must be >= 1")
         self._check_model_fits_algorithm()
+        self._resolve_protocol()
         num_clients = self.data.partition.num_clients
         require(self.clients_per_round <= num_clients, "clients_per_round",
                  f"{self.clients_per_round} > data.partition.num_clients ({num_clients}); "
                  "lower clients_per_round or raise num_clients")
 
+
+    def _resolve_protocol(self) -> None:
+        """The data settings the evaluation protocol implies, where left unset."""
+        from raysim.registry import DATASETS
+
+        official = self.evaluation.protocol == "official"
+        if official and DATASETS[self.data.dataset].task != "segmentation":
+            raise ConfigError("evaluation.protocol: official is FedBCS's segmentation protocol; "
+                              f"dataset {self.data.dataset!r} is not a segmentation task (use "
+                              "the default protocol)")
+        if self.data.label_resize is None:
+            self.data.label_resize = "area" if official else "nearest"
+        if official and self.data.dataset == "nuclei" and self.data.val_fraction is None:
+            self.data.val_fraction = 0.0
 
     def _check_model_fits_algorithm(self) -> None:
         from raysim.registry import DATASETS, MODELS, algorithm_class
@@ -366,7 +406,11 @@ class Config:
                 f"tasks, but dataset {self.data.dataset!r} is a {task} task; methods that run "
                 f"it: {', '.join(fitting)}"
             )
-        if algorithm.needs_features and not model.has_feature_head:
+        check_task = getattr(algorithm, "check_task", None)
+        if check_task is not None:
+            check_task(self.algorithm.params, task)
+        # on segmentation the features are the U-Net's stage maps (raysim.methods.features)
+        if algorithm.needs_features and task == "classification" and not model.has_feature_head:
             with_heads = [name for name in MODELS if MODELS[name].has_feature_head]
             raise ConfigError(
                 f"algorithm.name: {self.algorithm.name} works on the model's features, but "

@@ -57,6 +57,7 @@ def build_task(config: Config) -> Task:
         seed=config.seed,
         kind=spec.task,
         num_clients=part.num_clients,
+        protocol=config.evaluation.protocol,
     )
     return Task(dataset=dataset, partition=partition, info=info)
 

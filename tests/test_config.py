@@ -119,8 +119,9 @@ def test_base_loops_and_missing_bases_are_errors(tmp_path):
         load_config(tmp_path / "c.yaml")
 
 
+NOT_EXPERIMENTS = ("sweeps", "cluster", "compare")
 EXPERIMENT_CONFIGS = sorted(str(p) for p in Path("yaml").rglob("*.yaml")
-                            if p.parent.name not in ("sweeps", "cluster"))  # not experiments
+                            if p.parent.name not in NOT_EXPERIMENTS)
 
 
 @pytest.mark.parametrize("path", EXPERIMENT_CONFIGS)

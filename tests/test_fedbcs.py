@@ -226,11 +226,18 @@ def test_methods_run_only_the_tasks_they_declare():
                                           "that run it: fedavg, fedhpro, fedproto, fedprox, "
                                           "fedtgp, fpl, moon"):
         small_config(**{"algorithm.name": "fedbcs"})
-    with pytest.raises(ConfigError, match="fedproto runs classification tasks, but dataset "
+    with pytest.raises(ConfigError, match="fedtgp runs classification tasks, but dataset "
                                           "'synthetic_organ' is a segmentation task; methods "
-                                          "that run it: fedavg, fedbcs, fedprox, scaffold$"):
-        small_config(**{"algorithm.name": "fedproto", "model.name": "unet",
+                                          "that run it: fedavg, fedbcs, fedproto, fedprox, fpl, "
+                                          "moon, scaffold$"):
+        small_config(**{"algorithm.name": "fedtgp", "model.name": "unet",
                         "data.dataset": "synthetic_organ", "data.partition.kind": "domains"})
+    with pytest.raises(ConfigError, match="algorithm.inference: nearest-prototype inference "
+                                          "classifies whole samples; on a segmentation task "
+                                          "use inference: logits"):
+        small_config(**{"algorithm.name": "fpl", "algorithm.inference": "prototype",
+                        "model.name": "unet", "data.dataset": "synthetic_organ",
+                        "data.partition.kind": "domains"})
 
 
 def test_model_and_dataset_must_be_the_same_kind_of_task():

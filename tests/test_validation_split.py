@@ -54,7 +54,7 @@ def test_a_run_reports_val_metrics_and_selects_by_them(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"data.val_fraction": 1.5}, "data.val_fraction: must be in (0, 1)"),
+    ({"data.val_fraction": 1.5}, "data.val_fraction: must be in [0, 1) (0: no validation split)"),
     ({"data.dataset": "synthetic_fedprox", "data.partition.kind": "natural",
       "model.name": "logreg", "data.val_fraction": 0.1},
      "data.val_fraction: synthetic_fedprox has no validation split: its test set is held-out "

@@ -1,10 +1,11 @@
-"""The `raysim tune`, `submit`, `logs` and `status` commands (arguments and handlers)."""
+"""The `raysim tune`, `compare`, `submit`, `logs` and `status` commands (arguments and handlers)."""
 
 from __future__ import annotations
 
 import argparse
 import math
 import re
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -26,6 +27,20 @@ def add_commands(commands) -> None:
     tune.add_argument("--verbose", type=int, default=0, choices=(0, 1, 2),
                       help="Ray Tune's own console output: 0 none, one line per trial start and "
                       "end instead (default), 1 status tables, 2 every report")
+
+    compare = commands.add_parser(
+        "compare", help="tune every method of a comparison with one budget, rerun the best on "
+        "every seed, and write the table and curves")
+    compare.add_argument("comparison", help="comparison YAML file, e.g. "
+                         "yaml/compare/digits_a0.5.yaml")
+    compare.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                         help="set a key of the comparison file, e.g. budget.trials=2, "
+                         "seeds=[0], overrides.rounds=3, methods=[fedavg,fedprox] (repeatable)")
+    compare.add_argument("--out", help="comparison directory (default: "
+                         "runs/compare/<name>-<time>)")
+    compare.add_argument("--address", help=ADDRESS_HELP)
+    compare.add_argument("--verbose", type=int, default=0, choices=(0, 1, 2),
+                         help="Ray Tune's own console output (as for `raysim tune`)")
 
     submit = commands.add_parser("submit", help="run one experiment as a Ray job on a cluster")
     submit.add_argument("config", help="experiment YAML file inside this project")
@@ -50,8 +65,8 @@ def add_commands(commands) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    return {"tune": tune_command, "submit": submit_command, "logs": logs_command,
-            "status": status_command}[args.command](args)
+    return {"tune": tune_command, "compare": compare_command, "submit": submit_command,
+            "logs": logs_command, "status": status_command}[args.command](args)
 
 
 def tune_command(args: argparse.Namespace) -> int:
@@ -92,6 +107,27 @@ def tune_command(args: argparse.Namespace) -> int:
     print(f"raysim: sweep results in {outcome.sweep_dir}/ ({', '.join(files)}; one run "
           "directory per trial under trials/)")
     return 0 if done else 1
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    from raysim.tune.compare import load_comparison
+
+    comparison = load_comparison(args.comparison, args.override)  # all checked before Ray
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else Path("runs") / "compare" / f"{comparison.name}-{stamp}"
+    labels = ", ".join(m.label for m in comparison.methods)
+    print(f"raysim: comparison {comparison.name}: {len(comparison.methods)} methods ({labels}), "
+          f"{comparison.trials} trials each (scheduler {comparison.scheduler.name}), seeds "
+          f"{', '.join(map(str, comparison.seeds))} -> {out}")
+    from raysim.tune.compare_run import run_comparison
+
+    report = run_comparison(comparison, out, address=args.address, verbose=args.verbose)
+    failed = [label for label, m in report.summary["methods"].items() if m["error"]]
+    print(f"raysim: comparison results in {report.out_dir}/ (table.md, results.csv, "
+          "compare.parquet, curves.png, best/<method>.yaml, summary.json)")
+    if failed:
+        print(f"raysim: warning: no result for {', '.join(failed)}", file=sys.stderr)
+    return 1 if len(failed) == len(comparison.methods) else 0
 
 
 def submit_command(args: argparse.Namespace) -> int:

@@ -33,10 +33,12 @@ class BuiltinDataset:
         check_dataset(self.name, data.root, data.download)
 
     def load(self, data: Any) -> Dataset:
+        val_fraction = NUCLEI_VAL_FRACTION if data.val_fraction is None else data.val_fraction
         dataset = load_dataset(self.name, data.root, data.download, data.test_fraction,
                                synthetic=data.synthetic, image_size=data.image_size,
-                               val_fraction=data.val_fraction or NUCLEI_VAL_FRACTION)
-        if data.val_fraction is not None and dataset.val is None:
+                               val_fraction=val_fraction,
+                               label_resize=data.label_resize or "nearest")
+        if data.val_fraction and dataset.val is None:
             dataset = with_validation(dataset, data.val_fraction)
         return dataset
 

@@ -507,6 +507,7 @@ def load_dataset(
     synthetic: SyntheticConfig | None = None,
     image_size: int | None = None,
     val_fraction: float = 0.2,
+    label_resize: str = "nearest",
 ) -> Dataset:
     """Load a dataset fully into memory.
 
@@ -515,8 +516,9 @@ def load_dataset(
     synthetic sites, the medical sets' slice permutation and validation hold-out); it is
     separate from the run seed so the data never moves between runs. ``synthetic`` sizes the
     ``synthetic_*`` sets (defaults: ``SyntheticConfig()``); ``image_size`` resizes the medical
-    sets' images to a square (None keeps the native size) and ``val_fraction`` is the share of
-    each nuclei site's training list held out for validation.
+    sets' images to a square (None keeps the native size; ``label_resize`` resamples their masks:
+    nearest or area) and ``val_fraction`` is the share of each nuclei site's training list held
+    out for validation (0: none).
     """
     check_dataset(name, root, download)
     if name in _SYNTHETIC:
@@ -540,8 +542,10 @@ def load_dataset(
 
         assert root is not None  # guaranteed by check_dataset
         if name == "prostate_mri":
-            return load_prostate_mri(root, image_size=image_size, seed=split_seed)
-        return load_nuclei(root, image_size=image_size, val_fraction=val_fraction, seed=split_seed)
+            return load_prostate_mri(root, image_size=image_size, seed=split_seed,
+                                     label_resize=label_resize)
+        return load_nuclei(root, image_size=image_size, val_fraction=val_fraction,
+                           seed=split_seed, label_resize=label_resize)
     if name in _EMBEDDED:
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")

@@ -84,10 +84,13 @@ def _site_stream(seed: int, site: str) -> np.random.Generator:
 
 
 def _resize(
-    x: np.ndarray, y: np.ndarray, size: int | None
+    x: np.ndarray, y: np.ndarray, size: int | None, label_resize: str = "nearest"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Resize uint8 images (N, C, H, W) and masks (N, H, W) to size x size: images bilinear
-    with antialiasing (area-like when shrinking), masks nearest so they stay binary."""
+    with antialiasing (area-like when shrinking), masks nearest so they stay binary, or with
+    `label_resize="area"` as the FedBCS code does (MONAI `Resized`'s default area mode on the
+    label, then `.long()`): the area mean truncated, so a pixel stays foreground only where its
+    whole source area is (spec fedbcs §7.8)."""
     if size is None or x.shape[-2:] == (size, size):
         return x, y
     import torch
@@ -103,8 +106,8 @@ def _resize(
     yt = F.interpolate(
         torch.from_numpy(np.ascontiguousarray(y))[:, None].float(),
         size=(size, size),
-        mode="nearest-exact",
-    )
+        mode="area" if label_resize == "area" else "nearest-exact",
+    ).trunc()
     return (
         xt.round().clamp(0, 255).to(torch.uint8).numpy(),
         yt[:, 0].to(torch.uint8).numpy(),
@@ -265,7 +268,8 @@ def _slice_split(n: int) -> tuple[int, int]:
     return int(train_len), int(train_len + val_len)
 
 
-def load_prostate_mri(root: str | Path, *, image_size: int | None = None, seed: int = 0) -> Dataset:
+def load_prostate_mri(root: str | Path, *, image_size: int | None = None, seed: int = 0,
+                      label_resize: str = "nearest") -> Dataset:
     """Read every present site into 2.5-D slices split 64/16/20 % at slice level (see the
     module docstring); ``image_size`` resizes each slice to a square, None keeps it."""
     root = Path(root)
@@ -281,7 +285,7 @@ def load_prostate_mri(root: str | Path, *, image_size: int | None = None, seed: 
             x, y = _read_prostate_case(image_path, label_path)
             if len(y) == 0:
                 continue
-            x, y = _resize(x, y, image_size)
+            x, y = _resize(x, y, image_size, label_resize)
             first = first or (x.shape[-2:], image_path)
             _check_sizes(x.shape[-2:], image_path, first)
             xs.append(x)
@@ -411,6 +415,7 @@ def _read_nuclei_pairs(
     pairs: list[tuple[Path, Path]],
     image_size: int | None,
     first: tuple[tuple[int, ...], Path] | None,
+    label_resize: str = "nearest",
 ) -> tuple[np.ndarray, np.ndarray, tuple[tuple[int, ...], Path] | None]:
     xs, ys = [], []
     for image_path, label_path in pairs:
@@ -420,7 +425,7 @@ def _read_nuclei_pairs(
                 f"{image_path} is {image.shape[1]}x{image.shape[0]} (WxH) but its label "
                 f"{label_path} is {label.shape[1]}x{label.shape[0]}"
             )
-        x, y = _resize(image.transpose(2, 0, 1)[None], label[None], image_size)
+        x, y = _resize(image.transpose(2, 0, 1)[None], label[None], image_size, label_resize)
         first = first or (x.shape[-2:], image_path)
         _check_sizes(x.shape[-2:], image_path, first)
         xs.append(x)
@@ -434,11 +439,13 @@ def load_nuclei(
     image_size: int | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
+    label_resize: str = "nearest",
 ) -> Dataset:
     """Read every present site: train from ``train.txt`` less a seeded ``val_fraction`` held out
-    as val, test from ``val.txt`` (see the module docstring)."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    as val (0: the whole list trains, as in the official code, and there is no val split), test
+    from ``val.txt`` (see the module docstring)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     root = Path(root)
     message = _nuclei_missing(root)
     if message is not None:
@@ -451,7 +458,7 @@ def load_nuclei(
         train_pairs = read_nuclei_list(folder / "train.txt", root)
         test_pairs = read_nuclei_list(folder / "val.txt", root)
         n = len(train_pairs)
-        n_val = max(1, int(round(val_fraction * n)))
+        n_val = max(1, int(round(val_fraction * n))) if val_fraction > 0 else 0
         if not test_pairs or n - n_val < 1:
             raise DatasetFormatError(
                 f"dataset 'nuclei': site {site!r} has {n} training and {len(test_pairs)} test "
@@ -462,12 +469,14 @@ def load_nuclei(
         # Both parts keep the list's order, which the official training loop follows.
         held = np.sort(perm[:n_val])
         kept = np.sort(perm[n_val:])
-        x_tr, y_tr, first = _read_nuclei_pairs(train_pairs, image_size, first)
-        x_te, y_te, first = _read_nuclei_pairs(test_pairs, image_size, first)
+        x_tr, y_tr, first = _read_nuclei_pairs(train_pairs, image_size, first, label_resize)
+        x_te, y_te, first = _read_nuclei_pairs(test_pairs, image_size, first, label_resize)
         splits[0].append((x_tr[kept], y_tr[kept], site_id))
         splits[1].append((x_tr[held], y_tr[held], site_id))
         splits[2].append((x_te, y_te, site_id))
     train, val, test = (_concat(s) for s in splits)
+    if val_fraction == 0:
+        val = None
     spec = _segmentation_spec("nuclei", train, tuple(sites), None)
     return Dataset(spec=spec, train=train, test=test, val=val)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -20,14 +23,19 @@ def class_means(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Ten
 def local_prototypes(
     model: nn.Module, data: ClientData, num_classes: int, batch_size: int = 256,
     normalize: bool = False,
+    features_of: Callable[[Any, Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """p_k^c = mean of f(x) (of f(x)/‖f(x)‖ with `normalize`) over client k's samples of class
     c, with the model in eval mode and no augmentation; and the (C,) counts. Summed in float64,
-    returned on the CPU, ready to send."""
+    returned on the CPU, ready to send. `features_of(output, y)` gives a batch's (N, d)
+    features and (N,) labels where a sample is not one vector (the pixels of a segmentation
+    map, `raysim.methods.features.sample_features`)."""
     model.eval()
     sums, counts = None, torch.zeros(num_classes, dtype=torch.long)
     for x, y in data.ordered_batches(batch_size):
-        features = model(x).features.double()
+        out = model(x)
+        features, y = features_of(out, y) if features_of else (out.features, y)
+        features = features.double()
         if normalize:
             features = torch.nn.functional.normalize(features, dim=1)
         if sums is None:

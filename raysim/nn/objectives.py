@@ -29,17 +29,28 @@ def segmentation_loss(logits: Tensor, y: Tensor) -> Tensor:
     return joint_loss(logits, y)
 
 
-def segmentation_evaluation(logits: Tensor, y: Tensor) -> dict[str, float]:
+def segmentation_evaluation(logits: Tensor, y: Tensor, symmetric_asd: bool = True
+                            ) -> dict[str, float]:
     from raysim.nn.segmentation import joint_loss, segmentation_sums
 
-    return {**segmentation_sums(logits.argmax(1), y), "loss": joint_loss(logits, y).item() * len(y)}
+    sums = segmentation_sums(logits.argmax(1), y, symmetric_asd=symmetric_asd)
+    return {**sums, "loss": joint_loss(logits, y).item() * len(y)}
+
+
+def official_segmentation_evaluation(logits: Tensor, y: Tensor) -> dict[str, float]:
+    """FedBCS's published metrics: ASD one-sided, MONAI's default (spec fedbcs §5.4)."""
+    return segmentation_evaluation(logits, y, symmetric_asd=False)
 
 
 OBJECTIVES = {
-    "classification": TaskObjective(F.cross_entropy, classification_sums),
-    "segmentation": TaskObjective(segmentation_loss, segmentation_evaluation),
+    ("classification", "default"): TaskObjective(F.cross_entropy, classification_sums),
+    ("segmentation", "default"): TaskObjective(segmentation_loss, segmentation_evaluation),
+    ("segmentation", "official"): TaskObjective(segmentation_loss,
+                                                official_segmentation_evaluation),
 }
 
 
-def objective_of(kind: str) -> TaskObjective:
-    return OBJECTIVES[kind]
+def objective_of(kind: str, protocol: str = "default") -> TaskObjective:
+    """The loss and metrics of a task `kind` under an evaluation protocol
+    (`raysim.config.EvaluationConfig`)."""
+    return OBJECTIVES[kind, protocol]

@@ -33,6 +33,7 @@ __all__ = [
     "dice_per_image",
     "hd95_per_image",
     "joint_loss",
+    "resize_labels",
     "segmentation_sums",
     "soft_dice_loss",
 ]
@@ -75,6 +76,13 @@ def joint_loss(logits: Tensor, target: Tensor) -> Tensor:
     soft Dice as in `soft_dice_loss`. logits (B, K, H, W), target (B, H, W) int64."""
     ce = F.cross_entropy(logits.float(), target.long())
     return (ce + soft_dice_loss(logits, target)) / 2.0
+
+
+def resize_labels(y: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, H, W) labels → (B, h, w), nearest neighbour (the labels of a coarser feature map)."""
+    if tuple(y.shape[-2:]) == tuple(size):
+        return y
+    return F.interpolate(y[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
 
 
 # ------------------------------------------------------------------------------- metrics

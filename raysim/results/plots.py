@@ -43,18 +43,13 @@ def plot_runs(run_dirs: list[Path], metric: str | None, out: Path,
     """One PNG of `metric` per round (default: the first run's headline metric) for every run,
     with the per-domain / per-site series of that metric dashed beside it when there is one
     run. ConfigError: a directory that is not a run, or a metric a run does not have."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = [(Path(d), read_metrics(Path(d))) for d in run_dirs]
     metric = metric or headline(*runs[0])
     for run_dir, metrics in runs:
         if metric not in metrics:
             have = ", ".join(sorted(m for m in metrics if SERIES_SEPARATOR not in m))
             raise ConfigError(f"{run_dir}: has no metric {metric!r}; it has: {have}")
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    plt, fig, ax = _figure()
     for i, (run_dir, metrics) in enumerate(runs):
         color = f"C{i % 10}"
         rounds, values = zip(*metrics[metric])
@@ -66,15 +61,7 @@ def plot_runs(run_dirs: list[Path], metric: str | None, out: Path,
                 rounds, values = zip(*metrics[name])
                 ax.plot(rounds, values, color=f"C{(j + 1) % 10}", linestyle="--", linewidth=1,
                         label=name.split(SERIES_SEPARATOR, 1)[1])
-    ax.set(xlabel="round", ylabel=metric)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, ax, metric, out)
 
 
 def write_curves(run_dir: Path) -> Path | None:
@@ -87,3 +74,50 @@ def write_curves(run_dir: Path) -> Path | None:
     if not read_metrics(run_dir):
         return None
     return plot_runs([run_dir], None, Path(run_dir) / "curves.png")
+
+
+def plot_bands(curves: dict[str, list[list[tuple[int, float]]]], metric: str, out: Path,
+               title: str | None = None) -> Path:
+    """One line per label: the mean over its runs (seeds) of `metric` per round, with a band of
+    ± one standard deviation; `curves[label]` holds each run's (round, value) points."""
+    import numpy as np
+
+    plt, fig, ax = _figure()
+    for i, (label, runs) in enumerate(curves.items()):
+        by_round: dict[int, list[float]] = {}
+        for points in runs:
+            for r, value in points:
+                by_round.setdefault(r, []).append(value)
+        rounds = np.array(sorted(by_round))
+        if not len(rounds):
+            continue
+        mean = np.array([np.mean(by_round[r]) for r in rounds])
+        std = np.array([np.std(by_round[r]) for r in rounds])
+        color = f"C{i % 10}"
+        ax.plot(rounds, mean, color=color, label=f"{label} ({len(runs)} seeds)")
+        ax.fill_between(rounds, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(plt, fig, ax, metric, out)
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    return plt, fig, ax
+
+
+def _save(plt, fig, ax, metric: str, out: Path) -> Path:
+    ax.set(xlabel="round", ylabel=metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -132,8 +132,9 @@ def plot_against_heterogeneity(sweep: Sweep, table, path: Path) -> Path | None:
     return path
 
 
-def write_report(sweep: Sweep, history: Any, results: Any, sweep_dir: Path, trials_dir: Path):
-    """Print and save the trials table; write the best config and the plot."""
+def write_report(sweep: Sweep, history: Any, results: Any, sweep_dir: Path, trials_dir: Path,
+                 plot: bool = True):
+    """Print and save the trials table; write the best config and (with `plot`) the plot."""
     table = trials_table(sweep, history, results, trials_dir)
     if table.empty:
         print("raysim: no trial ran", file=sys.stderr)
@@ -146,6 +147,8 @@ def write_report(sweep: Sweep, history: Any, results: Any, sweep_dir: Path, tria
         print(f"raysim: warning: {failed} of {len(table)} trials failed; see the error column "
               f"of {sweep_dir / 'trials.csv'}", file=sys.stderr)
     best_path = write_best_config(sweep, table, sweep_dir / "best_config.yaml")
+    if not plot:
+        return table, best_path, None
     plot_name = f"{sweep.metric.replace('/', '_')}_vs_heterogeneity.png"
     plot_path = plot_against_heterogeneity(sweep, table, sweep_dir / plot_name)
     return table, best_path, plot_path

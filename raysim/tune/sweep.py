@@ -162,12 +162,12 @@ def load_sweep(path: str | Path) -> Sweep:
 def parse_sweep(raw: Any, folder: Path, default_name: str = "sweep") -> Sweep:
     if not isinstance(raw, dict):
         raise ConfigError(f"sweep: expected a mapping of keys, got {type(raw).__name__}")
-    _check_keys(raw, SWEEP_KEYS, "")
+    check_keys(raw, SWEEP_KEYS, "")
     if "experiment" not in raw:
         raise ConfigError("experiment: missing; name the base config, e.g. "
                           "experiment: ../settings/digits_a0.5.yaml")
     base = read_yaml((folder / str(raw["experiment"])).resolve())
-    base = _absolute_data_root(base)
+    base = absolute_data_root(base)
     overrides = raw.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise ConfigError("overrides: expected a mapping of dotted keys to values")
@@ -178,7 +178,7 @@ def parse_sweep(raw: Any, folder: Path, default_name: str = "sweep") -> Sweep:
     except ConfigError as error:  # a misspelt override is named as such; other problems may
         if "unknown key" in str(error):  # be resolved by the searched values
             raise ConfigError(f"overrides: {error}") from None
-    search = _parse_search(raw.get("search"))
+    search = parse_search(raw.get("search"))
     metric = raw.get("metric", "test_accuracy")
     if not isinstance(metric, str):
         raise ConfigError(f"metric: expected a metric name, got {metric!r}")
@@ -205,13 +205,13 @@ def parse_sweep(raw: Any, folder: Path, default_name: str = "sweep") -> Sweep:
     return Sweep(
         name=str(raw.get("name", default_name)), base=base, search=search, metric=metric,
         mode=mode, rank_by=rank_by, algorithm_params=_parse_algorithm_params(raw),
-        scheduler=_parse_scheduler(raw.get("scheduler")), num_samples=num_samples,
+        scheduler=parse_scheduler(raw.get("scheduler")), num_samples=num_samples,
         max_concurrent_trials=concurrency, trial_driver_cpus=float(driver_cpus), seed=seed,
         max_failures=max_failures,
     )
 
 
-def _parse_search(raw: Any) -> tuple[SearchDimension, ...]:
+def parse_search(raw: Any) -> tuple[SearchDimension, ...]:
     if not raw:
         raise ConfigError("search: empty search space; sweep at least one key, e.g. "
                           "search: {data.partition.alpha: {grid: [0.1, 0.5, 1.0]}}")
@@ -262,13 +262,13 @@ def _parse_algorithm_params(raw: dict) -> dict:
     return params
 
 
-def _parse_scheduler(raw: Any) -> Scheduler:
+def parse_scheduler(raw: Any) -> Scheduler:
     if raw in (None, "none"):
         return Scheduler()
     if raw == "asha":
         raw = {"name": "asha"}
     require(isinstance(raw, dict), "scheduler", "expected none, asha or {name: asha, ...}")
-    _check_keys(raw, SCHEDULER_KEYS, "scheduler")
+    check_keys(raw, SCHEDULER_KEYS, "scheduler")
     require("name" in raw, "scheduler.name", "missing; e.g. {name: asha, grace_period: 1}")
     scheduler = Scheduler(**raw)
     require(scheduler.name in ("none", "asha"), "scheduler.name",
@@ -281,7 +281,7 @@ def _parse_scheduler(raw: Any) -> Scheduler:
     return scheduler
 
 
-def _absolute_data_root(base: dict) -> dict:
+def absolute_data_root(base: dict) -> dict:
     """A relative `data.root` is relative to where raysim runs; trials run elsewhere (Tune
     changes their working directory), so pin it to an absolute path now."""
     root = (base.get("data") or {}).get("root") if isinstance(base.get("data"), dict) else None
@@ -291,7 +291,7 @@ def _absolute_data_root(base: dict) -> dict:
     return base
 
 
-def _check_keys(raw: dict, allowed: tuple[str, ...], section: str) -> None:
+def check_keys(raw: dict, allowed: tuple[str, ...], section: str) -> None:
     for key in raw:
         if key not in allowed:
             dotted = f"{section}.{key}" if section else str(key)

@@ -249,12 +249,13 @@ def source_of(sweep_dir: Path) -> Path:
 
 def run_sweep(sweep: Sweep, sweep_dir: Path, address: str | None = None,
               verbose: int = 0, resume: bool = False,
-              source: Path | None = None) -> SweepOutcome:
+              source: Path | None = None, plot: bool = True) -> SweepOutcome:
     """Run every trial of `sweep` on the cluster at `address` (default: a local Ray) and write
     the trials table, the best config and the plot into `sweep_dir`. `verbose` is Ray Tune's
     console output (0: one raysim line per trial start and end instead). With `resume`, an
     interrupted sweep in `sweep_dir` goes on: finished trials stay, unfinished and failed ones
-    continue from their last raysim checkpoint."""
+    continue from their last raysim checkpoint. `plot`: draw the metric against the swept
+    heterogeneity keys."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -298,7 +299,7 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, address: str | None = None,
         results = tuner.fit()
         history = history_from_results(sweep, results)
         table, best_path, plot_path = write_report(sweep, history, results, sweep_dir,
-                                                   trials_dir)
+                                                   trials_dir, plot)
         return SweepOutcome(sweep_dir, table, results, best_path, plot_path)
     if source is not None:
         (sweep_dir / SWEEP_SOURCE).write_text(json.dumps({"path": str(Path(source).resolve())}))
@@ -320,5 +321,6 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, address: str | None = None,
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
     )
     results = tuner.fit()
-    table, best_path, plot_path = write_report(sweep, history, results, sweep_dir, trials_dir)
+    table, best_path, plot_path = write_report(sweep, history, results, sweep_dir, trials_dir,
+                                               plot)
     return SweepOutcome(sweep_dir, table, results, best_path, plot_path)
