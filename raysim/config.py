@@ -146,6 +146,10 @@ class DataConfig:
     # their own; nuclei: the share of each site's train list (default there: 0.2, and 0 under
     # evaluation.protocol: official, which trains on the whole list); 0: none held out
     val_fraction: float | None = None
+    # multi-domain datasets: domains held out of training entirely, evaluated apart
+    # (test_<metric>/unseen/<domain>); train_domains (default: all others) limits training
+    test_domains: list[str] = field(default_factory=list)
+    train_domains: list[str] | None = None
 
     def __post_init__(self) -> None:
         from raysim.registry import DATASETS

@@ -48,8 +48,14 @@ def build_checked_task(config: Config) -> Task:
         DATASETS[config.data.dataset].check(config.data)
     except DatasetNotFoundError as error:
         raise ConfigError(str(error)) from None
+    except DatasetFormatError as error:  # a layout other than the one named
+        raise ConfigError(f"data: {error}") from None
+    from raysim.data.domain_split import DomainSelectionError
+
     try:
         return build_task(config)
+    except DomainSelectionError as error:
+        raise ConfigError(f"data.{error}") from None
     except DatasetFormatError as error:  # unusable file contents, named in the message
         raise ConfigError(f"data: {error}") from None
     except ValueError as error:  # an infeasible partition, e.g. too many clients for alpha

@@ -11,6 +11,7 @@ from torch import nn
 from raysim.algorithm import TaskInfo
 from raysim.config import Config
 from raysim.data import Dataset, Partition, make_partition
+from raysim.data.domain_split import hold_out_domains
 from raysim.nn.models import build_model
 from raysim.registry import DATASETS, MODELS, algorithm_class
 from raysim.seeding import MODEL_INIT, derive_seed
@@ -30,7 +31,8 @@ BYTES_PER_CLIENT = 400
 
 def build_task(config: Config) -> Task:
     data = config.data
-    dataset = DATASETS[data.dataset].load(data)
+    dataset = hold_out_domains(DATASETS[data.dataset].load(data), data.test_domains,
+                               data.train_domains)
     part = data.partition
     if dataset.clients is not None:  # generated on the workers: only the sizes are known
         partition = Partition.of_sizes(dataset.clients.sizes, dataset.spec.num_classes)

@@ -132,6 +132,8 @@ class Dataset:
     test: ArraySplit
     val: ArraySplit | None = None
     clients: Any = None
+    # test samples of domains held out of training (data.test_domains; raysim.data.domain_split)
+    unseen: ArraySplit | None = None
 
 
 class DatasetNotFoundError(FileNotFoundError):

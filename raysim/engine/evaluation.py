@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from raysim.data.domain_split import UNSEEN
+
 EVAL_BATCH = 128  # fixed test batches, so metrics do not depend on how they are spread
 
 
@@ -40,7 +42,10 @@ def reduce_domain_eval(
     groups: list[tuple[str, list[dict[str, float]]]], split: str = "test"
 ) -> dict[str, float]:
     """Per-domain metrics (`test_accuracy/<domain>`) and their unweighted mean (`test_accuracy`),
-    so every domain (site) counts the same whatever its test size."""
+    so every domain (site) counts the same whatever its test size. The `unseen` split (domains
+    held out of training) is named `test_accuracy/unseen/<domain>` and `test_accuracy/unseen`."""
+    if split == UNSEEN:
+        return {_unseen_name(k): v for k, v in reduce_domain_eval(groups, "test").items()}
     if len(groups) == 1 and groups[0][0] == "":
         return reduce_eval(groups[0][1], split)
     per_domain = {name: reduce_eval(sums, split) for name, sums in groups}
@@ -48,3 +53,8 @@ def reduce_domain_eval(
     for key in next(iter(per_domain.values())):
         out[key] = float(np.mean([metrics[key] for metrics in per_domain.values()]))
     return out
+
+
+def _unseen_name(key: str) -> str:
+    metric, _, domain = key.partition("/")
+    return f"{metric}/unseen/{domain}" if domain else f"{metric}/unseen"

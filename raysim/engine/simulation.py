@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from raysim.config import Config
+from raysim.data.domain_split import UNSEEN
 from raysim.engine.backends import make_backend
 from raysim.engine.evaluation import eval_batches, reduce_domain_eval
 from raysim.nn.training import steps_per_epoch
@@ -123,8 +124,8 @@ class Simulation:
         # dataset has one, and the test split.
         self.eval_groups = {
             name: eval_batches(split.domain, len(split.y), config.eval_batch_size)
-            for name, split in (("val", task.dataset.val),
-                                ("test", task.dataset.test))
+            for name, split in (("val", task.dataset.val), ("test", task.dataset.test),
+                                (UNSEEN, task.dataset.unseen))
             if split is not None
         }
         self.backend = make_backend(config.resources.backend)

@@ -25,6 +25,7 @@ import torch
 from raysim.algorithm import Broadcast, ClientContext, ClientUpdate, TaskInfo
 from raysim.config import Config
 from raysim.data import Dataset
+from raysim.data.domain_split import UNSEEN
 from raysim.methods.aggregation import WeightSum
 from raysim.methods.diagnostics import anchor_alignment
 from raysim.methods.prototypes import local_prototypes
@@ -101,7 +102,8 @@ class ClientWorker:
             self.train_y = as_tensor(dataset.train.y, self.device)
         self.eval_splits = {
             name: (as_tensor(split.x, self.device), as_tensor(split.y, self.device))
-            for name, split in (("test", dataset.test), ("val", dataset.val))
+            for name, split in (("test", dataset.test), ("val", dataset.val),
+                                (UNSEEN, dataset.unseen))
             if split is not None
         }
         self.offsets, self.indices = client_split
