@@ -127,6 +127,31 @@ class FedProxSyntheticConfig:
 
 
 @dataclass
+class DomainSource:
+    """One domain of `data.dataset: domains`: a single-domain dataset read from its own root,
+    optionally subsampled (a seeded draw of its train / test split)."""
+
+    name: str = ""
+    dataset: str = ""
+    root: str | None = None
+    download: bool = False
+    train_size: int | None = None
+    test_size: int | None = None
+
+    def __post_init__(self) -> None:
+        from raysim.registry import DATASETS
+
+        require(bool(self.name), "name", "every domain needs a name (its metrics' suffix)")
+        lookup(DATASETS, self.dataset, "dataset")
+        require(self.dataset != "domains", "dataset", "a domain cannot be a `domains` dataset")
+        require(DATASETS[self.dataset].task == "classification", "dataset",
+                f"{self.dataset} is not a classification dataset")
+        for key in ("train_size", "test_size"):
+            value = getattr(self, key)
+            require(value is None or value >= 1, key, f"must be >= 1 (got {value})")
+
+
+@dataclass
 class DataConfig:
     dataset: str = "digits"
     root: str | None = None  # folder holding the dataset files (not needed for digits)
@@ -150,6 +175,10 @@ class DataConfig:
     # (test_<metric>/unseen/<domain>); train_domains (default: all others) limits training
     test_domains: list[str] = field(default_factory=list)
     train_domains: list[str] | None = None
+    # dataset `domains`: its domains, and the image shape [C, H, W] they are brought to
+    # (needed where they differ)
+    domains: list[DomainSource] = field(default_factory=list)
+    domain_shape: list[int] | None = None
 
     def __post_init__(self) -> None:
         from raysim.registry import DATASETS
@@ -169,6 +198,20 @@ class DataConfig:
         require(not self.val_fraction or not getattr(dataset, "generates_clients", False),
                 "val_fraction", f"{self.dataset} has no validation split: its test set is "
                 "held-out data of its own clients")
+        self._check_domains()
+
+    def _check_domains(self) -> None:
+        if self.dataset != "domains":
+            require(not self.domains, "domains", "only for data.dataset: domains")
+            return
+        require(bool(self.domains), "domains", "list the domains, e.g. [{name: mnist, dataset: "
+                "mnist, root: data/mnist}, {name: usps, dataset: usps, root: data/usps}]")
+        names = [d.name for d in self.domains]
+        twice = next((n for n in names if names.count(n) > 1), None)
+        require(twice is None, "domains", f"two domains are named {twice!r}")
+        shape = self.domain_shape
+        require(shape is None or (len(shape) == 3 and all(v >= 1 for v in shape)),
+                "domain_shape", f"expected [channels, height, width] (got {shape})")
 
 
 @dataclass
@@ -257,7 +300,9 @@ class LoggingConfig:
     # more sinks by registered name (`raysim.sinks` entry points), each made as cls(run_dir);
     # W&B joins them whenever wandb.mode is not disabled
     sinks: list[str] = field(default_factory=list)
-    curves: bool = True  # `raysim launch` draws curves.png (the headline metric per round)
+    # `raysim launch` draws curves.png (the headline metric per round) and partition.png
+    # (samples per client and class, coloured by domain)
+    curves: bool = True
 
     def __post_init__(self) -> None:
         from raysim.registry import SINKS
@@ -631,7 +676,8 @@ def config_to_dict(config: Any) -> dict:
         elif dataclasses.is_dataclass(value):
             out[f.name] = config_to_dict(value)
         else:
-            out[f.name] = list(value) if isinstance(value, list) else value
+            out[f.name] = [config_to_dict(v) if dataclasses.is_dataclass(v) else v
+                           for v in value] if isinstance(value, list) else value
     return out
 
 

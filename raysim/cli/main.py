@@ -135,7 +135,8 @@ def _write_partition(config, out: str) -> int:
 def _launch(run, args: argparse.Namespace, launched_at: float) -> int:
     """Run a prepared (new or resumed) run; print its outcome. Exit 0 when it completed, 130
     when interrupted (after its checkpoint), 1 when fault tolerance stopped it."""
-    from raysim.results.plots import write_curves  # before Ray: a job's code may go from disk
+    # before Ray: a job's code may go from disk
+    from raysim.results.plots import write_curves, write_partition_figure
     from raysim.results.sinks import ConsoleProgress, RunDirectory, extra_sinks
     from raysim.run import describe_partition, execute
 
@@ -150,6 +151,8 @@ def _launch(run, args: argparse.Namespace, launched_at: float) -> int:
     summary = execute(run, sinks, address=args.address, launched_at=launched_at)
     if config.logging.curves:
         write_curves(run.run_dir)
+        if run.restore is None:
+            write_partition_figure(run.task, run.run_dir / "partition.png")
     if summary["status"] != "completed":
         where = f"checkpoint {summary['checkpoint']}" if summary["checkpoint"] else "no checkpoint"
         print(f"raysim: {summary['status']} after round {summary['rounds_completed']} ({where}); "
@@ -170,7 +173,8 @@ def _launch(run, args: argparse.Namespace, launched_at: float) -> int:
     if summary["actor_restarts"] or summary["clients_dropped"]:
         print(f"raysim: survived {summary['actor_restarts']} actor restart(s); "
               f"{summary['clients_dropped']} client result(s) dropped (failures.parquet)")
-    curves = ", curves.png" if (run.run_dir / "curves.png").is_file() else ""
+    curves = "".join(f", {name}" for name in ("curves.png", "partition.png")
+                     if (run.run_dir / name).is_file())
     print(f"raysim: results in {run.run_dir}/ (summary.json, metrics.parquet, config.yaml"
           f"{curves})")
     return 0

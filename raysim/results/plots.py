@@ -121,3 +121,48 @@ def _save(plt, fig, ax, metric: str, out: Path) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+MAX_PARTITION_CLIENTS = 200  # a figure of more clients shows the first ones
+
+
+def write_partition_figure(task, out: Path) -> Path | None:
+    """`partition.png`: clients × classes, a dot per class a client holds (area ∝ its count),
+    coloured by the client's domain where the dataset has domains. None for generated clients
+    (no labels known before training) or without matplotlib."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return None
+
+    partition, dataset = task.partition, task.dataset
+    counts = partition.label_counts
+    if counts is None or dataset.train is None:
+        return None
+    shown = min(partition.num_clients, MAX_PARTITION_CLIENTS)
+    keep = counts.client < shown
+    clients, labels, sizes = counts.client[keep], counts.label[keep], counts.count[keep]
+    names = dataset.spec.domains
+    plt, fig, ax = _figure()
+    fig.set_size_inches(min(3 + 0.12 * shown, 16), 2 + 0.25 * dataset.spec.num_classes)
+    area = 120 * sizes / max(int(sizes.max(initial=1)), 1)
+    if names and dataset.train.domain is not None and partition.indices is not None:
+        first = partition.indices[partition.offsets[:-1][:shown].clip(
+            max=len(partition.indices) - 1)]
+        domain_of = dataset.train.domain[first]
+        for d, name in enumerate(names):
+            mine = domain_of[clients] == d
+            if mine.any():
+                ax.scatter(clients[mine], labels[mine], s=area[mine], color=f"C{d % 10}",
+                           label=name, alpha=0.8, linewidths=0)
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    else:
+        ax.scatter(clients, labels, s=area, color="C0", alpha=0.8, linewidths=0)
+    more = f" (first {shown} of {partition.num_clients})" if shown < partition.num_clients else ""
+    ax.set(xlabel=f"client{more}", ylabel="class", title="samples per client and class")
+    ax.set_yticks(range(dataset.spec.num_classes))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)

@@ -282,12 +282,16 @@ def parse_scheduler(raw: Any) -> Scheduler:
 
 
 def absolute_data_root(base: dict) -> dict:
-    """A relative `data.root` is relative to where raysim runs; trials run elsewhere (Tune
-    changes their working directory), so pin it to an absolute path now."""
-    root = (base.get("data") or {}).get("root") if isinstance(base.get("data"), dict) else None
-    if isinstance(root, str) and not Path(root).is_absolute():
-        base = deep_copy(base)
-        base["data"]["root"] = str(Path.cwd() / root)
+    """A relative `data.root` (and each `data.domains[i].root`) is relative to where raysim
+    runs; trials run elsewhere (Tune changes their working directory), so pin it to an
+    absolute path now."""
+    base = deep_copy(base)
+    data = base.get("data") if isinstance(base.get("data"), dict) else {}
+    sources = [data, *(d for d in data.get("domains") or [] if isinstance(d, dict))]
+    for source in sources:
+        root = source.get("root")
+        if isinstance(root, str) and not Path(root).is_absolute():
+            source["root"] = str(Path.cwd() / root)
     return base
 
 

@@ -1,0 +1,140 @@
+"""`data.dataset: domains`: one multi-domain classification set from several datasets, each a
+domain (`data.domains: [{name, dataset, root, ...}]`), e.g. the Digits benchmark from MNIST,
+USPS, SVHN and SynthDigits files. Every domain keeps its dataset's own train/test split, is
+brought to one image shape (`data.domain_shape: [C, H, W]`, needed where the datasets differ:
+bilinear resizing with antialiasing; a gray image repeated over three channels, a colour one
+reduced to its luminance for one), and may be subsampled (`train_size`, `test_size`: a seeded
+draw, the same in every run). The `domains` partition and the per-domain test metrics then work
+as on `digits_domains`."""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from raysim.data.datasets import (
+    ArraySplit,
+    Dataset,
+    DatasetFormatError,
+    DatasetNotFoundError,
+    DatasetSpec,
+    channel_stats,
+    with_validation,
+)
+
+LUMINANCE = np.array([0.299, 0.587, 0.114])
+_SUBSAMPLE_STREAM = 0xD0  # the data-side stream of each domain's subsample
+
+
+def as_uint8(x: np.ndarray, scale: float) -> np.ndarray:
+    """Stored pixels on [0, scale] (digits: 16, images: 255) as uint8 on [0, 255]."""
+    if x.dtype == np.uint8 and scale == 255.0:
+        return x
+    return np.rint(np.clip(x.astype(np.float64) / scale, 0, 1) * 255).astype(np.uint8)
+
+
+def to_shape(x: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """(N, C, H, W) uint8 images as (N, *shape)."""
+    channels, height, width = shape
+    if x.shape[1] != channels:
+        if x.shape[1] == 1:
+            x = np.repeat(x, channels, axis=1)
+        elif channels == 1:
+            x = np.rint(np.tensordot(x.astype(np.float64), LUMINANCE[:x.shape[1]], ([1], [0]))
+                        )[:, None].astype(np.uint8)
+        else:
+            raise DatasetFormatError(f"cannot bring {x.shape[1]}-channel images to {channels}")
+    if x.shape[2:] == (height, width):
+        return np.ascontiguousarray(x)
+    import torch
+    import torch.nn.functional as F
+
+    resized = F.interpolate(torch.from_numpy(np.ascontiguousarray(x)).float(),
+                            size=(height, width), mode="bilinear", align_corners=False,
+                            antialias=True)
+    return resized.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def subsample(split: ArraySplit, size: int | None, domain: str, part: str) -> ArraySplit:
+    if size is None or size >= len(split.y):
+        return split
+    rng = np.random.default_rng([_SUBSAMPLE_STREAM, zlib.crc32(f"{domain}/{part}".encode())])
+    keep = np.sort(rng.choice(len(split.y), size, replace=False))
+    return ArraySplit(split.x[keep], split.y[keep])
+
+
+def source_config(data: Any, source: Any) -> Any:
+    """The `DataConfig` a domain's own dataset is read with."""
+    return dataclasses.replace(data, dataset=source.dataset, root=source.root,
+                               download=source.download, domains=[], domain_shape=None,
+                               test_domains=[], train_domains=None, val_fraction=None)
+
+
+def load_domains(data: Any) -> Dataset:
+    from raysim.registry import DATASETS
+
+    loaded = []
+    for source in data.domains:
+        dataset = DATASETS[source.dataset].load(source_config(data, source))
+        if dataset.spec.domains or dataset.train is None:
+            raise DatasetFormatError(f"domain {source.name!r}: dataset {source.dataset!r} has "
+                                     "domains of its own (or no training split); a domain must "
+                                     "be a single-domain dataset")
+        loaded.append((source, dataset))
+    classes = {source.name: ds.spec.num_classes for source, ds in loaded}
+    first, num_classes = next(iter(classes.items()))
+    other = next(((name, n) for name, n in classes.items() if n != num_classes), None)
+    if other is not None:
+        raise DatasetFormatError(f"domain {first!r} has {num_classes} classes but domain "
+                                 f"{other[0]!r} has {other[1]}; every domain must hold the "
+                                 "same classes")
+    shapes = {source.name: tuple(ds.spec.input_shape) for source, ds in loaded}
+    if data.domain_shape is not None:
+        shape = tuple(data.domain_shape)
+    elif len(set(shapes.values())) == 1:
+        shape = next(iter(shapes.values()))
+    else:
+        seen = ", ".join(f"{'×'.join(map(str, s))} ({name})" for name, s in shapes.items())
+        raise DatasetFormatError(f"the domains' images differ ({seen}); declare a common "
+                                 "shape, e.g. data.domain_shape: [3, 32, 32]")
+    splits: dict[str, list[ArraySplit]] = {"train": [], "test": []}
+    for domain_id, (source, dataset) in enumerate(loaded):
+        for part, size in (("train", source.train_size), ("test", source.test_size)):
+            split = subsample(getattr(dataset, part), size, source.name, part)
+            x = to_shape(as_uint8(split.x, dataset.spec.scale), shape)
+            splits[part].append(ArraySplit(x, split.y,
+                                           np.full(len(split.y), domain_id, np.int64)))
+    train, test = (ArraySplit(*(np.concatenate([getattr(s, f) for s in splits[part]])
+                                for f in ("x", "y", "domain"))) for part in ("train", "test"))
+    mean, std = channel_stats(train.x, 255.0)
+    spec = DatasetSpec("domains", num_classes, shape, mean, std, 255.0, None,
+                       domains=tuple(source.name for source, _ in loaded))
+    return Dataset(spec=spec, train=train, test=test)
+
+
+@dataclass(frozen=True)
+class DomainsDataset:
+    """The plug-in (`raysim.datasets` entry point `domains`)."""
+
+    task: str = "classification"
+
+    def check(self, data: Any) -> None:
+        from raysim.registry import DATASETS
+
+        for i, source in enumerate(data.domains):
+            try:
+                DATASETS[source.dataset].check(source_config(data, source))
+            except DatasetNotFoundError as error:
+                raise DatasetNotFoundError(f"data.domains[{i}] ({source.name}): {error}") \
+                    from None
+
+    def load(self, data: Any) -> Dataset:
+        dataset = load_domains(data)
+        return with_validation(dataset, data.val_fraction) if data.val_fraction else dataset
+
+
+domains = DomainsDataset()
