@@ -18,6 +18,7 @@ from test_datasets import _idx_images, _idx_labels, _write_idx
 
 from raysim.cli.main import main
 from raysim.config import ConfigError, config_from_dict, load_config
+from raysim.data.datasets import DatasetNotFoundError
 from raysim.data.digit_sets import load_mnist_m, load_synth_digits, read_usps
 from raysim.data.multi_domain import to_shape
 from raysim.run import build_checked_task
@@ -172,7 +173,7 @@ def test_domain_mistakes_are_named(tmp_path):
     (roots["usps"] / "usps.t.bz2").unlink()
     with pytest.raises(ConfigError, match=r"data.domains\[1\] \(usps\): dataset 'usps' not "
                                           r"found: expected .*usps.bz2, usps.t.bz2\), missing "
-                                          "usps.t.bz2"):
+                                          r"usps.t.bz2 \(it holds usps.bz2\)"):
         build_checked_task(load_config(domains_config(roots, tmp_path)))
     base = {"clients_per_round": 2, "data": {"dataset": "domains", "partition": {
         "kind": "domains", "num_clients": 2}}}
@@ -187,6 +188,22 @@ def test_domain_mistakes_are_named(tmp_path):
             {"name": "a", "dataset": "synthetic_organ"}]}})
     with pytest.raises(ConfigError, match="data.domains: only for data.dataset: domains"):
         config_from_dict({"data": {"domains": [{"name": "a", "dataset": "mnist"}]}})
+
+
+def test_a_root_of_another_layout_says_what_it_holds(tmp_path):
+    from raysim.data.digit_sets import mnist_m, synth_digits
+
+    (tmp_path / "svhn_files").mkdir()
+    (tmp_path / "svhn_files" / "train_32x32.mat").write_bytes(b"")
+    config = config_from_dict({"data": {"dataset": "synth_digits",
+                                        "root": str(tmp_path / "svhn_files")}})
+    with pytest.raises(DatasetNotFoundError, match="expected synth_train_32x32.mat .* it holds "
+                                        "train_32x32.mat"):
+        synth_digits.check(config.data)
+    (tmp_path / "empty").mkdir()
+    empty = config_from_dict({"data": {"dataset": "mnist_m", "root": str(tmp_path / "empty")}})
+    with pytest.raises(DatasetNotFoundError, match="missing mnist_m_train, .* it is empty"):
+        mnist_m.check(empty.data)
 
 
 def test_ready_real_digits_configs_load():

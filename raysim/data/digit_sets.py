@@ -38,6 +38,15 @@ SYNTH_DIGIT_FIVE = "syn_number.mat"
 MNIST_M_PARTS = ("mnist_m_train", "mnist_m_test")
 
 
+def found_in(root: Path) -> str:
+    """What a folder holds, for a not-found message (a few names)."""
+    if not root.is_dir():
+        return f"{root} does not exist"
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+    shown = ", ".join(names[:6]) + (", …" if len(names) > 6 else "")
+    return f"it holds {shown}" if names else "it is empty"
+
+
 # ----------------------------------------------------------------------------------- USPS
 
 
@@ -73,8 +82,8 @@ def _usps_missing(root: Path) -> str | None:
     missing = [f for f in USPS_FILES if not (root / f).is_file()]
     if missing:
         return (f"dataset 'usps' not found: expected {root}/ (usps.bz2, usps.t.bz2), missing "
-                f"{', '.join(missing)} — put the LIBSVM files in data.root, or set "
-                "data.download: true")
+                f"{', '.join(missing)} ({found_in(root)}) — put the LIBSVM files in data.root, "
+                "or set data.download: true")
     return None
 
 
@@ -111,7 +120,8 @@ def _synth_missing(root: Path) -> str | None:
     if all((root / f).is_file() for f in SYNTH_SVHN_FORM) or (root / SYNTH_DIGIT_FIVE).is_file():
         return None
     return (f"dataset 'synth_digits' not found in {root}/: expected synth_train_32x32.mat and "
-            f"synth_test_32x32.mat (SVHN's format), or {SYNTH_DIGIT_FIVE} (Digit-Five)")
+            f"synth_test_32x32.mat (SVHN's format), or {SYNTH_DIGIT_FIVE} (Digit-Five); "
+            f"{found_in(root)}")
 
 
 def load_synth_digits(root: Path) -> tuple[ArraySplit, ArraySplit]:
@@ -147,7 +157,7 @@ def _mnist_m_missing(root: Path) -> str | None:
     if missing:
         return (f"dataset 'mnist_m' not found: expected {folder}/ with mnist_m_train/, "
                 "mnist_m_test/ and their _labels.txt files (the extracted mnist_m.tar.gz), "
-                f"missing {', '.join(missing)}")
+                f"missing {', '.join(missing)}; {found_in(folder)}")
     return None
 
 
