@@ -311,6 +311,7 @@ class FedBCS(FedAvg):
         *(f"server_clusters_{level}_{c}" for level in LEVELS
           for c in ("background", "foreground")))
 
+    uploads = "pixel_prototypes"
     search_space = {**FedAvg.search_space,
         "algorithm.tau": {"loguniform": [1.0e-3, 0.1]},
         "algorithm.weight": {"loguniform": [0.1, 10.0]}}

@@ -332,6 +332,7 @@ class FedHPro(FedAvg):
                         "server_crt_accuracy", "server_hp_match_loss_first",
                         "server_hp_match_loss_last", "server_hp_init_cosine")
 
+    uploads = "class_gradients"
     search_space = {**FedAvg.search_space,
         "algorithm.tau": {"loguniform": [0.02, 0.5]},
         "algorithm.hp_lr": {"loguniform": [0.01, 1.0]},

@@ -108,6 +108,7 @@ class FedProto(FedAvg):
     state_type: type[PrototypeState] = PrototypeState
     broadcast_type: type[PrototypeBroadcast] = PrototypeBroadcast
 
+    uploads = "prototypes"
     search_space = {**FedAvg.search_space,
         "algorithm.lam": {"loguniform": [0.1, 10.0]}}
 

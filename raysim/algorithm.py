@@ -160,6 +160,9 @@ class Algorithm:
     # `aggregate` is the sample-weighted mean of the clients' weights: the workers sum their
     # clients' weights before sending (a method that overrides `aggregate` sets it False)
     weighted_mean: ClassVar[bool] = True
+    # what a client's upload carries besides its weights, for the leakage probe
+    # (`raysim.methods.leakage`): weights | prototypes | class_gradients | another name
+    uploads: ClassVar[str] = "weights"
     # What `raysim compare` tunes for this method: dotted config keys with a domain in the
     # sweep syntax ({loguniform: [low, high]}, {choice: [...]}, ...). Every method tunes the
     # shared client learning rate; a method adds its own keys (`algorithm.<field>`) with

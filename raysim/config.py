@@ -369,12 +369,33 @@ PROTOCOLS = ("default", "official")
 
 
 @dataclass
+class LeakageConfig:
+    """The honest-but-curious server probe (`raysim.methods.leakage`): on `clients_per_round`
+    of each round's sampled clients (the lowest ids), every `every` rounds, what the server can
+    infer from the upload against the client's data, logged as `leak_*` metrics. 0: off."""
+
+    clients_per_round: int = 0
+    every: int = 1
+    inversion_steps: int = 200  # optimisation steps of each feature inversion
+    inversion_classes: int = 3  # class means inverted into images per probed client
+    dlg_max_samples: int = 8  # weights-only uploads: gradient inversion up to this client size
+    dlg_steps: int = 200
+
+    def __post_init__(self) -> None:
+        for key in ("clients_per_round", "inversion_steps", "dlg_max_samples", "dlg_steps"):
+            require(getattr(self, key) >= 0, key, "must be >= 0")
+        require(self.every >= 1, "every", "must be >= 1")
+        require(self.inversion_classes >= 1, "inversion_classes", "must be >= 1")
+
+
+@dataclass
 class DiagnosticsConfig:
     """Extra measurements that cost time, off unless asked for."""
 
     # methods with global class anchors: cosine of clients' local class means to the anchors,
     # the anchors' self-classification and their inter-class cosine, every round
     anchors: bool = False
+    leakage: LeakageConfig = field(default_factory=LeakageConfig)
 
 
 @dataclass
@@ -414,11 +435,39 @@ class Config:
         require(self.clients_per_round >= 1, "clients_per_round", "must be >= 1")
         self._check_model_fits_algorithm()
         self._resolve_protocol()
+        self._check_leakage_probe()
         num_clients = self.data.partition.num_clients
         require(self.clients_per_round <= num_clients, "clients_per_round",
                  f"{self.clients_per_round} > data.partition.num_clients ({num_clients}); "
                  "lower clients_per_round or raise num_clients")
 
+
+    def _check_leakage_probe(self) -> None:
+        from raysim.methods.leakage import SUPPORTED_UPLOADS
+        from raysim.registry import DATASETS, MODELS, algorithm_class, algorithm_names
+
+        probe = self.diagnostics.leakage
+        if not probe.clients_per_round:
+            return
+        uploads = getattr(algorithm_class(self.algorithm.name), "uploads", "weights")
+        if uploads not in SUPPORTED_UPLOADS:
+            known = [n for n in algorithm_names()
+                     if getattr(algorithm_class(n), "uploads", "weights") in SUPPORTED_UPLOADS]
+            raise ConfigError(f"diagnostics.leakage: the probe reads "
+                              f"{', '.join(SUPPORTED_UPLOADS)} uploads, and {self.algorithm.name} "
+                              f"uploads {uploads}; methods it supports: {', '.join(known)}")
+        require(DATASETS[self.data.dataset].task == "classification"
+                and MODELS[self.model.name].has_feature_head, "diagnostics.leakage",
+                "the probe needs a classification task and a model with a feature head")
+        require(probe.clients_per_round <= self.clients_per_round,
+                "diagnostics.leakage.clients_per_round",
+                f"{probe.clients_per_round} > clients_per_round ({self.clients_per_round}): the "
+                "probe reads clients of the round")
+        try:
+            import skimage.metrics  # noqa: F401
+        except ImportError:
+            raise ConfigError("diagnostics.leakage: needs scikit-image for SSIM; pip install "
+                              "'raysim[leakage]'") from None
 
     def _resolve_protocol(self) -> None:
         """The data settings the evaluation protocol implies, where left unset."""

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 # purpose tags keep streams for different uses independent
-SAMPLING, CLIENT, MODEL_INIT, SERVER = 0x5A, 0xC1, 0x1D, 0x5E
+SAMPLING, CLIENT, MODEL_INIT, SERVER, LEAKAGE = 0x5A, 0xC1, 0x1D, 0x5E, 0x1E
 
 
 def derive_seed(*parts: int) -> int:

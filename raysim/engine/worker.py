@@ -28,9 +28,10 @@ from raysim.data import Dataset
 from raysim.data.domain_split import UNSEEN
 from raysim.methods.aggregation import WeightSum
 from raysim.methods.diagnostics import anchor_alignment
+from raysim.methods.leakage import probed_clients
 from raysim.methods.prototypes import local_prototypes
 from raysim.nn.training import ClientData, Preprocess, make_optimizer
-from raysim.seeding import client_generator
+from raysim.seeding import LEAKAGE, client_generator, derive_seed, sample_clients
 from raysim.task import make_algorithm, new_model
 
 
@@ -110,6 +111,7 @@ class ClientWorker:
         self.presum = self.algorithm.weighted_mean
         self.max_retries = config.fault_tolerance.max_client_retries
         self.diagnose_anchors = config.diagnostics.anchors and self.algorithm.has_anchors
+        self.probe = leakage_probe(config, self.model, self.algorithm, dataset.spec)
         # The first optimiser built in a process imports torch._dynamo (~1 s): pay it now,
         # not inside the first client's timed step.
         make_optimizer(self.model, config.train)
@@ -186,8 +188,20 @@ class ClientWorker:
             return ClientResult(client_id, None, problem, retries=retries)
         if self.diagnose_anchors:
             update = self._with_anchor_alignment(update, broadcast, data)
+        if self.probe is not None and self._probes(round_index, client_id):
+            leaked = self.probe.measure(update, broadcast.weights, data, torch.Generator(
+                ).manual_seed(derive_seed(self.config.seed, LEAKAGE, round_index, client_id)))
+            update = dataclasses.replace(update, metrics={**update.metrics, **leaked})
         return ClientResult(client_id, update, None, time.perf_counter() - start, retries,
                             trained)
+
+    def _probes(self, round_index: int, client_id: int) -> bool:
+        probe, config = self.config.diagnostics.leakage, self.config
+        if round_index % probe.every:
+            return False
+        sampled = sample_clients(config.seed, round_index, config.data.partition.num_clients,
+                                 config.clients_per_round)
+        return client_id in probed_clients(sampled, probe.clients_per_round)
 
     def _with_anchor_alignment(
         self, update: ClientUpdate, broadcast: Broadcast, data: ClientData
@@ -217,3 +231,15 @@ class ClientWorker:
             x, y = self.preprocess.batch(xs[start:stop], ys[start:stop])
             sums.append(self.algorithm.evaluate_batch(self.model, broadcast, x, y))
         return sums
+
+
+def leakage_probe(config: Config, model: Any, algorithm: Any, spec: Any) -> Any:
+    """The worker's `LeakageProbe` where `diagnostics.leakage` is on, else None."""
+    settings = config.diagnostics.leakage
+    if not settings.clients_per_round:
+        return None
+    from raysim.methods.leakage import LeakageProbe, LeakageSettings
+
+    return LeakageProbe(model, algorithm.uploads, spec.num_classes, spec.mean, spec.std,
+                        LeakageSettings(settings.inversion_steps, settings.inversion_classes,
+                                        settings.dlg_max_samples, settings.dlg_steps))
