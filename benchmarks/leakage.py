@@ -25,6 +25,7 @@ from raysim.algorithm import ClientContext
 from raysim.config import load_config
 from raysim.methods.leakage import LeakageProbe, LeakageSettings
 from raysim.nn.training import ClientData, Preprocess
+from raysim.results.checkpoint import newest_complete
 from raysim.results.sinks import CollectRounds
 from raysim.results.state_io import unpack
 from raysim.run import execute, prepare
@@ -41,12 +42,13 @@ KEYS = ["leak_presence_exact", "leak_counts_exact", "leak_counts_mae", "leak_mea
         "leak_image_psnr", "leak_image_ssim"]
 
 
-def reconstructions(run, rounds: int) -> list:
-    """One client's (class, truth, reconstruction) images from its upload with the final
-    global model (the lowest-id client sampled in the last round)."""
+def reconstructions(run) -> list:
+    """One client's (class, truth, reconstruction) images from its upload with the newest
+    global model (the lowest-id client sampled in that round)."""
     config, task = run.config, run.task
-    path = run.run_dir / "checkpoints" / f"round-{rounds:06d}" / "server_state.safetensors"
-    state = unpack(path.read_bytes())
+    found = newest_complete(run.run_dir)
+    rounds = found.round
+    state = unpack(found.read("server_state.safetensors"))
     device = torch.device("cpu")
     algorithm = make_algorithm(config, task.info, device)
     model = new_model(config, task.info, algorithm)
@@ -79,12 +81,13 @@ def run_one(setting: str, method: str, seed: int, overrides: list[str]) -> tuple
     summary = execute(run, [collect])
     probed = [r for r in collect.rounds if "leak_presence_exact" in r]
     row = {"setting": setting, "method": method, "seed": seed,
-           "test_accuracy": collect.rounds[-1]["test_accuracy"],
-           "probed_rounds": len(probed), "wall_seconds": summary["wall_seconds"]}
+           "test_accuracy": collect.rounds[-1]["test_accuracy"], "status": summary["status"],
+           "rounds": len(collect.rounds), "probed_rounds": len(probed),
+           "wall_seconds": summary["wall_seconds"]}
     for key in KEYS:
         values = [r[key] for r in probed if key in r]
         row[key] = float(np.mean(values)) if values else math.nan
-    return row, reconstructions(run, config.rounds)
+    return row, reconstructions(run)
 
 
 def table(rows: list[dict]) -> str:
@@ -94,7 +97,9 @@ def table(rows: list[dict]) -> str:
                 "counts MAE | class-mean cosine | image PSNR (dB) | image SSIM |",
                 "|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["setting"] == setting):
-            out.append(f"| {r['method']} | {100 * r['test_accuracy']:.1f} | "
+            stopped = "" if r.get("status", "completed") == "completed" else \
+                f" (stopped after round {r['rounds']}: {r['status']})"
+            out.append(f"| {r['method']}{stopped} | {100 * r['test_accuracy']:.1f} | "
                        f"{_cell(r, 'leak_presence_exact')} | {_cell(r, 'leak_counts_exact')} | "
                        f"{_cell(r, 'leak_counts_mae')} | "
                        f"{_cell(r, 'leak_mean_cosine', '{:.3f}')} | "
@@ -150,11 +155,12 @@ def main() -> None:
     if args.table:
         print(table(json.loads(path.read_text())))
         return
-    rows = []
+    rows = json.loads(path.read_text()) if path.is_file() else []
     for setting in args.settings:
         images = {}
         for method in args.methods:
             row, images[method] = run_one(setting, method, args.seed, args.override)
+            rows = [r for r in rows if (r["setting"], r["method"]) != (setting, method)]
             rows.append(row)
             RESULTS.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(rows, indent=1))
