@@ -98,10 +98,11 @@ def total_variation(x: Tensor) -> Tensor:
 
 
 def invert_feature(model: nn.Module, target: Tensor, shape: tuple[int, ...], steps: int,
-                   lr: float = 0.1) -> Tensor:
+                   generator: torch.Generator, lr: float = 0.1) -> Tensor:
     """The input x (normalised, like the model's input) minimising ‖f(x) − t‖²/‖t‖² + λ·TV(x),
-    from x = 0 (the dataset mean), with Adam."""
-    x = torch.zeros(1, *shape, requires_grad=True)
+    with Adam, from small seeded noise around the dataset mean (x = 0 exactly can sit where
+    every ReLU of the first layer is off, with no gradient at all)."""
+    x = (0.1 * torch.randn(1, *shape, generator=generator)).requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=lr)
     scale = target.pow(2).sum().clamp(min=1e-12)
     for _ in range(steps):
@@ -216,7 +217,7 @@ class LeakageProbe:
             self.model.load_state_dict(inferred.feature_weights)
             return [(c, x_all[labels == c].mean(0),
                      invert_feature(self.model, inferred.means[c], shape,
-                                    self.settings.inversion_steps)) for c in classes]
+                                    self.settings.inversion_steps, generator)) for c in classes]
         if len(data) > self.settings.dlg_max_samples:
             return []
         delta = {k: update.weights[k].float() - received[k].float() for k in received
