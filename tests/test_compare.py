@@ -138,11 +138,13 @@ def test_markdown_table_rows():
                    "parts": {"mnist": 0.95}, "tuned": {"train.lr": 0.0123456},
                    "trials": 8, "tuning_seconds": 90.0, "seeds_seconds": 30.0},
         "fpl": {"test_accuracy_mean": math.nan, "test_accuracy_std": math.nan, "parts": {},
-                "tuned": {}, "trials": 8, "tuning_seconds": 6.0, "seeds_seconds": 0.0}}}
+                "tuned": {}, "trials": 8, "tuning_seconds": 6.0, "seeds_seconds": 0.0,
+                "stopped": ["seed 2 failed after round 11"]}}}
     lines = markdown_table(summary).splitlines()
-    assert lines[0] == "| method | test_accuracy (%) | mnist | tuned | trials | minutes |"
-    assert lines[2] == "| fedavg | 91.2 ± 1.0 | 95.0 | lr=0.0123 | 8 | 2.0 |"
-    assert lines[3] == "| fpl | failed | - | - | 8 | 0.1 |"
+    assert lines[0] == ("| method | test_accuracy (%) | mnist | tuned | trials | minutes | "
+                        "runs stopped |")
+    assert lines[2] == "| fedavg | 91.2 ± 1.0 | 95.0 | lr=0.0123 | 8 | 2.0 | - |"
+    assert lines[3] == "| fpl | failed | - | - | 8 | 0.1 | seed 2 failed after round 11 |"
 
 
 @pytest.mark.slow
@@ -193,3 +195,11 @@ def test_ready_digits_comparison_end_to_end(ray_session, tmp_path):
             .reset_index(drop=True))
     table = (out / "table.md").read_text().splitlines()
     assert table[0].startswith("| method | test_accuracy (%) |") and len(table) == 4
+    # the report rebuilt from the directory alone (a comparison cut short) says the same
+    live = (out / "results.csv").read_text()
+    assert main([*args, "--report"]) == 0
+    assert (out / "results.csv").read_text() == live
+    rebuilt = json.loads((out / "summary.json").read_text())
+    for label, method in summary["methods"].items():
+        assert rebuilt["methods"][label]["tuned"] == method["tuned"]
+        assert rebuilt["methods"][label]["test_accuracy_mean"] == method["test_accuracy_mean"]

@@ -41,6 +41,9 @@ def add_commands(commands) -> None:
     compare.add_argument("--address", help=ADDRESS_HELP)
     compare.add_argument("--verbose", type=int, default=0, choices=(0, 1, 2),
                          help="Ray Tune's own console output (as for `raysim tune`)")
+    compare.add_argument("--report", action="store_true",
+                         help="write the report of what --out DIR already holds (a comparison "
+                         "cut short: its finished methods and seed runs), without running")
 
     submit = commands.add_parser("submit", help="run one experiment as a Ray job on a cluster")
     submit.add_argument("config", help="experiment YAML file inside this project")
@@ -113,6 +116,16 @@ def compare_command(args: argparse.Namespace) -> int:
     from raysim.tune.compare import load_comparison
 
     comparison = load_comparison(args.comparison, args.override)  # all checked before Ray
+    if args.report:
+        from raysim.config import ConfigError
+        from raysim.results.compare_report import write_compare_report
+        from raysim.tune.compare_run import outcomes_in
+
+        if not args.out or not (Path(args.out) / "methods").is_dir():
+            raise ConfigError("compare --report: give the comparison directory with --out DIR")
+        write_compare_report(comparison, outcomes_in(comparison, Path(args.out)),
+                             Path(args.out).resolve())
+        return 0
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("runs") / "compare" / f"{comparison.name}-{stamp}"
     labels = ", ".join(m.label for m in comparison.methods)

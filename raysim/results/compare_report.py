@@ -32,7 +32,8 @@ def seed_result(run_dir: Path, metrics: dict, selection: str, test: str) -> dict
           if name == test or name.startswith(test + SERIES_SEPARATOR)}
     final = metrics.get(test, [(None, math.nan)])[-1][1]
     return {"round": selected, selection: summary["best"].get(selection), **at,
-            f"final_{test}": final, "rounds": summary["rounds_completed"]}
+            f"final_{test}": final, "rounds": summary["rounds_completed"],
+            "status": summary.get("status", "completed")}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -76,6 +77,9 @@ def write_compare_report(comparison: Any, outcomes: list, out_dir: Path) -> Comp
                       for p in parts},
             "tuning_seconds": outcome.tuning_seconds, "seeds_seconds": outcome.seeds_seconds,
             "error": outcome.error,
+            # seed runs fault tolerance stopped early: reported at their best validation round
+            "stopped": [f"seed {r['seed']} {r['status']} after round {r['rounds']}"
+                        for r in mine if r["status"] != "completed"],
         }
     pd.DataFrame(rows).to_csv(out_dir / "results.csv", index=False)
     schema = pa.schema([("method", pa.string()), ("seed", pa.int64()), ("round", pa.int64()),
@@ -100,10 +104,11 @@ def write_compare_report(comparison: Any, outcomes: list, out_dir: Path) -> Comp
 
 def markdown_table(summary: dict[str, Any]) -> str:
     """Methods as rows: test mean ± std (%) at the validation-selected round, each part's mean,
-    the tuned values, trials and minutes spent."""
+    the tuned values, trials, minutes spent and the seed runs fault tolerance stopped early
+    (they count, at their best validation round)."""
     test = summary["reported"]
     parts = sorted({p for m in summary["methods"].values() for p in m["parts"]})
-    head = ["method", f"{test} (%)", *parts, "tuned", "trials", "minutes"]
+    head = ["method", f"{test} (%)", *parts, "tuned", "trials", "minutes", "runs stopped"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, m in summary["methods"].items():
         mean, std = m[f"{test}_mean"], m[f"{test}_std"]
@@ -113,7 +118,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
         lines.append("| " + " | ".join([
             label, cell, *(f"{100 * m['parts'][p]:.1f}" if p in m["parts"] else "-"
                            for p in parts),
-            tuned or "-", str(m["trials"]), f"{minutes:.1f}"]) + " |")
+            tuned or "-", str(m["trials"]), f"{minutes:.1f}",
+            "; ".join(m.get("stopped", [])) or "-"]) + " |")
     return "\n".join(lines)
 
 

@@ -69,3 +69,45 @@ def run_comparison(comparison: Comparison, out_dir: Path, address: str | None = 
                                    for _, row in rows.iterrows())
         outcomes.append(outcome)
     return write_compare_report(comparison, outcomes, out_dir)
+
+
+def outcomes_in(comparison: Comparison, out_dir: Path) -> list[MethodOutcome]:
+    """What a comparison directory holds, method by method, also when the comparison was cut
+    short: each method whose tuning sweep finished, with its seed runs that have a summary
+    (fault tolerance may have stopped one early: the report says so). Minutes are then the runs'
+    own wall time (start-up of their sweeps not included)."""
+    import json
+
+    import pandas as pd
+
+    outcomes = []
+    rank = f"best_{comparison.selection_metric}"
+    for method in comparison.methods:
+        base = Path(out_dir) / "methods" / method.label
+        trials = base / "tuning" / "trials.csv"
+        if not trials.is_file():
+            continue
+        table = pd.read_csv(trials).dropna(subset=[rank])
+        outcome = MethodOutcome(method, tuning_dir=base / "tuning", trials_run=len(table))
+        if table.empty:
+            outcome.error = f"no trial reported {comparison.selection_metric}"
+            outcomes.append(outcome)
+            continue
+        outcome.tuned = tuned_values(method, table.sort_values(rank, ascending=False,
+                                                               kind="stable").iloc[0])
+        for summary_path in sorted((base / "tuning" / "trials").glob("*/summary.json")):
+            outcome.tuning_seconds += json.loads(summary_path.read_text())["wall_seconds"]
+        for summary_path in sorted((base / "seeds" / "trials").glob("*/summary.json")):
+            summary = json.loads(summary_path.read_text())
+            config = _read_yaml(summary_path.parent / "config.yaml")
+            outcome.seed_runs.append((int(config["seed"]), summary_path.parent))
+            outcome.seeds_seconds += summary["wall_seconds"]
+        outcome.seed_runs.sort()
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
