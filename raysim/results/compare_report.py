@@ -112,7 +112,10 @@ def markdown_table(summary: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, m in summary["methods"].items():
         mean, std = m[f"{test}_mean"], m[f"{test}_std"]
-        cell = "failed" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}"
+        if not math.isnan(mean):
+            cell = f"{100 * mean:.1f} ± {100 * std:.1f}"
+        else:
+            cell = "failed" if m.get("error") or m.get("seeds") is None else "no seed run yet"
         tuned = ", ".join(f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in m["tuned"].items())
         minutes = (m["tuning_seconds"] + m["seeds_seconds"]) / 60
         lines.append("| " + " | ".join([
