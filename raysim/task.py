@@ -11,6 +11,7 @@ from torch import nn
 from raysim.algorithm import TaskInfo
 from raysim.config import Config
 from raysim.data import Dataset, Partition, make_partition
+from raysim.data.datasets import with_validation
 from raysim.data.domain_split import hold_out_domains
 from raysim.nn.models import build_model
 from raysim.registry import DATASETS, MODELS, algorithm_class
@@ -31,8 +32,11 @@ BYTES_PER_CLIENT = 400
 
 def build_task(config: Config) -> Task:
     data = config.data
-    dataset = hold_out_domains(DATASETS[data.dataset].load(data), data.test_domains,
-                               data.train_domains)
+    dataset = DATASETS[data.dataset].load(data)
+    if data.val_fraction and dataset.val is None and dataset.train is not None:
+        # every dataset without a validation split of its own, plug-ins included
+        dataset = with_validation(dataset, data.val_fraction)
+    dataset = hold_out_domains(dataset, data.test_domains, data.train_domains)
     part = data.partition
     if dataset.clients is not None:  # generated on the workers: only the sizes are known
         partition = Partition.of_sizes(dataset.clients.sizes, dataset.spec.num_classes)

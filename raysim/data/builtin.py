@@ -15,7 +15,6 @@ from raysim.data.datasets import (
     check_dataset,
     dataset_task,
     load_dataset,
-    with_validation,
 )
 
 NUCLEI_VAL_FRACTION = 0.2
@@ -38,8 +37,6 @@ class BuiltinDataset:
                                synthetic=data.synthetic, image_size=data.image_size,
                                val_fraction=val_fraction,
                                label_resize=data.label_resize or "nearest")
-        if data.val_fraction and dataset.val is None:
-            dataset = with_validation(dataset, data.val_fraction)
         return dataset
 
 

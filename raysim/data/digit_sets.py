@@ -211,8 +211,6 @@ class DigitFiles:
             raise DatasetNotFoundError(message)
 
     def load(self, data: Any) -> Dataset:
-        from raysim.data.datasets import with_validation
-
         root = Path(data.root)
         if data.download and self.download is not None and self.missing(root) is not None:
             root.mkdir(parents=True, exist_ok=True)
@@ -220,8 +218,7 @@ class DigitFiles:
         train, test = self.read(root)
         mean, std = channel_stats(train.x, 255.0)
         spec = DatasetSpec(self.name, 10, tuple(train.x.shape[1:]), mean, std, 255.0, None)
-        dataset = Dataset(spec=spec, train=train, test=test)
-        return with_validation(dataset, data.val_fraction) if data.val_fraction else dataset
+        return Dataset(spec=spec, train=train, test=test)
 
 
 def _download_usps(root: Path) -> None:

@@ -214,11 +214,8 @@ class ImageFolderDataset:
         read_layout(Path(data.root))  # layout errors before any decoding
 
     def load(self, data: Any) -> Dataset:
-        from raysim.data.datasets import with_validation
-
-        dataset = load_image_folder(data.root, image_size=data.image_size,
-                                    test_fraction=data.test_fraction)
-        return with_validation(dataset, data.val_fraction) if data.val_fraction else dataset
+        return load_image_folder(data.root, image_size=data.image_size,
+                                 test_fraction=data.test_fraction)
 
 
 image_folder = ImageFolderDataset()

@@ -23,7 +23,6 @@ from raysim.data.datasets import (
     DatasetNotFoundError,
     DatasetSpec,
     channel_stats,
-    with_validation,
 )
 
 LUMINANCE = np.array([0.299, 0.587, 0.114])
@@ -133,8 +132,7 @@ class DomainsDataset:
                     from None
 
     def load(self, data: Any) -> Dataset:
-        dataset = load_domains(data)
-        return with_validation(dataset, data.val_fraction) if data.val_fraction else dataset
+        return load_domains(data)
 
 
 domains = DomainsDataset()
