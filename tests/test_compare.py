@@ -18,6 +18,7 @@ from raysim.config import config_from_dict, load_config, read_yaml, set_dotted
 from raysim.registry import algorithm_class, algorithm_names
 from raysim.results.compare_report import markdown_table
 from raysim.tune.compare import load_comparison
+from raysim.tune.compare_run import COMPARISON_RECORD, check_directory, write_record
 from raysim.tune.sweep import parse_search
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,6 +125,34 @@ def test_comparison_mistakes_are_one_line_before_ray(tmp_path, capsys):
     assert "not found" in compare_error(missing, capsys)
 
 
+def test_resume_refuses_what_the_directory_was_not_run_with(tmp_path, capsys):
+    """--resume needs the directory of the same comparison: the setting, budget and seeds as
+    they were, and a method of an existing label as it was defined; methods may be added."""
+    path = write_comparison(tmp_path)
+    out = tmp_path / "out"
+    write_record(load_comparison(path), out)
+    (out / "methods").mkdir()
+
+    def resume_error(*overrides: str) -> str:
+        args = [a for o in overrides for a in ("-o", o)]
+        assert main(["compare", str(path), *args, "--out", str(out), "--resume"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("raysim: error: compare --resume: "), err
+        return err[0]
+
+    assert "was run with other base, name; resume it" in resume_error(
+        "overrides.rounds=3", "name=other")
+    assert "was run with other trials; resume it" in resume_error("budget.trials=3")
+    assert "method fedavg differs from the one" in resume_error(
+        "methods=[{label: fedavg, algorithm: {name: fedprox}}]")
+    check_directory(load_comparison(path, ["methods=[fedavg,fedproto]"]), out, resume=True)
+    write_record(load_comparison(path, ["methods=[fedproto]"]), out)
+    record = json.loads((out / COMPARISON_RECORD).read_text())
+    assert sorted(record["methods"]) == ["fedavg", "fedproto"]
+    assert main(["compare", str(path), "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "give the comparison directory with --out DIR" in capsys.readouterr().err
+
+
 def test_a_method_key_that_does_not_exist_names_the_method(tmp_path, capsys):
     path = write_comparison(tmp_path, methods=[
         {"label": "prox", "algorithm": {"name": "fedprox"},
@@ -148,9 +177,10 @@ def test_markdown_table_rows():
 
 
 @pytest.mark.slow
-def test_ready_digits_comparison_end_to_end(ray_session, tmp_path):
+def test_ready_digits_comparison_end_to_end(ray_session, tmp_path, capsys):
     """The ready digits comparison at a tiny budget: the table it prints is recomputed here from
-    the seed runs' metrics, and the tuned seed-0 rerun repeats its tuning trial bit for bit."""
+    the seed runs' metrics, the tuned seed-0 rerun repeats its tuning trial bit for bit, and a
+    comparison cut short in a method's seed runs is finished by --resume with the same table."""
     out = tmp_path / "out"
     overrides = [f"overrides.{k}={json.dumps(v)}" for k, v in TINY.items()]
     args = ["compare", str(COMPARE / "digits_a0.5.yaml"), "-o", "methods=[fedavg,fedproto]",
@@ -203,3 +233,26 @@ def test_ready_digits_comparison_end_to_end(ray_session, tmp_path):
     for label, method in summary["methods"].items():
         assert rebuilt["methods"][label]["tuned"] == method["tuned"]
         assert rebuilt["methods"][label]["test_accuracy_mean"] == method["test_accuracy_mean"]
+
+    # A second comparison into the same directory is refused; one resumed with other seeds too.
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "already holds a comparison: add --resume" in capsys.readouterr().err
+    assert main([*args, "-o", "seeds=[0]", "--resume"]) == 2
+    assert "was run with other seeds; resume it with the file" in capsys.readouterr().err
+    # Cut short: fedproto's seed-1 run never finished. --resume keeps fedavg as it is, reruns
+    # fedproto's seeds only, and reports what the uninterrupted comparison reported.
+    kept = {p: p.stat().st_mtime_ns for p in (out / "methods" / "fedavg").rglob("*")
+            if p.is_file()} | {p: p.stat().st_mtime_ns for p in
+                               (out / "methods" / "fedproto" / "tuning").rglob("*.csv")}
+    seed_1 = Path(results[(results["method"] == "fedproto") & (results["seed"] == 1)]
+                  ["run_dir"].iloc[0])
+    (seed_1 / "summary.json").unlink()
+    assert main([*args, "--report"]) == 0
+    assert len(pd.read_csv(out / "results.csv")) == 3
+    assert main([*args, "--resume"]) == 0
+    assert "fedavg: finished before, kept" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    resumed = pd.read_csv(out / "results.csv")
+    same = ["method", "seed", "round", "val_accuracy", "test_accuracy", "run_dir"]
+    assert resumed[same].equals(results[same])

@@ -44,6 +44,9 @@ def add_commands(commands) -> None:
     compare.add_argument("--report", action="store_true",
                          help="write the report of what --out DIR already holds (a comparison "
                          "cut short: its finished methods and seed runs), without running")
+    compare.add_argument("--resume", action="store_true",
+                         help="finish the comparison in --out DIR: methods that finished are "
+                         "kept, the rest run (give the file and overrides it was started with)")
 
     submit = commands.add_parser("submit", help="run one experiment as a Ray job on a cluster")
     submit.add_argument("config", help="experiment YAML file inside this project")
@@ -116,15 +119,23 @@ def compare_command(args: argparse.Namespace) -> int:
     from raysim.tune.compare import load_comparison
 
     comparison = load_comparison(args.comparison, args.override)  # all checked before Ray
-    if args.report:
+    if args.report or args.resume:
         from raysim.config import ConfigError
-        from raysim.results.compare_report import write_compare_report
-        from raysim.tune.compare_run import outcomes_in
 
+        flag = "--report" if args.report else "--resume"
+        if args.report and args.resume:
+            raise ConfigError("compare: --report writes the report of a directory, --resume "
+                              "finishes it; give one")
         if not args.out or not (Path(args.out) / "methods").is_dir():
-            raise ConfigError("compare --report: give the comparison directory with --out DIR")
-        write_compare_report(comparison, outcomes_in(comparison, Path(args.out)),
-                             Path(args.out).resolve())
+            raise ConfigError(f"compare {flag}: give the comparison directory with --out DIR")
+    if args.report:
+        from raysim.results.compare_report import write_compare_report
+        from raysim.tune.compare_run import COMPARISON_RECORD, check_directory, outcomes_in
+
+        out = Path(args.out).resolve()
+        if (out / COMPARISON_RECORD).is_file():
+            check_directory(comparison, out, resume=True)
+        write_compare_report(comparison, outcomes_in(comparison, out), out)
         return 0
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("runs") / "compare" / f"{comparison.name}-{stamp}"
@@ -134,7 +145,8 @@ def compare_command(args: argparse.Namespace) -> int:
           f"{', '.join(map(str, comparison.seeds))} -> {out}")
     from raysim.tune.compare_run import run_comparison
 
-    report = run_comparison(comparison, out, address=args.address, verbose=args.verbose)
+    report = run_comparison(comparison, out, address=args.address, verbose=args.verbose,
+                            resume=args.resume)
     failed = [label for label, m in report.summary["methods"].items() if m["error"]]
     print(f"raysim: comparison results in {report.out_dir}/ (table.md, results.csv, "
           "compare.parquet, curves.png, best/<method>.yaml, summary.json)")
