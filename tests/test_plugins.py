@@ -39,8 +39,9 @@ def installed(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_the_example_plugin_runs_under_launch_and_tune(installed, tmp_path):
     run_dir = tmp_path / "run"
+    # launch in one process (Ray workers importing the plug-in are the sweep's part below)
     done = raysim("launch", str(EXAMPLE / "example.yaml"), "--run-dir", str(run_dir),
-                  "--quiet", site=installed)
+                  "--quiet", "-o", "resources.backend=local", site=installed)
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines[:-1]] == [1, 2, 3, 4, 5]  # the plug-in sink

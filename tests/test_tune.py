@@ -233,7 +233,9 @@ def test_an_interrupted_sweep_resumes_its_trials_from_their_checkpoints(ray_sess
     path = write_sweep(tmp_path, overrides={**TINY, "rounds": 6, "checkpoint.every": 2},
                        search={"train.lr": {"grid": [0.05, 0.1]}}, max_concurrent_trials=1)
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # the sweep's drivers join the tests' Ray (its token is the local one)
+    env = {**os.environ, "RAY_AUTH_MODE": "token",
+           "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     sweep = subprocess.Popen([sys.executable, "-m", "raysim.cli", "tune", str(path), "--out",
                               str(out)], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
