@@ -4,6 +4,7 @@ end-to-end runs on a real local Ray."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -456,6 +457,11 @@ def test_fedhpro_runs_deterministically_and_learns(ray_session, tmp_path, varian
     two, w2 = run(config, tmp_path, 2)
     assert without_timing(one) == without_timing(two)
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    if variant == "official":  # and in one process, without Ray, the same bits
+        local, w0 = run(dataclasses.replace(config, resources=dataclasses.replace(
+            config.resources, backend="local")), tmp_path, 0)
+        assert without_timing(local) == without_timing(one)
+        assert all(torch.equal(w0[k], w1[k]) for k in w1)
     metrics = one[-1].metrics
     assert metrics["clients_failed"] == 0
     assert {"server_hp_match_loss_last", "server_hp_init_cosine",
