@@ -4,6 +4,7 @@ config, W&B runs per trial; and the sweep-file mistakes that stop a sweep before
 from __future__ import annotations
 
 import os
+import pickle
 import struct
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from conftest import metrics_of
 
 from raysim.cli.main import main
 from raysim.config import load_config
+from raysim.results.checkpoint import newest_complete
 from raysim.results.metric_names import check_metric, default_mode
 from raysim.tune.sweep import load_sweep, parse_sweep
 from raysim.tune.trials import run_sweep, trial_bundles
@@ -46,6 +48,22 @@ def wandb_records(path: Path) -> list:
             records.append(record)
             parts = b""
     return records
+
+
+class RunsCode:
+    """Unpickles by running `code`."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def __reduce__(self):
+        return exec, (self.code,)
+
+
+def rows_of(run_dir: Path) -> dict:
+    """A run directory's metrics.parquet as {(round, metric): value}, timings included."""
+    table = pd.read_parquet(run_dir / "metrics.parquet")
+    return {(r, m): v for r, m, v in zip(table["round"], table["metric"], table["value"])}
 
 
 def write_sweep(folder: Path, **fields) -> Path:
@@ -245,15 +263,32 @@ def test_an_interrupted_sweep_resumes_its_trials_from_their_checkpoints(ray_sess
         time.sleep(0.05)
     sweep.send_signal(signal.SIGINT)  # Tune stops the sweep and saves its state
     sweep.communicate(timeout=120)
+    # What each trial had done: a trial that goes on keeps these rows (their timings too)
+    before = {run_dir.name: (newest_complete(run_dir).round, rows_of(run_dir))
+              for run_dir in (out / "trials").iterdir() if newest_complete(run_dir)}
+    assert before
+    # Tune's saved experiment is a pickle; resuming never loads it (this one would leave a file)
+    marker = tmp_path / "unpickled"
+    saved = out / "tune" / "tuner.pkl"
+    assert saved.is_file()
+    saved.write_bytes(pickle.dumps(RunsCode(f"open({str(marker)!r}, 'w').close()")))
     resumed = subprocess.run([sys.executable, "-m", "raysim.cli", "tune", "--resume", str(out)],
                              env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     table = pd.read_parquet(out / "trials.parquet")
     assert len(table) == 2 and (table["status"] == "TERMINATED").all()
-    # the cut-short trial went on from a checkpoint: its reports never start over at round 1
+    # Tune heard every round of every trial once, the ones done before the resume included
     for results in out.glob("tune/*/result.json"):
         rounds = [json.loads(line)["round"] for line in results.read_text().splitlines()]
-        assert rounds.count(1) == 1 and max(rounds) == 6, rounds
+        assert rounds == [1, 2, 3, 4, 5, 6], rounds
+    # a trial that had a checkpoint went on from it: its earlier rounds are the same rows,
+    # timings included (a trial run again would have measured other seconds)
+    for name, (done, rows) in before.items():
+        after = rows_of(out / "trials" / name)
+        checkpointed = {key: value for key, value in rows.items() if key[0] <= done}
+        assert any(key[1] == "round_seconds" for key in checkpointed)
+        assert {key: after[key] for key in checkpointed} == checkpointed
+    assert not marker.exists()
     for run_dir in (out / "trials").iterdir():
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["rounds_completed"] == 6

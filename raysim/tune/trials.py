@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
-import types
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +56,12 @@ class TuneReport(Sink):
             if path.is_dir():
                 checkpoint = tune.Checkpoint.from_directory(str(path))
         tune.report({**self.latest, "round": result.round}, checkpoint=checkpoint)
+
+    def replay(self, done: list) -> None:
+        """The rounds a resumed trial had done, reported again: the resumed sweep's Tune
+        experiment is a new one and has heard none of them."""
+        for result in done:
+            self.log_round(dataclasses.replace(result, checkpoint=None))
 
 
 def trial_bundles(config: Config, driver_cpus: float = 0.0) -> list[dict[str, float]]:
@@ -111,8 +117,10 @@ def trial_config(sweep: Sweep, params: dict[str, Any], cpu_only: bool) -> Config
     return on_cpu(config) if cpu_only else config
 
 
-def run_trial(params: dict[str, Any], *, sweep: Sweep, trials_dir: str, cpu_only: bool) -> None:
-    """One Tune trial: a whole FL run, logged to its own run directory (and W&B run)."""
+def run_trial(params: dict[str, Any], *, sweep: Sweep, trials_dir: str, cpu_only: bool,
+              resumed: bool = False) -> None:
+    """One Tune trial: a whole FL run, logged to its own run directory (and W&B run). In a
+    resumed sweep (`resumed`) a trial goes on from its run directory's newest checkpoint."""
     from ray import tune
 
     from raysim.run import execute, prepare
@@ -123,16 +131,41 @@ def run_trial(params: dict[str, Any], *, sweep: Sweep, trials_dir: str, cpu_only
     config = dataclasses.replace(config, name=name, logging=dataclasses.replace(
         settings, progress=False, wandb=dataclasses.replace(settings.wandb, group=sweep.name)))
     run_dir = Path(trials_dir) / name
+    report = TuneReport()
     restored = tune.get_checkpoint()
-    if restored is not None:  # a restarted or resumed trial goes on from its last checkpoint
+    left_off = trial_left_off(config, run_dir) if resumed and restored is None else None
+    if restored is not None:  # a restarted trial goes on from its last checkpoint
         run = restore_trial(config, run_dir, restored)
         if run is None:
             return
+    elif left_off is not None:
+        run, done = left_off
+        report.replay(done)
+        if run is None:  # it had finished
+            return
     else:
         run = prepare(config, run_dir)
-    sinks: list[Sink] = [RunDirectory(run.run_dir), TuneReport(),
-                         *extra_sinks(config, run.run_dir)]
+    sinks: list[Sink] = [RunDirectory(run.run_dir), report, *extra_sinks(config, run.run_dir)]
     execute(run, sinks)
+
+
+def trial_left_off(config: Config, run_dir: Path) -> tuple[Any, list] | None:
+    """Where a resumed sweep's trial left off, from its run directory alone: the run that goes
+    on from its newest complete checkpoint (None when the trial had finished) and the rounds
+    done before it. None when there is nothing of this trial to go on from: no checkpoint, or
+    one written by another configuration (the trial then starts over)."""
+    from raysim.results.checkpoint import newest_complete, results_hash
+    from raysim.results.records import from_parquet_bytes, results_from_tables
+    from raysim.run import resume_run
+
+    found = newest_complete(run_dir)
+    if found is None or found.meta.get("results_hash") != results_hash(config):
+        return None
+    if found.round >= config.rounds:
+        return None, results_from_tables(from_parquet_bytes(found.read("metrics.parquet")),
+                                         from_parquet_bytes(found.read("failures.parquet")))
+    run = resume_run(config, run_dir)
+    return run, list(run.history)
 
 
 def restore_trial(config: Config, run_dir: Path, checkpoint: Any) -> Any:
@@ -218,26 +251,6 @@ def _describe(params: dict[str, Any]) -> str:
 SWEEP_SOURCE = "sweep_source.json"  # where `raysim tune --resume` finds the sweep file
 
 
-def history_from_results(sweep: Sweep, results: Any) -> Any:
-    """The trials' parameters, reports and status as Tune stored them (a resumed sweep's
-    callback saw only the trials that ran after the resume)."""
-    import pandas as pd
-
-    history = types.SimpleNamespace(params={}, reports={}, status={})
-    for result in results:
-        if not result.path:
-            continue
-        name = Path(result.path).name
-        history.params[name] = {key: (result.config or {}).get(key) for key in sweep.keys}
-        frame = result.metrics_dataframe
-        rows = [] if frame is None or sweep.metric not in frame else \
-            frame[["round", sweep.metric]].to_dict("records")
-        history.reports[name] = [{k: (None if pd.isna(v) else v) for k, v in r.items()}
-                                 for r in rows]
-        history.status[name] = "ERROR" if result.error is not None else "TERMINATED"
-    return history
-
-
 def source_of(sweep_dir: Path) -> Path:
     """The sweep file a sweep directory was started from, for `raysim tune --resume`."""
     record = Path(sweep_dir) / SWEEP_SOURCE
@@ -253,9 +266,10 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, address: str | None = None,
     """Run every trial of `sweep` on the cluster at `address` (default: a local Ray) and write
     the trials table, the best config and the plot into `sweep_dir`. `verbose` is Ray Tune's
     console output (0: one raysim line per trial start and end instead). With `resume`, an
-    interrupted sweep in `sweep_dir` goes on: finished trials stay, unfinished and failed ones
-    continue from their last raysim checkpoint. `plot`: draw the metric against the swept
-    heterogeneity keys."""
+    interrupted sweep in `sweep_dir` goes on from its trials' run directories alone (Tune's
+    saved state is never read): finished trials stay and report their rounds again, unfinished
+    and failed ones continue from their newest raysim checkpoint. `plot`: draw the metric
+    against the swept heterogeneity keys."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -280,7 +294,7 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, address: str | None = None,
     trials_dir.mkdir(parents=True, exist_ok=True)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, sweep=sweep, trials_dir=str(trials_dir),
-                             cpu_only=cpu_only),
+                             cpu_only=cpu_only, resumed=resume),
         resources=lambda params: tune.PlacementGroupFactory(
             trial_bundles(trial_config(sweep, params, cpu_only), sweep.trial_driver_cpus)),
     )
@@ -294,13 +308,10 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, address: str | None = None,
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     history = make_history_callback(sweep, announce=verbose == 0)
     if resume:
-        tuner = tune.Tuner.restore(str(sweep_dir / "tune"), trainable, resume_unfinished=True,
-                                   resume_errored=True)
-        results = tuner.fit()
-        history = history_from_results(sweep, results)
-        table, best_path, plot_path = write_report(sweep, history, results, sweep_dir,
-                                                   trials_dir, plot)
-        return SweepOutcome(sweep_dir, table, results, best_path, plot_path)
+        # Tune's saved experiment is a pickle, and nothing read from disk may run code: it is
+        # never loaded. The sweep starts again with the same draws (its seed gives the same
+        # trial names and parameters), and each trial goes on from its own run directory.
+        shutil.rmtree(sweep_dir / "tune", ignore_errors=True)
     if source is not None:
         (sweep_dir / SWEEP_SOURCE).write_text(json.dumps({"path": str(Path(source).resolve())}))
     tuner = tune.Tuner(
