@@ -93,8 +93,6 @@ def resume_run(config: Config, run_dir: Path) -> Run:
         newest_complete,
         results_hash,
     )
-    from raysim.results.records import from_parquet_bytes, results_from_tables
-
     warnings: list[str] = []
     found = newest_complete(run_dir, warnings, check=check_state_files)
     for warning in warnings:
@@ -118,11 +116,17 @@ def resume_run(config: Config, run_dir: Path) -> Run:
         raise ConfigError(f"rounds: the run is complete up to round {found.round} "
                           f"(rounds={config.rounds}); extend it with -o rounds=N")
     clean_partial(run_dir)
-    history = results_from_tables(from_parquet_bytes(found.read("metrics.parquet")),
-                                  from_parquet_bytes(found.read("failures.parquet")))
     run = prepare(config, run_dir)
-    return dataclasses.replace(run, history=tuple(history),
+    return dataclasses.replace(run, history=tuple(checkpoint_history(found)),
                                restore=restore_from(found, run_dir))
+
+
+def checkpoint_history(found: Any) -> list:
+    """The round results a checkpoint recorded (its metrics and failures tables)."""
+    from raysim.results.records import from_parquet_bytes, results_from_tables
+
+    return results_from_tables(from_parquet_bytes(found.read("metrics.parquet")),
+                               from_parquet_bytes(found.read("failures.parquet")))
 
 
 def default_run_dir(name: str) -> Path:

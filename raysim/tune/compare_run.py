@@ -47,7 +47,6 @@ def run_comparison(comparison: Comparison, out_dir: Path, address: str | None = 
     returns what `write_compare_report` returns. With `resume`, what `out_dir` already holds of
     this comparison is kept (see the module's docstring)."""
     from raysim.results.compare_report import write_compare_report
-    from raysim.tune.trials import run_sweep
 
     out_dir = Path(out_dir).resolve()
     check_directory(comparison, out_dir, resume)
@@ -65,43 +64,60 @@ def run_comparison(comparison: Comparison, out_dir: Path, address: str | None = 
                 print(f"raysim: {comparison.name}: {method.label}: its tuning was cut short; "
                       "tuning it again", flush=True)
                 shutil.rmtree(base)
-            outcome = MethodOutcome(method, tuning_dir=base / "tuning")
-            keys = ", ".join(method.search)
-            print(f"raysim: {comparison.name}: tuning {method.label}: {comparison.trials} "
-                  f"trials over {keys}, ranked by the best {comparison.selection_metric}",
-                  flush=True)
-            started = time.perf_counter()
-            tuning = run_sweep(comparison.tuning_sweep(method), outcome.tuning_dir, address,
-                               verbose, plot=False)
-            outcome.tuning_seconds = time.perf_counter() - started
-            outcome.trials_run = len(tuning.table)
-            rank = f"best_{comparison.selection_metric}"
-            ranked = tuning.table.dropna(subset=[rank]) if len(tuning.table) else tuning.table
-            if ranked.empty:
-                outcome.error = f"no trial reported {comparison.selection_metric}; see " \
-                    f"{outcome.tuning_dir / 'trials.csv'}"
-                print(f"raysim: {comparison.name}: {method.label}: {outcome.error}", flush=True)
-                outcomes.append(outcome)
-                continue
-            outcome.tuned = tuned_values(method, ranked.iloc[0])
+            outcome = tune_method(comparison, method, base, address, verbose)
         else:  # tuned before; its seed runs were cut short
             outcome = dataclasses.replace(stored, seed_runs=[], seeds_seconds=0.0)
             shutil.rmtree(base / "seeds", ignore_errors=True)
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in outcome.tuned.items())
-        print(f"raysim: {comparison.name}: {method.label} tuned: {shown}; rerunning on seeds "
-              f"{', '.join(map(str, comparison.seeds))}", flush=True)
-        started = time.perf_counter()
-        seeds = run_sweep(comparison.seed_sweep(method, outcome.tuned), base / "seeds", address,
-                          verbose, plot=False)
-        outcome.seeds_seconds = time.perf_counter() - started
-        rows = seeds.table
-        if len(rows):
-            rows = rows[rows["status"] != "ERROR"]
-        outcome.seed_runs = sorted((int(row["seed"]), Path(row["run_dir"]))
-                                   for _, row in rows.iterrows())
+        if not outcome.error:
+            rerun_on_seeds(comparison, outcome, base, address, verbose)
         outcomes.append(outcome)
     return write_compare_report(comparison, outcomes, out_dir)
+
+
+def tune_method(comparison: Comparison, method: Method, base: Path, address: str | None,
+                verbose: int) -> MethodOutcome:
+    """The method's tuning sweep under the comparison's budget, and its best trial's values
+    (or, when no trial reported the selection metric, why there are none)."""
+    from raysim.tune.trials import run_sweep
+
+    outcome = MethodOutcome(method, tuning_dir=base / "tuning")
+    print(f"raysim: {comparison.name}: tuning {method.label}: {comparison.trials} trials over "
+          f"{', '.join(method.search)}, ranked by the best {comparison.selection_metric}",
+          flush=True)
+    started = time.perf_counter()
+    tuning = run_sweep(comparison.tuning_sweep(method), outcome.tuning_dir, address, verbose,
+                       plot=False)
+    outcome.tuning_seconds = time.perf_counter() - started
+    outcome.trials_run = len(tuning.table)
+    rank = f"best_{comparison.selection_metric}"
+    ranked = tuning.table.dropna(subset=[rank]) if len(tuning.table) else tuning.table
+    if ranked.empty:
+        outcome.error = (f"no trial reported {comparison.selection_metric}; see "
+                         f"{outcome.tuning_dir / 'trials.csv'}")
+        print(f"raysim: {comparison.name}: {method.label}: {outcome.error}", flush=True)
+    else:
+        outcome.tuned = tuned_values(method, ranked.iloc[0])
+    return outcome
+
+
+def rerun_on_seeds(comparison: Comparison, outcome: MethodOutcome, base: Path,
+                   address: str | None, verbose: int) -> None:
+    """The tuned configuration on every seed of the comparison, recorded in `outcome`."""
+    from raysim.tune.trials import run_sweep
+
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in outcome.tuned.items())
+    print(f"raysim: {comparison.name}: {outcome.method.label} tuned: {shown}; rerunning on "
+          f"seeds {', '.join(map(str, comparison.seeds))}", flush=True)
+    started = time.perf_counter()
+    seeds = run_sweep(comparison.seed_sweep(outcome.method, outcome.tuned), base / "seeds",
+                      address, verbose, plot=False)
+    outcome.seeds_seconds = time.perf_counter() - started
+    rows = seeds.table
+    if len(rows):
+        rows = rows[rows["status"] != "ERROR"]
+    outcome.seed_runs = sorted((int(row["seed"]), Path(row["run_dir"]))
+                               for _, row in rows.iterrows())
 
 
 def comparison_record(comparison: Comparison) -> dict[str, Any]:

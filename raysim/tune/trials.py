@@ -155,15 +155,13 @@ def trial_left_off(config: Config, run_dir: Path) -> tuple[Any, list] | None:
     done before it. None when there is nothing of this trial to go on from: no checkpoint, or
     one written by another configuration (the trial then starts over)."""
     from raysim.results.checkpoint import newest_complete, results_hash
-    from raysim.results.records import from_parquet_bytes, results_from_tables
-    from raysim.run import resume_run
+    from raysim.run import checkpoint_history, resume_run
 
     found = newest_complete(run_dir)
     if found is None or found.meta.get("results_hash") != results_hash(config):
         return None
     if found.round >= config.rounds:
-        return None, results_from_tables(from_parquet_bytes(found.read("metrics.parquet")),
-                                         from_parquet_bytes(found.read("failures.parquet")))
+        return None, checkpoint_history(found)
     run = resume_run(config, run_dir)
     return run, list(run.history)
 
