@@ -40,6 +40,15 @@ def small_config(**overrides):
     return config_from_dict(raw, [f"{k}={v}" for k, v in overrides.items()])
 
 
+def in_one_process(config):
+    """`config` on the local backend, which gives the Ray backend's bits (test_engine checks
+    it): for runs whose point is not Ray, and for the undisturbed runs faults are held to."""
+    import dataclasses
+
+    return dataclasses.replace(config, resources=dataclasses.replace(config.resources,
+                                                                     backend="local"))
+
+
 TIMING = {"round_seconds", "samples_per_second"}  # the only metrics that differ between runs
 
 

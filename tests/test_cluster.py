@@ -152,26 +152,12 @@ def test_one_run_places_workers_on_both_nodes(cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_quarter_gpus_pack_four_workers_on_one_logical_gpu(cluster, tmp_path):
-    result = raysim(
-        "launch", "yaml/quickstart.yaml", "--address", cluster.address, "--run-dir",
-        str(tmp_path / "run"), *TINY, "-o", "rounds=1", "-o", "resources.num_workers=4",
-        "-o", "resources.worker.num_cpus=0", "-o", "resources.worker.num_gpus=0.25",
-        env=cluster.env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    workers = json.loads((tmp_path / "run" / "summary.json").read_text())["workers"]
-    assert len(workers) == 4 and len({w["pid"] for w in workers}) == 4  # all alive at once
-    assert all(w["gpu_ids"] == ["0"] for w in workers)  # each holds a quarter of GPU 0
-    assert all(w["device"] == "cpu" for w in workers)  # no CUDA here: torch falls back
-    warnings = [line for line in result.stderr.splitlines() if "raysim: warning" in line]
-    assert len(warnings) == 1 and "sees no CUDA device" in warnings[0], warnings  # not shrunk
-
-
-@pytest.mark.slow
-def test_submitted_job_succeeds_and_its_logs_hold_the_final_line(cluster, tmp_path):
+def test_a_submitted_job_packs_quarter_gpus_and_its_logs_hold_the_final_line(cluster, tmp_path):
     run_dir = tmp_path / "job-run"
-    submitted = raysim("submit", "yaml/quickstart.yaml", *TINY[:-1], "--run-dir", str(run_dir),
-                       "--address", cluster.jobs, env=cluster.env)
+    quarter_gpus = ["-o", "resources.num_workers=4", "-o", "resources.worker.num_cpus=0",
+                    "-o", "resources.worker.num_gpus=0.25"]
+    submitted = raysim("submit", "yaml/quickstart.yaml", *TINY[:-1], *quarter_gpus,
+                       "--run-dir", str(run_dir), "--address", cluster.jobs, env=cluster.env)
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     job = re.search(r"submitted job (\S+)", submitted.stdout).group(1)
 
@@ -182,7 +168,14 @@ def test_submitted_job_succeeds_and_its_logs_hold_the_final_line(cluster, tmp_pa
     logs = raysim("logs", job, "--address", cluster.jobs, env=cluster.env).stdout
     assert "round 2/2" in logs
     assert logs.strip().splitlines()[-1].startswith(f"raysim: results in {run_dir}")
-    assert json.loads((run_dir / "summary.json").read_text())["rounds_completed"] == 2
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2
+    workers = summary["workers"]
+    assert len(workers) == 4 and len({w["pid"] for w in workers}) == 4  # all alive at once
+    assert all(w["gpu_ids"] == ["0"] for w in workers)  # each holds a quarter of GPU 0
+    assert all(w["device"] == "cpu" for w in workers)  # no CUDA here: torch falls back
+    warnings = [line for line in logs.splitlines() if "raysim: warning" in line]
+    assert len(warnings) == 1 and "sees no CUDA device" in warnings[0], warnings  # not shrunk
 
 
 @pytest.mark.slow

@@ -4,13 +4,12 @@ end-to-end runs on a real local Ray."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import small_config
+from conftest import in_one_process, small_config
 from torch import Tensor, nn
 
 from algorithms.fedhpro import (
@@ -453,15 +452,12 @@ def test_fedhpro_runs_deterministically_and_learns(ray_session, tmp_path, varian
     # re-trained on the meta features stays at chance for many rounds (as the code's round 1).
     config = small_config(**{"algorithm.name": "fedhpro", "algorithm.variant": variant,
                              "rounds": 4, "algorithm.hp_steps": 5})
-    one, w1 = run(config, tmp_path, 1)
-    two, w2 = run(config, tmp_path, 2)
-    assert without_timing(one) == without_timing(two)
-    assert all(torch.equal(w1[k], w2[k]) for k in w1)
-    if variant == "official":  # and in one process, without Ray, the same bits
-        local, w0 = run(dataclasses.replace(config, resources=dataclasses.replace(
-            config.resources, backend="local")), tmp_path, 0)
-        assert without_timing(local) == without_timing(one)
-        assert all(torch.equal(w0[k], w1[k]) for k in w1)
+    one, w1 = run(in_one_process(config), tmp_path, 0)
+    if variant == "official":  # one or two Ray workers give the bits of one process
+        for num_workers in (1, 2):
+            on_ray, weights = run(config, tmp_path, num_workers)
+            assert without_timing(on_ray) == without_timing(one)
+            assert all(torch.equal(weights[k], w1[k]) for k in w1)
     metrics = one[-1].metrics
     assert metrics["clients_failed"] == 0
     assert {"server_hp_match_loss_last", "server_hp_init_cosine",

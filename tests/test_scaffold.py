@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_rounds, small_config
+from conftest import in_one_process, run_rounds, small_config
 from test_fedhpro import LinearHead, identity_data
 
 from algorithms.scaffold import SCAFFOLD, ControlState, ControlUpdate
@@ -89,7 +89,8 @@ def test_server_moves_weights_by_eta_g_and_control_by_the_sampled_share(global_l
 @pytest.mark.slow
 def test_scaffold_runs_deterministically_and_keeps_control_variates(ray_session, tmp_path):
     config = small_config(**{"algorithm.name": "scaffold", "rounds": 4, "train.local_epochs": 2})
-    one, w1, states = run_rounds(config, tmp_path, num_workers=1)
+    # in one process, and on two Ray workers: the same weights
+    one, w1, states = run_rounds(in_one_process(config), tmp_path / "local")
     two, w2, _ = run_rounds(config, tmp_path, num_workers=2)
     assert [r.metrics for r in one][-1]["clients_failed"] == 0
     assert all(torch.equal(w1[k], w2[k]) for k in w1)

@@ -19,11 +19,11 @@ def test_online_without_credentials_falls_back_to_offline(monkeypatch, tmp_path)
 
 
 @pytest.mark.slow
-def test_offline_run_records_the_round_metrics(ray_session, tmp_path, monkeypatch):
+def test_offline_run_records_the_round_metrics(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     run_dir = tmp_path / "run"
     code = main(["launch", "yaml/quickstart.yaml", "--run-dir", str(run_dir), "--quiet",
-                 "-o", "rounds=2", "-o", "train.local_epochs=1",
+                 "-o", "rounds=2", "-o", "train.local_epochs=1", "-o", "resources.backend=local",
                  "-o", "logging.wandb.mode=offline", "-o", "logging.wandb.tags=[ci]"])
     assert code == 0
     (record,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
@@ -33,11 +33,11 @@ def test_offline_run_records_the_round_metrics(ray_session, tmp_path, monkeypatc
 
 
 @pytest.mark.slow
-def test_a_resumed_run_continues_its_wandb_run(ray_session, tmp_path, monkeypatch):
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     run_dir = tmp_path / "run"
     assert main(["launch", "yaml/quickstart.yaml", "--run-dir", str(run_dir), "--quiet",
-                 "-o", "rounds=2", "-o", "train.local_epochs=1",
+                 "-o", "rounds=2", "-o", "train.local_epochs=1", "-o", "resources.backend=local",
                  "-o", "logging.wandb.mode=offline"]) == 0
     assert main(["resume", str(run_dir), "--quiet", "-o", "rounds=3"]) == 0
     run_id = (run_dir / "wandb_run_id").read_text()
