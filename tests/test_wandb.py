@@ -42,6 +42,8 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     assert main(["resume", str(run_dir), "--quiet", "-o", "rounds=3"]) == 0
     run_id = (run_dir / "wandb_run_id").read_text()
     runs = sorted(run_dir.glob("wandb/offline-run-*"))
-    assert len(runs) == 2 and all(path.name.endswith(f"-{run_id}") for path in runs)
-    (resumed,) = runs[1].glob("run-*.wandb")
+    # W&B names a run's folder by the second it started and appends "-1" when two start in
+    # the same second, so the run id is read from the record file inside each folder.
+    assert len(runs) == 2 and all((path / f"run-{run_id}.wandb").is_file() for path in runs)
+    resumed = runs[1] / f"run-{run_id}.wandb"
     assert b"test_accuracy" in resumed.read_bytes()
