@@ -4,6 +4,8 @@ other (`raysim compare`), then one table with a column per setting.
     .venv/bin/python benchmarks/comparisons.py                       # the digits comparisons
     .venv/bin/python benchmarks/comparisons.py --settings synthetic_organ synthetic_nuclei
     .venv/bin/python benchmarks/comparisons.py --trials 4            # a smaller budget
+    .venv/bin/python benchmarks/comparisons.py --draws tune          # Tune's draws, as the
+                                                                     # README's tables were run
     .venv/bin/python benchmarks/comparisons.py --table DIR [DIR ...] # re-read finished ones
 
 Each comparison's directory goes under benchmarks/results/compare/<setting>/.
@@ -23,12 +25,14 @@ RESULTS = Path(__file__).parent / "results" / "compare"
 SETTINGS = ["digits_a0.5", "digits_a0.1", "digits_domains", "digits_fedhpro_clients"]
 
 
-def run(setting: str, trials: int | None) -> Path:
+def run(setting: str, trials: int | None, draws: str | None) -> Path:
     out = RESULTS / setting
     command = [sys.executable, "-m", "raysim.cli", "compare",
                str(ROOT / "yaml" / "compare" / f"{setting}.yaml"), "--out", str(out)]
     if trials is not None:
         command += ["-o", f"budget.trials={trials}"]
+    if draws is not None:
+        command += ["-o", f"budget.draws={draws}"]
     subprocess.run(command, check=True)
     return out
 
@@ -55,10 +59,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=SETTINGS)
     parser.add_argument("--trials", type=int, help="trials per method instead of the file's")
+    parser.add_argument("--draws", choices=["per_key", "tune"],
+                        help="how trials draw their values instead of the file's")
     parser.add_argument("--table", nargs="+", type=Path, metavar="DIR",
                         help="print the table of finished comparison directories")
     args = parser.parse_args()
-    dirs = args.table or [run(setting, args.trials) for setting in args.settings]
+    dirs = args.table or [run(setting, args.trials, args.draws) for setting in args.settings]
     print(combined_table(dirs))
 
 

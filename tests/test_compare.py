@@ -4,6 +4,7 @@ run directories it points to."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -77,6 +78,27 @@ def test_ready_comparisons_are_valid(path):
     assert len(comparison.seeds) >= 3 and comparison.trials >= 4
 
 
+def test_every_method_draws_the_same_learning_rates_and_its_own_keys_independently():
+    comparison = load_comparison(COMPARE / "synthetic_nuclei.yaml")
+    points = {m.label: comparison.tuning_sweep(m).drawn_points() for m in comparison.methods}
+    assert all(len(p) == comparison.trials for p in points.values())
+    lrs = {label: [p["train.lr"] for p in drawn] for label, drawn in points.items()}
+    assert len({tuple(v) for v in lrs.values()}) == 1 and len(set(lrs["fedavg"])) == 8
+    low, high = comparison.methods[0].search["train.lr"]["loguniform"]
+    assert all(low <= lr <= high for lr in lrs["fedavg"])
+    # a key of one name draws within each method's own range and kind
+    taus = {label: [p["algorithm.tau"] for p in points[label]] for label in ("moon", "fpl")}
+    assert taus["moon"] != taus["fpl"] and set(taus["moon"]) <= {0.1, 0.5, 1.0}
+    # more trials append to the draws; another comparison seed draws others
+    fedavg = comparison.tuning_sweep(comparison.methods[0])
+    more = dataclasses.replace(fedavg, num_samples=12).drawn_points()
+    assert more[:8] == points["fedavg"]
+    assert dataclasses.replace(fedavg, seed=1).drawn_points() != points["fedavg"]
+    # draws: tune leaves drawing to Tune's one generator, as `raysim tune` does by default
+    tune_drawn = dataclasses.replace(comparison, draws="tune")
+    assert tune_drawn.tuning_sweep(comparison.methods[0]).drawn_points() == []
+
+
 def test_search_overrides_replace_ranges_for_the_methods_that_have_the_key(tmp_path):
     path = write_comparison(tmp_path, methods=["fedavg", "fedprox", "fedproto"],
                             search_overrides={"train.lr": {"loguniform": [1e-4, 1e-2]},
@@ -113,6 +135,8 @@ def test_comparison_mistakes_are_one_line_before_ray(tmp_path, capsys):
     assert "methods that do: fedavg, fedhpro, fedproto" in error
     assert "budget.trials: must be an integer >= 1" in compare_error(
         path, capsys, "budget.trials=0")
+    assert "budget.draws: must be one of tune, per_key (got 'paired')" in compare_error(
+        path, capsys, "budget.draws=paired")
     assert "seeds: missing; list the seeds" in compare_error(path, capsys, "seeds=[]")
     assert "seeds: a seed is listed twice" in compare_error(path, capsys, "seeds=[1,1]")
     assert "setting: it has no validation split" in compare_error(
@@ -194,6 +218,7 @@ def test_ready_digits_comparison_end_to_end(ray_session, tmp_path, capsys):
     assert sorted(zip(results["method"], results["seed"])) == \
         [("fedavg", 0), ("fedavg", 1), ("fedproto", 0), ("fedproto", 1)]
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["draws"] == "per_key"
     curves = pd.read_parquet(out / "compare.parquet")
     for _, row in results.iterrows():
         # the reported test value is the test metric at the round of the best validation value
@@ -203,6 +228,8 @@ def test_ready_digits_comparison_end_to_end(ray_session, tmp_path, capsys):
         assert row["round"] == val.idxmax() and row["test_accuracy"] == test[val.idxmax()]
         mine = curves[(curves["method"] == row["method"]) & (curves["seed"] == row["seed"])]
         assert list(mine[mine["metric"] == "test_accuracy"]["value"]) == list(test)
+    file = load_comparison(COMPARE / "digits_a0.5.yaml")
+    shared_lr = [p["train.lr"] for p in file.tuning_sweep(file.methods[0]).drawn_points()]
     for label, method in summary["methods"].items():
         values = results[results["method"] == label]["test_accuracy"]
         assert method["test_accuracy_mean"] == pytest.approx(statistics.fmean(values))
@@ -210,6 +237,8 @@ def test_ready_digits_comparison_end_to_end(ray_session, tmp_path, capsys):
         # the tuned values are those of the tuning trial with the best validation round
         trials = pd.read_csv(out / "methods" / label / "tuning" / "trials.csv")
         assert len(trials) == 2 == method["trials"]
+        # Tune ran the drawn learning rates, the same two for both methods (draws: per_key)
+        assert list(trials.sort_values("trial")["train.lr"]) == shared_lr[:2]
         best = trials.loc[trials["best_val_accuracy"].idxmax()]
         assert method["tuned"]["train.lr"] == best["train.lr"]
         config = load_config(out / "best" / f"{label}.yaml")

@@ -157,6 +157,25 @@ def test_empty_search_space(tmp_path, capsys):
     assert "search: empty search space" in tune_error(write_sweep(tmp_path, search={}), capsys)
 
 
+def test_per_key_draws_give_each_key_its_own_values_and_grids_still_multiply_them(
+        tmp_path, capsys):
+    search = {"train.lr": {"loguniform": [0.001, 0.1]}, "train.momentum": {"uniform": [0, 0.9]},
+              "data.partition.alpha": {"grid": [0.1, 1.0]}}
+    sweep = load_sweep(write_sweep(tmp_path, search=search, num_samples=3, seed=7,
+                                   draws="per_key"))
+    points = sweep.drawn_points()
+    assert [sorted(p) for p in points] == [["train.lr", "train.momentum"]] * 3
+    alone = load_sweep(write_sweep(tmp_path, search={"train.lr": search["train.lr"]},
+                                   num_samples=3, seed=7, draws="per_key"))
+    assert [p["train.lr"] for p in alone.drawn_points()] == [p["train.lr"] for p in points]
+    assert len({p["train.momentum"] for p in points}) == 3
+    assert all(0.001 <= p["train.lr"] <= 0.1 and 0 <= p["train.momentum"] <= 0.9
+               for p in points)
+    assert load_sweep(write_sweep(tmp_path, search=search, seed=7)).drawn_points() == []
+    assert "draws: must be one of tune, per_key (got 'paired')" in tune_error(
+        write_sweep(tmp_path, search=search, draws="paired"), capsys)
+
+
 def test_metric_that_no_algorithm_reports(tmp_path, capsys):
     path = write_sweep(tmp_path, search={"train.lr": {"grid": [0.01]}}, metric="test_acuracy")
     error = tune_error(path, capsys)

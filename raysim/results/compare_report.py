@@ -91,6 +91,7 @@ def write_compare_report(comparison: Any, outcomes: list, out_dir: Path) -> Comp
     summary = {
         "name": comparison.name, "task": comparison.task, "selected_by": selection,
         "reported": test, "trials_per_method": comparison.trials,
+        "draws": comparison.draws,
         "scheduler": vars(comparison.scheduler), "seeds": list(comparison.seeds),
         "methods": methods,
         "wall_seconds": sum(m["tuning_seconds"] + m["seeds_seconds"] for m in methods.values()),

@@ -13,6 +13,7 @@ methods:                                      # a registered name, or a labelled
 budget:
   trials: 8                                   # per method: random draws from its search space
   scheduler: {name: asha, grace_period: 5, reduction_factor: 2}   # over rounds, on validation
+  draws: per_key                              # every method tries the same learning rates
 search_overrides: {train.lr: {loguniform: [1.0e-4, 1.0e-2]}}     # e.g. Adam settings
 seeds: [0, 1, 2]                              # the best configuration is rerun on each
 ```
@@ -20,7 +21,10 @@ seeds: [0, 1, 2]                              # the best configuration is rerun 
 Each method's search space is the one it declares (`Algorithm.search_space`), so every method
 gets the same number of trials over its own hyperparameters and the shared learning rate. Trials
 are ranked by the best validation value of the task's headline metric (`val_accuracy`,
-`val_dice`); the test split chooses nothing.
+`val_dice`); the test split chooses nothing. With `draws: per_key` (the default) each searched
+key draws from a generator of its own, so trial k of every method tries the same learning rate
+and a ranking does not hang on which method drew the lucky one; `draws: tune` lets Tune draw a
+trial's keys in turn from one generator, which gives each method other learning rates.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from raysim.config import (
     set_dotted,
 )
 from raysim.tune.sweep import (
+    DRAWS,
     Scheduler,
     Sweep,
     absolute_data_root,
@@ -49,7 +54,7 @@ from raysim.tune.sweep import (
 
 COMPARE_KEYS = ("name", "setting", "overrides", "methods", "budget", "search_overrides",
                 "seeds", "max_concurrent_trials", "trial_driver_cpus", "max_failures", "seed")
-BUDGET_KEYS = ("trials", "scheduler")
+BUDGET_KEYS = ("trials", "scheduler", "draws")
 METHOD_KEYS = ("label", "algorithm", "search")
 HEADLINE = {"classification": "accuracy", "segmentation": "dice"}  # higher is better
 FLAT_SECTIONS = ("overrides.", "search_overrides.")  # mappings keyed by dotted config keys
@@ -82,6 +87,7 @@ class Comparison:
     trial_driver_cpus: float = 0.0
     max_failures: int = 2
     seed: int = 0  # seeds the draws of every method's trials
+    draws: str = "per_key"  # per_key | tune (see `Sweep.draws`)
 
     @property
     def headline(self) -> str:
@@ -110,7 +116,7 @@ class Comparison:
             rank_by="best", scheduler=self.scheduler, num_samples=self.trials,
             max_concurrent_trials=self.max_concurrent_trials,
             trial_driver_cpus=self.trial_driver_cpus, max_failures=self.max_failures,
-            seed=self.seed)
+            seed=self.seed, draws=self.draws)
 
     def seed_sweep(self, method: Method, tuned: dict[str, Any]) -> Sweep:
         """The tuned configuration run once on every seed, to the last round."""
@@ -205,6 +211,10 @@ def parse_comparison(raw: dict, folder: Path, default_name: str = "compare") -> 
         scheduler = parse_scheduler(budget.get("scheduler"))
     except ConfigError as error:
         raise ConfigError(f"budget.{error}") from None
+    draws = budget.get("draws", "per_key")
+    require(draws in DRAWS, "budget.draws",
+            f"must be one of {', '.join(DRAWS)} (got {draws!r}); per_key gives every method the "
+            "same learning rates")
     seeds = raw.get("seeds")
     require(isinstance(seeds, list) and bool(seeds)
             and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds),
@@ -225,7 +235,7 @@ def parse_comparison(raw: dict, folder: Path, default_name: str = "compare") -> 
         name=str(raw.get("name", default_name)), base=base, methods=methods, trials=trials,
         scheduler=scheduler, seeds=tuple(seeds), task=task, max_concurrent_trials=concurrency,
         trial_driver_cpus=float(raw.get("trial_driver_cpus", 0.0)),
-        max_failures=int(raw.get("max_failures", 2)), seed=seed)
+        max_failures=int(raw.get("max_failures", 2)), seed=seed, draws=draws)
 
 
 def _parse_methods(raw: Any, task: str, shared: dict) -> tuple[Method, ...]:

@@ -21,9 +21,12 @@ from __future__ import annotations
 import difflib
 import itertools
 import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from raysim.config import (
     Config,
@@ -41,8 +44,9 @@ from raysim.results.metric_names import check_metric, default_mode
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 SWEEP_KEYS = ("name", "experiment", "overrides", "search", "algorithm_params", "metric", "mode",
               "rank_by", "scheduler", "num_samples", "max_concurrent_trials", "trial_driver_cpus",
-              "max_failures",
-              "seed")
+              "max_failures", "seed", "draws")
+SAMPLED_KINDS = ("choice", "uniform", "loguniform", "randint")
+DRAWS = ("tune", "per_key")
 SCHEDULER_KEYS = ("name", "grace_period", "reduction_factor")
 MAX_VALIDATION_POINTS = 4096  # beyond this, each key's values are checked one key at a time
 
@@ -71,6 +75,22 @@ class SearchDimension:
             return tune.choice(list(self.values))
         return getattr(tune, self.kind)(*self.values)
 
+    def draw(self, count: int, seed: int) -> list[Any]:
+        """`count` values of a sampled key from a generator of its own, seeded by (seed, key):
+        the same key and range give the same values in any sweep, whatever else it searches,
+        and more trials only append to them."""
+        rng = np.random.default_rng([seed % 2**32, zlib.crc32(self.key.encode())])
+        if self.kind == "choice":
+            return [self.values[i] for i in rng.integers(len(self.values), size=count)]
+        if self.kind == "randint":
+            return [int(v) for v in rng.integers(self.values[0], self.values[1], size=count)]
+        low, high = self.values
+        if self.kind == "loguniform":
+            values = np.exp(rng.uniform(np.log(low), np.log(high), size=count))
+        else:
+            values = rng.uniform(low, high, size=count)
+        return [float(v) for v in np.clip(values, low, high)]  # exp(log(high)) may round above
+
 
 @dataclass(frozen=True)
 class Scheduler:
@@ -94,6 +114,10 @@ class Sweep:
     trial_driver_cpus: float = 0.0
     max_failures: int = 2  # a failed trial (lost node, dead driver) restarts from its checkpoint
     seed: int | None = None  # seeds the sampling of uniform/loguniform/randint/choice keys
+    # tune: Tune's generator draws every sampled key of a trial in turn; per_key: each key
+    # draws from its own generator (`SearchDimension.draw`), so sweeps that share a key and
+    # its range try the same values of it (a comparison's methods, the same learning rates)
+    draws: str = "tune"
 
     @property
     def keys(self) -> list[str]:
@@ -117,6 +141,16 @@ class Sweep:
         for key, value in params.items():
             set_dotted(raw, key, value)
         return raw
+
+    def drawn_points(self) -> list[dict[str, Any]]:
+        """With `draws: per_key`, the sampled keys' values of each of the `num_samples` trials
+        (grid keys still multiply them); empty when Tune draws."""
+        sampled = [dim for dim in self.search if dim.kind in SAMPLED_KINDS]
+        if self.draws != "per_key" or not sampled:
+            return []
+        columns = {dim.key: dim.draw(self.num_samples, self.seed or 0) for dim in sampled}
+        return [{key: values[i] for key, values in columns.items()}
+                for i in range(self.num_samples)]
 
     def validation_points(self) -> list[dict[str, Any]]:
         """Every grid point with every bound of the sampled keys; one key at a time when the
@@ -202,12 +236,14 @@ def parse_sweep(raw: Any, folder: Path, default_name: str = "sweep") -> Sweep:
              f"must be a number >= 0 (got {driver_cpus!r})")
     seed = raw.get("seed")
     require(seed is None or isinstance(seed, int), "seed", f"must be an integer (got {seed!r})")
+    draws = raw.get("draws", "tune")
+    require(draws in DRAWS, "draws", f"must be one of {', '.join(DRAWS)} (got {draws!r})")
     return Sweep(
         name=str(raw.get("name", default_name)), base=base, search=search, metric=metric,
         mode=mode, rank_by=rank_by, algorithm_params=_parse_algorithm_params(raw),
         scheduler=parse_scheduler(raw.get("scheduler")), num_samples=num_samples,
         max_concurrent_trials=concurrency, trial_driver_cpus=float(driver_cpus), seed=seed,
-        max_failures=max_failures,
+        max_failures=max_failures, draws=draws,
     )
 
 

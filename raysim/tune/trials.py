@@ -321,6 +321,7 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, address: str | None = None,
             # The generator itself limits concurrency (Tune ignores max_concurrent_trials
             # when it is given a generator).
             search_alg=BasicVariantGenerator(random_state=sweep.seed,
+                                             points_to_evaluate=sweep.drawn_points(),
                                              max_concurrent=sweep.max_concurrent_trials or 0),
             trial_name_creator=trial_namer(sweep), trial_dirname_creator=trial_namer(sweep),
         ),
