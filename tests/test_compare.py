@@ -167,6 +167,7 @@ def test_resume_refuses_what_the_directory_was_not_run_with(tmp_path, capsys):
     assert "was run with other base, name; resume it" in resume_error(
         "overrides.rounds=3", "name=other")
     assert "was run with other trials; resume it" in resume_error("budget.trials=3")
+    assert "was run with other draws; resume it" in resume_error("budget.draws=tune")
     assert "method fedavg differs from the one" in resume_error(
         "methods=[{label: fedavg, algorithm: {name: fedprox}}]")
     check_directory(load_comparison(path, ["methods=[fedavg,fedproto]"]), out, resume=True)
