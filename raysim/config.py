@@ -1,21 +1,32 @@
-"""Experiment configuration: YAML → typed, validated dataclasses, with dotted overrides.
+"""Experiment configuration: YAML → typed, frozen dataclasses, with dotted overrides.
 
-Every key a user can write is a dataclass field below, with its default. Parsing rejects unknown
-keys (suggesting the nearest valid one), wrong types and out-of-range values with a
-`ConfigError` naming the dotted key, before any Ray work starts. The algorithm's own
-hyperparameters (`algorithm: {name: fedprox, mu: 0.01}`) are validated against that algorithm's
-`Config` dataclass, so defaults live in exactly one place: the algorithm file.
+This module holds the core sections (run keys, `data`, `model`, `train`, `resources`, ...), the
+parser, YAML reading and overrides. It imports no plug-in: a section that names a plug-in
+(`data.dataset`, `data.partition.kind`, `model.name`, `algorithm.name`, each of
+`logging.sinks`) takes that plug-in's own keys beside its core ones, and the parser asks a
+resolver for the plug-in's `Config` dataclass to parse them with:
+
+    algorithm: {name: fedprox, mu: 0.01}            # mu: FedProx.Config
+    data: {dataset: synthetic_organ, sites: 6,      # sites: the dataset's Config
+           partition: {kind: dirichlet, alpha: 0.1, num_clients: 50}}   # alpha: dirichlet's
+
+So defaults live in exactly one place, the plug-in. Parsing rejects unknown keys (suggesting the
+nearest valid one), wrong types and out-of-range values with a `ConfigError` naming the dotted
+key. Checks that span plug-ins (a model of the wrong task, a method on a task it does not run)
+are `raysim.run.validate`'s, which also holds `load_config`: the one way to a validated config.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -25,55 +36,59 @@ class ConfigError(ValueError):
 
 
 def require(condition: bool, key: str, message: str) -> None:
-    """Range checks in config dataclasses (algorithms' included) raise through this."""
+    """Range checks in config dataclasses (plug-ins' included) raise through this."""
     if not condition:
         raise ConfigError(f"{key}: {message}")
 
 
-def lookup(registry: Any, name: str, key: str) -> Any:
-    """`registry[name]` (a plug-in registry of `raysim.registry`), or a ConfigError at `key`
-    saying why not (unknown, with the known names; failed import; missing contract)."""
-    from raysim.registry import RegistryError
+# The kinds of plug-in a section can name (`raysim.registry` keeps one registry per kind).
+ALGORITHM, DATASET, PARTITIONER, MODEL, SINK = (
+    "algorithm", "dataset", "partition kind", "model", "sink")
 
-    try:
-        return registry[name]
-    except RegistryError as error:
-        raise ConfigError(f"{key}: {error}") from None
+# (kind, name) → the plug-in's Config dataclass (None: it declares none), or a KeyError whose
+# first argument says why there is no such plug-in (`raysim.registry.resolve_config`).
+Resolver = Callable[[str, str], type | None]
 
-
-# How the `domains` partition splits one domain's samples among that domain's clients.
-WITHIN_DOMAIN_KINDS: tuple[str, ...] = ("iid", "dirichlet")
+_PLUGIN = "raysim.plugin"
 
 
-@dataclass
+def plugin_params(kind: str, by: str) -> Any:
+    """A section's field holding the `Config` instance of the plug-in of `kind` that the
+    section's field `by` names; the section's keys that are not its own belong to it."""
+    return field(default=None, metadata={_PLUGIN: (kind, by)})
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """The Config of a plug-in that declares no keys of its own."""
+
+
+def config_class(plugin: Any) -> type:
+    """The dataclass of a plug-in's own keys (`NoParams` where it declares none)."""
+    return getattr(plugin, "Config", None) or NoParams
+
+
+# Spellings that moved: the old section → where its keys are now.
+MOVED = {"data.synthetic": "data", "data.synthetic_fedprox": "data"}
+
+
+# --------------------------------------------------------------------------- core sections
+
+
+@dataclass(frozen=True)
 class PartitionConfig:
-    """How the training split is divided among clients (see `raysim.data.partition`)."""
+    """How the training split is divided among clients: `kind` picks a registered
+    partitioner (`raysim.data.partitioners`), whose own keys (alpha, ...) sit beside it."""
 
     kind: str = "dirichlet"
+    params: Any = plugin_params(PARTITIONER, "kind")
     num_clients: int = 50
-    alpha: float = 0.5  # Dirichlet concentration: over labels (dirichlet*), over sizes (quantity)
-    classes_per_client: int = 2  # shards: exactly k classes per client
-    min_size: int = 2  # dirichlet / quantity: redraw until every client holds this many samples
-    within: str = "iid"  # domains: how each domain's samples are split among its clients
-    path: str | None = None  # file: a Parquet table client → sample (raysim.data.partition_file)
-    overlap: bool = False  # file: clients may share samples
 
     def __post_init__(self) -> None:
-        from raysim.registry import PARTITIONERS
-
-        lookup(PARTITIONERS, self.kind, "kind")
-        require(self.kind != "file" or self.path is not None, "path",
-                "kind 'file' reads a partition file: set data.partition.path (write one with "
-                "`raysim partition CONFIG --out FILE`)")
         require(self.num_clients >= 1, "num_clients", "must be >= 1")
-        require(self.alpha > 0, "alpha", f"must be > 0 (got {self.alpha})")
-        require(self.classes_per_client >= 1, "classes_per_client", "must be >= 1")
-        require(self.min_size >= 1, "min_size", "must be >= 1")
-        require(self.within in WITHIN_DOMAIN_KINDS, "within",
-                f"choose one of {', '.join(WITHIN_DOMAIN_KINDS)}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LongTailConfig:
     """Global long tail applied before partitioning: class c keeps n_max·ρ^(−c/(C−1))."""
 
@@ -83,155 +98,43 @@ class LongTailConfig:
         require(self.rho >= 1, "rho", f"imbalance ratio must be >= 1 (got {self.rho})")
 
 
-@dataclass
-class SyntheticConfig:
-    """Size of the offline multi-site segmentation sets (synthetic_organ, synthetic_nuclei)."""
-
-    sites: int = 4
-    train_per_site: int = 48
-    val_per_site: int = 12
-    test_per_site: int = 24
-    image_size: int = 64  # square; a multiple of 16 so a 4-level U-Net divides it evenly
-
-    def __post_init__(self) -> None:
-        require(self.sites >= 1, "sites", "must be >= 1")
-        require(self.train_per_site >= 1, "train_per_site", "must be >= 1")
-        require(self.val_per_site >= 1, "val_per_site", "must be >= 1")
-        require(self.test_per_site >= 1, "test_per_site", "must be >= 1")
-        require(self.image_size >= 32 and self.image_size % 16 == 0, "image_size",
-                f"must be a multiple of 16 and >= 32 (got {self.image_size})")
-
-
-@dataclass
-class FedProxSyntheticConfig:
-    """synthetic_fedprox: Synthetic(α, β) of the FedProx paper, any number of clients, each
-    generated from (seed, client id) when it is sampled (raysim.data.synthetic_fedprox)."""
-
-    alpha: float = 1.0  # spread of the clients' labelling models (std of u_k)
-    beta: float = 1.0  # spread of the clients' input means (std of B_k)
-    iid: bool = False  # the paper's IID variant: one shared model, zero input means
-    seed: int = 0  # the dataset's own seed: the same clients for every run seed
-    size_mu: float = 4.0  # client sizes: ⌊LogNormal(size_mu, size_sigma)⌋ + size_min
-    size_sigma: float = 2.0
-    size_min: int = 50
-    test_clients: int = 100  # the test set: held-out samples of this many clients
-    test_per_client: int = 100
-
-    def __post_init__(self) -> None:
-        require(self.alpha >= 0, "alpha", f"must be >= 0 (got {self.alpha})")
-        require(self.beta >= 0, "beta", f"must be >= 0 (got {self.beta})")
-        require(self.size_sigma >= 0, "size_sigma", f"must be >= 0 (got {self.size_sigma})")
-        require(self.size_min >= 1, "size_min", "must be >= 1")
-        require(self.test_clients >= 1, "test_clients", "must be >= 1")
-        require(self.test_per_client >= 1, "test_per_client", "must be >= 1")
-
-
-@dataclass
-class DomainSource:
-    """One domain of `data.dataset: domains`: a single-domain dataset read from its own root,
-    optionally subsampled (a seeded draw of its train / test split)."""
-
-    name: str = ""
-    dataset: str = ""
-    root: str | None = None
-    download: bool = False
-    train_size: int | None = None
-    test_size: int | None = None
-
-    def __post_init__(self) -> None:
-        from raysim.registry import DATASETS
-
-        require(bool(self.name), "name", "every domain needs a name (its metrics' suffix)")
-        lookup(DATASETS, self.dataset, "dataset")
-        require(self.dataset != "domains", "dataset", "a domain cannot be a `domains` dataset")
-        require(DATASETS[self.dataset].task == "classification", "dataset",
-                f"{self.dataset} is not a classification dataset")
-        for key in ("train_size", "test_size"):
-            value = getattr(self, key)
-            require(value is None or value >= 1, key, f"must be >= 1 (got {value})")
-
-
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
+    """`dataset` picks a registered dataset; its own keys (sizes, image_size, ...) sit beside
+    the core ones below."""
+
     dataset: str = "digits"
+    params: Any = plugin_params(DATASET, "dataset")
     root: str | None = None  # folder holding the dataset files (not needed for digits)
     download: bool = False  # let torchvision fetch a missing dataset into root
     test_fraction: float = 0.25  # held-out share, for datasets without an official test split
-    partition: PartitionConfig = field(default_factory=PartitionConfig)
-    long_tail: LongTailConfig = field(default_factory=LongTailConfig)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    synthetic_fedprox: FedProxSyntheticConfig = field(default_factory=FedProxSyntheticConfig)
-    image_size: int | None = None  # prostate_mri / nuclei: resize to this square; None = native
-    # how resized masks are resampled: nearest (stays binary) or area (the FedBCS code's MONAI
-    # `Resized` default: area means truncated to 0/1 as its `.long()` casts do, which erodes
-    # boundaries); None: nearest, or area under evaluation.protocol: official
-    label_resize: str | None = None
     # share of the training data held out for validation (model selection), seeded and
     # stratified by class (and domain), for classification sets without a validation split of
-    # their own; nuclei: the share of each site's train list (default there: 0.2, and 0 under
-    # evaluation.protocol: official, which trains on the whole list); 0: none held out
+    # their own; a dataset may read it itself (nuclei: the share of each site's train list);
+    # None: the dataset's default (none held out, nuclei 0.2); 0: none held out
     val_fraction: float | None = None
     # multi-domain datasets: domains held out of training entirely, evaluated apart
     # (test_<metric>/unseen/<domain>); train_domains (default: all others) limits training
-    test_domains: list[str] = field(default_factory=list)
-    train_domains: list[str] | None = None
-    # dataset `domains`: its domains, and the image shape [C, H, W] they are brought to
-    # (needed where they differ)
-    domains: list[DomainSource] = field(default_factory=list)
-    domain_shape: list[int] | None = None
+    test_domains: tuple[str, ...] = ()
+    train_domains: tuple[str, ...] | None = None
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    long_tail: LongTailConfig = field(default_factory=LongTailConfig)
 
     def __post_init__(self) -> None:
-        from raysim.registry import DATASETS
-
-        dataset = lookup(DATASETS, self.dataset, "dataset")
-        if getattr(dataset, "generates_clients", False):
-            require(self.partition.kind == "natural", "partition.kind",
-                    f"{self.dataset} generates each client's own samples: set "
-                    "data.partition.kind: natural")
         require(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)")
-        require(self.image_size is None or (self.image_size >= 16 and self.image_size % 16 == 0),
-                "image_size", f"must be a multiple of 16 (got {self.image_size})")
         require(self.val_fraction is None or 0 <= self.val_fraction < 1, "val_fraction",
                 "must be in [0, 1) (0: no validation split)")
-        require(self.label_resize in (None, "nearest", "area"), "label_resize",
-                f"choose nearest or area (got {self.label_resize!r})")
-        require(not self.val_fraction or not getattr(dataset, "generates_clients", False),
-                "val_fraction", f"{self.dataset} has no validation split: its test set is "
-                "held-out data of its own clients")
-        self._check_domains()
-
-    def _check_domains(self) -> None:
-        if self.dataset != "domains":
-            require(not self.domains, "domains", "only for data.dataset: domains")
-            return
-        require(bool(self.domains), "domains", "list the domains, e.g. [{name: mnist, dataset: "
-                "mnist, root: data/mnist}, {name: usps, dataset: usps, root: data/usps}]")
-        names = [d.name for d in self.domains]
-        twice = next((n for n in names if names.count(n) > 1), None)
-        require(twice is None, "domains", f"two domains are named {twice!r}")
-        shape = self.domain_shape
-        require(shape is None or (len(shape) == 3 and all(v >= 1 for v in shape)),
-                "domain_shape", f"expected [channels, height, width] (got {shape})")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
+    """`name` picks a registered model; its own keys (e.g. `width`) sit beside it."""
+
     name: str = "cnn"
-    width: int | None = None  # base width (unet: 32, resnet10: 32); None: the model's default
-
-    def __post_init__(self) -> None:
-        from raysim.registry import MODELS
-
-        model = lookup(MODELS, self.name, "name")
-        if self.width is not None:
-            with_width = [n for n in MODELS if MODELS[n].width_argument]
-            require(model.width_argument is not None, "width",
-                    f"model {self.name!r} has no width setting; models with one: "
-                    f"{', '.join(with_width)}")
-            require(self.width >= 1, "width", "must be >= 1")
+    params: Any = plugin_params(MODEL, "name")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Local training on each client."""
 
@@ -254,7 +157,7 @@ class TrainConfig:
         require(self.optimizer in ("sgd", "adam"), "optimizer", "choose one of sgd, adam")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ActorResources:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -266,7 +169,7 @@ class ActorResources:
                  "fractions are allowed only below 1 (e.g. 0.25 packs four actors per GPU)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ResourcesConfig:
     num_workers: int = 2
     worker: ActorResources = field(default_factory=ActorResources)
@@ -280,38 +183,42 @@ class ResourcesConfig:
         require(self.backend in ("ray", "local"), "backend", "choose one of ray, local")
 
 
-@dataclass
+@dataclass(frozen=True)
 class WandbConfig:
     mode: str = "disabled"  # online | offline | disabled
     project: str = "raysim"
     entity: str | None = None
     group: str | None = None
-    tags: list[str] = field(default_factory=list)
+    tags: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         require(self.mode in ("online", "offline", "disabled"), "mode",
                  "choose one of online, offline, disabled")
 
 
-@dataclass
+@dataclass(frozen=True)
+class SinkConfig:
+    """One of `logging.sinks`: a registered sink's name, or `{name: ..., <its keys>}`."""
+
+    SHORTHAND: ClassVar[str] = "name"  # a bare string is the name
+
+    name: str = ""
+    params: Any = plugin_params(SINK, "name")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     progress: bool = True  # live progress line on the console
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    # more sinks by registered name (`raysim.sinks` entry points), each made as cls(run_dir);
-    # W&B joins them whenever wandb.mode is not disabled
-    sinks: list[str] = field(default_factory=list)
+    # more sinks by registered name (`raysim.sinks` entry points); W&B joins them whenever
+    # wandb.mode is not disabled
+    sinks: tuple[SinkConfig, ...] = ()
     # `raysim launch` draws curves.png (the headline metric per round) and partition.png
     # (samples per client and class, coloured by domain)
     curves: bool = True
 
-    def __post_init__(self) -> None:
-        from raysim.registry import SINKS
 
-        for i, name in enumerate(self.sinks):
-            lookup(SINKS, name, f"sinks[{i}]")
-
-
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     """Checkpoints under `<run dir>/checkpoints/`: every N rounds, after the last round and on
     an interrupt. `raysim resume RUN_DIR` continues from the newest complete one."""
@@ -324,7 +231,7 @@ class CheckpointConfig:
         require(self.keep >= 1, "keep", "must be >= 1")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FaultToleranceConfig:
     """What a run survives: dead worker actors are replaced (their clients rerun), a client
     that raises is retried and then dropped, and a round where too few clients succeed stops
@@ -341,7 +248,7 @@ class FaultToleranceConfig:
                 f"must be in [0, 1] (got {self.min_clients_fraction})")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClientStateConfig:
     """Where stateful methods keep each client's state between its rounds."""
 
@@ -351,7 +258,10 @@ class ClientStateConfig:
         require(self.store in ("memory", "disk"), "store", "choose one of memory, disk")
 
 
-@dataclass
+PROTOCOLS = ("default", "official")
+
+
+@dataclass(frozen=True)
 class EvaluationConfig:
     """What a run reports. `default`: every metric on the test split, the reported round chosen
     on the validation split; `official` (segmentation): FedBCS's published protocol, to compare
@@ -365,10 +275,7 @@ class EvaluationConfig:
                 f"choose one of {', '.join(PROTOCOLS)} (got {self.protocol!r})")
 
 
-PROTOCOLS = ("default", "official")
-
-
-@dataclass
+@dataclass(frozen=True)
 class LeakageConfig:
     """The honest-but-curious server probe (`raysim.methods.leakage`): on `clients_per_round`
     of each round's sampled clients (the lowest ids), every `every` rounds, what the server can
@@ -388,7 +295,7 @@ class LeakageConfig:
         require(self.inversion_classes >= 1, "inversion_classes", "must be >= 1")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiagnosticsConfig:
     """Extra measurements that cost time, off unless asked for."""
 
@@ -398,15 +305,15 @@ class DiagnosticsConfig:
     leakage: LeakageConfig = field(default_factory=LeakageConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class AlgorithmConfig:
     """`name` picks a registered algorithm; the other keys are that algorithm's `Config`."""
 
     name: str = "fedavg"
-    params: Any = None  # an instance of the algorithm's Config dataclass
+    params: Any = plugin_params(ALGORITHM, "name")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     name: str = "experiment"
     seed: int = 0
@@ -418,7 +325,7 @@ class Config:
     eval_batch_size: int = 128
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    algorithm: AlgorithmConfig = field(default_factory=lambda: _parse_algorithm({}, "algorithm"))
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -433,143 +340,138 @@ class Config:
         require(self.eval_every >= 1, "eval_every", "must be >= 1")
         require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         require(self.clients_per_round >= 1, "clients_per_round", "must be >= 1")
-        self._check_model_fits_algorithm()
-        self._resolve_protocol()
-        self._check_leakage_probe()
-        num_clients = self.data.partition.num_clients
-        require(self.clients_per_round <= num_clients, "clients_per_round",
-                 f"{self.clients_per_round} > data.partition.num_clients ({num_clients}); "
-                 "lower clients_per_round or raise num_clients")
-
-
-    def _check_leakage_probe(self) -> None:
-        from raysim.methods.leakage import SUPPORTED_UPLOADS
-        from raysim.registry import DATASETS, MODELS, algorithm_class, algorithm_names
-
-        probe = self.diagnostics.leakage
-        if not probe.clients_per_round:
-            return
-        uploads = getattr(algorithm_class(self.algorithm.name), "uploads", "weights")
-        if uploads not in SUPPORTED_UPLOADS:
-            known = [n for n in algorithm_names()
-                     if getattr(algorithm_class(n), "uploads", "weights") in SUPPORTED_UPLOADS]
-            raise ConfigError(f"diagnostics.leakage: the probe reads "
-                              f"{', '.join(SUPPORTED_UPLOADS)} uploads, and {self.algorithm.name} "
-                              f"uploads {uploads}; methods it supports: {', '.join(known)}")
-        require(DATASETS[self.data.dataset].task == "classification"
-                and MODELS[self.model.name].has_feature_head, "diagnostics.leakage",
-                "the probe needs a classification task and a model with a feature head")
-        require(probe.clients_per_round <= self.clients_per_round,
-                "diagnostics.leakage.clients_per_round",
-                f"{probe.clients_per_round} > clients_per_round ({self.clients_per_round}): the "
-                "probe reads clients of the round")
-        try:
-            import skimage.metrics  # noqa: F401
-        except ImportError:
-            raise ConfigError("diagnostics.leakage: needs scikit-image for SSIM; pip install "
-                              "'raysim[leakage]'") from None
-
-    def _resolve_protocol(self) -> None:
-        """The data settings the evaluation protocol implies, where left unset."""
-        from raysim.registry import DATASETS
-
-        official = self.evaluation.protocol == "official"
-        if official and DATASETS[self.data.dataset].task != "segmentation":
-            raise ConfigError("evaluation.protocol: official is FedBCS's segmentation protocol; "
-                              f"dataset {self.data.dataset!r} is not a segmentation task (use "
-                              "the default protocol)")
-        if self.data.label_resize is None:
-            self.data.label_resize = "area" if official else "nearest"
-        if official and self.data.dataset == "nuclei" and self.data.val_fraction is None:
-            self.data.val_fraction = 0.0
-
-    def _check_model_fits_algorithm(self) -> None:
-        from raysim.registry import DATASETS, MODELS, algorithm_class
-
-        algorithm = algorithm_class(self.algorithm.name)
-        model = MODELS[self.model.name]
-        task = DATASETS[self.data.dataset].task
-        if model.task != task:
-            fitting = [name for name in MODELS if MODELS[name].task == task]
-            raise ConfigError(
-                f"model.name: {self.model.name!r} is not a {task} model, but dataset "
-                f"{self.data.dataset!r} is a {task} task; use one of {', '.join(fitting)}"
-            )
-        if task not in algorithm.tasks:
-            from raysim.registry import algorithm_names
-
-            fitting = [n for n in algorithm_names() if task in algorithm_class(n).tasks]
-            raise ConfigError(
-                f"algorithm.name: {self.algorithm.name} runs {' and '.join(algorithm.tasks)} "
-                f"tasks, but dataset {self.data.dataset!r} is a {task} task; methods that run "
-                f"it: {', '.join(fitting)}"
-            )
-        check_task = getattr(algorithm, "check_task", None)
-        if check_task is not None:
-            check_task(self.algorithm.params, task)
-        # on segmentation the features are the U-Net's stage maps (raysim.methods.features)
-        if algorithm.needs_features and task == "classification" and not model.has_feature_head:
-            with_heads = [name for name in MODELS if MODELS[name].has_feature_head]
-            raise ConfigError(
-                f"algorithm.name: {self.algorithm.name} works on the model's features, but "
-                f"model {self.model.name!r} has no feature head; use one of {', '.join(with_heads)}"
-            )
 
 
 # --------------------------------------------------------------------------- parsing
 
 
-def parse_dataclass(cls: type, raw: Any, path: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, checking keys, types and each class's ranges."""
+def parse_config(raw: dict, resolve: Resolver) -> Config:
+    """The typed config of a raw mapping, plug-in sections parsed with the Configs `resolve`
+    returns; cross-plug-in checks are `raysim.run.validate`'s."""
+    return parse_dataclass(Config, raw, resolve=resolve)
+
+
+def parse_dataclass(cls: type, raw: Any, path: str = "", resolve: Resolver | None = None) -> Any:
+    """Build dataclass `cls` from a mapping, checking keys, types and each class's ranges.
+    Sections that name a plug-in need `resolve` (see `parse_config`)."""
     where = path or "config"
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of keys, got {_describe(raw)}")
-    if cls is AlgorithmConfig:
-        return _parse_algorithm(raw, path)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
-    kwargs = {}
+    plugin = _plugin_field(cls)
+    own = {name: f for name, f in fields.items() if plugin is None or name != plugin[0]}
+    kwargs: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
     for key, value in raw.items():
-        dotted = f"{path}.{key}" if path else str(key)
-        if key not in fields:
-            raise ConfigError(f"unknown key {dotted!r}{_suggest(str(key), fields, path)}")
-        kwargs[key] = _coerce(hints[key], value, dotted)
+        dotted = _join(path, key)
+        if key in own:
+            kwargs[key] = _coerce(hints[key], value, dotted, resolve)
+        elif plugin is not None:
+            rest[key] = value
+        else:
+            raise ConfigError(_unknown(dotted, value, list(own), path))
+    for name in own:  # sections left at their defaults still resolve the plug-ins they name
+        if name not in kwargs and _holds_plugins(hints[name]):
+            kwargs[name] = _coerce(hints[name], {}, _join(path, name), resolve)
+    if plugin is not None:
+        params_field, kind, by = plugin
+        if resolve is None:
+            raise TypeError(f"parsing {cls.__name__} needs a plug-in resolver")
+        name = kwargs.get(by, own[by].default)
+        try:
+            params_cls = resolve(kind, name) or NoParams
+        except KeyError as error:  # unknown, failed to import, or breaks its contract
+            reason = error.args[0] if error.args else error
+            raise ConfigError(f"{_join(path, by)}: {reason}") from None
+        shadowed = [f.name for f in dataclasses.fields(params_cls) if f.name in own]
+        if shadowed:  # those keys would always reach the section, never the plug-in
+            raise ConfigError(f"{_join(path, by)}: the {kind} {name!r} declares keys that "
+                              f"{path or 'the config'} has already: {', '.join(shadowed)}; "
+                              "rename them in its Config")
+        kwargs[params_field] = parse_params(params_cls, rest, path, resolve,
+                                            f"{kind} {name!r}", list(own))
+    return _construct(cls, kwargs, path)
+
+
+def parse_params(cls: type, raw: dict, path: str = "", resolve: Resolver | None = None,
+                 owner: str = "", section_keys: list[str] | tuple[str, ...] = ()) -> Any:
+    """A plug-in's Config `cls` from its keys `raw` (those of its section that are not the
+    section's own); an unknown key names the plug-in `owner` (e.g. "dataset 'digits'") and the
+    nearest key of the section or the plug-in."""
+    keys = [f.name for f in dataclasses.fields(cls) if f.init]
+    renamed = getattr(cls, "RENAMED_KEYS", {})  # a plug-in's retired key → what to write now
+    for key, value in raw.items():
+        if key not in keys:
+            dotted = _join(path, key)
+            if key in renamed:
+                raise ConfigError(f"{dotted}: {renamed[key]}")
+            raise ConfigError(_unknown(dotted, value, [*section_keys, *keys], path, owner))
+    return parse_dataclass(cls, raw, path, resolve)
+
+
+def _construct(cls: type, kwargs: dict, path: str) -> Any:
     try:
         return cls(**kwargs)
     except ConfigError as error:  # a range check: prefix the section path
         raise ConfigError(f"{path}.{error}" if path else str(error)) from None
 
 
-def _parse_algorithm(raw: dict, path: str) -> AlgorithmConfig:
-    from raysim.registry import algorithm_class
-
-    raw = dict(raw)
-    name = raw.pop("name", AlgorithmConfig.name)
-    require(isinstance(name, str), f"{path}.name", f"expected a string, got {_describe(name)}")
-    try:
-        algorithm = algorithm_class(name)
-    except KeyError as error:
-        raise ConfigError(f"{path}.name: {error.args[0]}") from None
-    return AlgorithmConfig(name=name, params=parse_dataclass(algorithm.Config, raw, path))
+@functools.cache
+def _plugin_field(cls: type) -> tuple[str, str, str] | None:
+    """(field name, plug-in kind, name field) of a section that names a plug-in."""
+    for f in dataclasses.fields(cls):
+        if _PLUGIN in f.metadata:
+            return (f.name, *f.metadata[_PLUGIN])
+    return None
 
 
-def _coerce(hint: Any, value: Any, key: str) -> Any:
+def _holds_plugins(hint: Any) -> bool:
+    hint = _unwrap_optional(hint)
+    if not (isinstance(hint, type) and dataclasses.is_dataclass(hint)):
+        return False
+    if _plugin_field(hint) is not None:
+        return True
+    return any(_holds_plugins(h) for h in typing.get_type_hints(hint).values())
+
+
+def _unwrap_optional(hint: Any) -> Any:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = [option for option in typing.get_args(hint) if option is not type(None)]
+        if len(options) == 1:
+            return options[0]
+    return hint
+
+
+def _coerce(hint: Any, value: Any, key: str, resolve: Resolver | None = None) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
         (inner,) = [option for option in options if option is not type(None)]
-        return _coerce(inner, value, key)
+        return _coerce(inner, value, key, resolve)
     if dataclasses.is_dataclass(hint):
-        return parse_dataclass(hint, value, key)
-    if origin is list:
-        (inner,) = typing.get_args(hint)
-        if not isinstance(value, list):
+        shorthand = getattr(hint, "SHORTHAND", None)
+        if shorthand is not None and isinstance(value, str):
+            try:
+                return parse_dataclass(hint, {shorthand: value}, key, resolve)
+            except ConfigError as error:  # the bare name is the item itself: name it so
+                message = str(error)
+                prefix = f"{key}.{shorthand}: "
+                raise ConfigError(f"{key}: {message[len(prefix):]}"
+                                  if message.startswith(prefix) else message) from None
+        return parse_dataclass(hint, value, key, resolve)
+    if origin in (list, tuple):
+        args = typing.get_args(hint)
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            raise TypeError(f"config field {key}: use tuple[X, ...], not {hint!r}")
+        if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
-        return [_coerce(inner, item, f"{key}[{i}]") for i, item in enumerate(value)]
+        items = [_coerce(args[0], item, f"{key}[{i}]", resolve) for i, item in enumerate(value)]
+        return items if origin is list else tuple(items)
     if hint is Any:
         return value
     if hint is bool:
@@ -598,12 +500,53 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def _suggest(key: str, fields: dict, path: str) -> str:
-    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _unknown(dotted: str, value: Any, valid: list[str], path: str, owner: str = "") -> str:
+    """The one-line error for an unknown key: where it moved, or the nearest valid key (of the
+    section, and of the plug-in `owner` the section names, which the message names too)."""
+    moved = MOVED.get(dotted)
+    if moved is not None:
+        if isinstance(value, dict) and value:
+            first = next(iter(value))
+            return f"{dotted}.{first}: moved to {moved}.{first}"
+        return f"{dotted}: its keys moved to {moved}"
+    close = difflib.get_close_matches(dotted.rpartition(".")[2], valid, n=1, cutoff=0.6)
+    where = f" for {owner}" if owner else ""
     if close:
-        dotted = f"{path}.{close[0]}" if path else close[0]
-        return f"; did you mean {dotted!r}?"
-    return f"; valid keys here: {', '.join(fields)}"
+        return f"unknown key {dotted!r}{where}; did you mean {_join(path, close[0])!r}?"
+    return f"unknown key {dotted!r}{where}; valid keys here: {', '.join(valid)}"
+
+
+def config_to_dict(config: Any) -> dict:
+    """The resolved config as plain data: every key, defaults included (round-trips). A
+    plug-in's keys sit in the section that names it, as they are written."""
+    out: dict[str, Any] = {}
+    plugin = _plugin_field(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if plugin is not None and f.name == plugin[0]:
+            if value is not None:
+                out.update(config_to_dict(value))
+        else:
+            out[f.name] = _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        out = config_to_dict(value)
+        shorthand = getattr(value, "SHORTHAND", None)
+        return out[shorthand] if shorthand is not None and list(out) == [shorthand] else out
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
 
 
 # --------------------------------------------------------------------------- overrides, I/O
@@ -630,12 +573,6 @@ def set_dotted(raw: dict, key: str, value: Any, where: str | None = None) -> Non
             raise ConfigError(f"{where or key}: {part!r} is not a section")
         node = child
     node[leaf] = value
-
-
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a YAML experiment file (or only defaults), apply `-o` overrides, validate."""
-    raw = read_yaml(Path(path)) if path is not None else {}
-    return config_from_dict(raw, overrides)
 
 
 def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -706,32 +643,6 @@ def merge(base: dict, update: dict) -> dict:
         else:
             out[key] = value
     return out
-
-
-def config_from_dict(raw: dict, overrides: typing.Sequence[str] = ()) -> Config:
-    raw = deep_copy(raw)
-    for override in overrides:
-        apply_override(raw, override)
-    return parse_dataclass(Config, raw)
-
-
-def config_to_dict(config: Any) -> dict:
-    """The resolved config as plain data: every key, defaults included (round-trips)."""
-    out = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if isinstance(config, AlgorithmConfig) and f.name == "params":
-            out.update(config_to_dict(value))
-        elif dataclasses.is_dataclass(value):
-            out[f.name] = config_to_dict(value)
-        else:
-            out[f.name] = [config_to_dict(v) if dataclasses.is_dataclass(v) else v
-                           for v in value] if isinstance(value, list) else value
-    return out
-
-
-def dump_config(config: Config) -> str:
-    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
 
 
 def deep_copy(raw: Any) -> Any:

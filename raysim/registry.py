@@ -7,10 +7,15 @@ when it is first asked for, then checked against its contract, so a plug-in that
 import, lacks a hook, or shares its name with another package's gives one error naming it,
 while the config is validated (before Ray starts). Names may also be `module:attr` import
 paths (an object being prototyped outside any package; it must import on every Ray node).
+
+A plug-in may declare a frozen dataclass `Config` of its own keys, which the config's section
+naming it parses (`resolve_config`); one without has no keys. This module and `raysim.config`
+know nothing of each other: the config parser asks for a Config through `resolve_config`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Iterator, Mapping
 from functools import cached_property
@@ -89,6 +94,10 @@ class Registry(Mapping):
         if missing:
             raise RegistryError(f"the {self.kind} plug-in {name!r} ({origin}) lacks "
                                 f"{', '.join(missing)}, which every {self.kind} must have")
+        own = getattr(obj, "Config", None)
+        if own is not None and not (isinstance(own, type) and dataclasses.is_dataclass(own)):
+            raise RegistryError(f"the {self.kind} plug-in {name!r} ({origin}) has a Config "
+                                "that is not a dataclass (its keys must be dataclass fields)")
         return obj
 
 
@@ -97,13 +106,22 @@ def _package(point: EntryPoint) -> str:
     return dist.name if dist is not None else "an unknown package"
 
 
+# The kinds match the plug-in kinds of raysim.config's sections (ALGORITHM, DATASET, ...).
 ALGORITHMS = Registry("raysim.algorithms", "algorithm", (
     "Config", "client_update", "server_round", "evaluate_batch", "init_server", "broadcast",
-    "prepare_model", "tasks", "stateful", "needs_features", "reported_metrics", "has_anchors"))
+    "prepare_model", "tasks", "stateful", "needs_features", "reported_metrics"))
 DATASETS = Registry("raysim.datasets", "dataset", ("task", "load", "check"))
 PARTITIONERS = Registry("raysim.partitioners", "partition kind", ("__call__",))
-MODELS = Registry("raysim.models", "model", ("has_feature_head", "task", "width_argument"))
+MODELS = Registry("raysim.models", "model", ("has_feature_head", "task"))
 SINKS = Registry("raysim.sinks", "sink", ("start", "log_round", "finish"))
+REGISTRIES = {registry.kind: registry
+              for registry in (ALGORITHMS, DATASETS, PARTITIONERS, MODELS, SINKS)}
+
+
+def resolve_config(kind: str, name: str) -> type | None:
+    """The Config dataclass of the plug-in of `kind` named `name` (None: it declares none),
+    or RegistryError: the config parser's resolver (`raysim.config.parse_config`)."""
+    return getattr(REGISTRIES[kind][name], "Config", None)
 
 
 def algorithm_names() -> list[str]:

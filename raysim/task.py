@@ -10,7 +10,7 @@ from torch import nn
 
 from raysim.algorithm import TaskInfo
 from raysim.config import Config
-from raysim.data import Dataset, Partition, make_partition
+from raysim.data import Dataset, DatasetRequest, Partition, make_partition
 from raysim.data.datasets import with_validation
 from raysim.data.domain_split import hold_out_domains
 from raysim.nn.models import build_model
@@ -30,9 +30,18 @@ class Task:
 BYTES_PER_CLIENT = 400
 
 
+def dataset_request(config: Config) -> DatasetRequest:
+    """What the config's dataset plug-in is checked and loaded with."""
+    data = config.data
+    return DatasetRequest(
+        dataset=data.dataset, params=data.params, root=data.root, download=data.download,
+        test_fraction=data.test_fraction, val_fraction=data.val_fraction,
+        num_clients=data.partition.num_clients, protocol=config.evaluation.protocol)
+
+
 def build_task(config: Config) -> Task:
     data = config.data
-    dataset = DATASETS[data.dataset].load(data)
+    dataset = DATASETS[data.dataset].load(dataset_request(config))
     if data.val_fraction and dataset.val is None and dataset.train is not None:
         # every dataset without a validation split of its own, plug-ins included
         dataset = with_validation(dataset, data.val_fraction)
@@ -44,17 +53,15 @@ def build_task(config: Config) -> Task:
         check_driver_memory(part.num_clients)
         partition = make_partition(
             partition_labels(dataset), dataset.spec.num_classes, kind=part.kind,
-            num_clients=part.num_clients,
-            seed=config.seed, alpha=part.alpha, classes_per_client=part.classes_per_client,
-            min_size=part.min_size, long_tail_rho=data.long_tail.rho,
-            domains=dataset.train.domain, within=part.within, clients=dataset.train.client,
-            path=part.path, overlap=part.overlap,
+            num_clients=part.num_clients, seed=config.seed, params=part.params,
+            long_tail_rho=data.long_tail.rho, domains=dataset.train.domain,
+            clients=dataset.train.client,
         )
     spec = dataset.spec
     feature_dim = None  # models without a feature head are not built just to say so
     if MODELS[config.model.name].has_feature_head:
         feature_dim = build_model(config.model.name, spec.input_shape, spec.num_classes,
-                                  config.model.width).feature_dim
+                                  config.model.params).feature_dim
     info = TaskInfo(
         num_classes=spec.num_classes,
         input_shape=tuple(spec.input_shape),
@@ -104,7 +111,7 @@ def new_model(config: Config, info: TaskInfo, algorithm=None) -> nn.Module:
     """The model of `config.model`, with the modules `algorithm` adds to it (FedBCS: style
     recalibration and fusion layers)."""
     model = build_model(config.model.name, info.input_shape, info.num_classes,
-                        config.model.width)
+                        config.model.params)
     return algorithm.prepare_model(model) if algorithm is not None else model
 
 

@@ -1,47 +1,36 @@
-"""Datasets as in-memory arrays and seeded client partitioners."""
+"""Datasets as in-memory arrays and seeded client partitioners, each a plug-in with a frozen
+Config of its own keys."""
 
 from raysim.data.datasets import (
-    DATASETS,
     ArraySplit,
     Dataset,
     DatasetFormatError,
     DatasetNotFoundError,
+    DatasetRequest,
     DatasetSpec,
     check_dataset,
     load_dataset,
 )
 from raysim.data.partition import (
-    PARTITION_KINDS,
-    WITHIN_DOMAIN_KINDS,
+    ClientSplit,
     Partition,
+    PartitionRequest,
     long_tail_indices,
     make_partition,
-    partition_dirichlet,
-    partition_dirichlet_equal,
-    partition_domains,
-    partition_iid,
-    partition_quantity,
-    partition_shards,
 )
 
 __all__ = [
-    "DATASETS",
-    "PARTITION_KINDS",
-    "WITHIN_DOMAIN_KINDS",
     "ArraySplit",
+    "ClientSplit",
     "Dataset",
     "DatasetFormatError",
     "DatasetNotFoundError",
+    "DatasetRequest",
     "DatasetSpec",
     "Partition",
+    "PartitionRequest",
     "check_dataset",
     "load_dataset",
     "long_tail_indices",
     "make_partition",
-    "partition_dirichlet",
-    "partition_dirichlet_equal",
-    "partition_domains",
-    "partition_iid",
-    "partition_quantity",
-    "partition_shards",
 ]

@@ -18,53 +18,29 @@ import importlib.util
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from raysim.config import DATASET, config_class, parse_params
 from raysim.data import safe_pickle
-
-if TYPE_CHECKING:
-    from raysim.config import SyntheticConfig
+from raysim.registry import DATASETS, resolve_config
 
 __all__ = [
-    "DATASETS",
     "ArraySplit",
     "Dataset",
     "DatasetFormatError",
     "DatasetNotFoundError",
+    "DatasetRequest",
     "DatasetSpec",
     "channel_stats",
     "check_dataset",
-    "dataset_task",
     "load_dataset",
+    "needs_root",
     "with_validation",
 ]
-
-DATASETS: tuple[str, ...] = (
-    "digits",
-    "digits_domains",
-    "mnist",
-    "fashionmnist",
-    "cifar10",
-    "cifar100",
-    "svhn",
-    "synthetic_organ",
-    "synthetic_nuclei",
-    "prostate_mri",
-    "nuclei",
-)
-# Built from scikit-learn's bundled digits or generated offline, so they need no data.root.
-_EMBEDDED = ("digits", "digits_domains", "synthetic_organ", "synthetic_nuclei")
-_SYNTHETIC = {"synthetic_organ": "organ", "synthetic_nuclei": "nuclei"}
-# Read from their distributions' layouts; there is nothing official to download.
-_MEDICAL = ("prostate_mri", "nuclei")
-
-
-def dataset_task(name: str) -> str:
-    """"segmentation" or "classification", known from the name alone (before loading)."""
-    return "segmentation" if name in _SYNTHETIC or name in _MEDICAL else "classification"
 
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 _CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -136,6 +112,25 @@ class Dataset:
     unseen: ArraySplit | None = None
 
 
+@dataclass(frozen=True)
+class DatasetRequest:
+    """What a dataset plug-in's `check` and `load` receive: the run's core `data` keys, the
+    plug-in's own `Config` (`params`, parsed from its keys under `data`), and what other
+    sections imply for the data."""
+
+    dataset: str
+    params: Any = None  # the plug-in's Config instance
+    root: str | None = None
+    download: bool = False
+    test_fraction: float = 0.25
+    val_fraction: float | None = None  # None: the dataset's default
+    num_clients: int = 1  # data.partition.num_clients (for datasets that generate clients)
+    protocol: str = "default"  # evaluation.protocol
+    # seeds every data-side draw (held-out splits, rendering, generated sites); separate from
+    # the run seed so the data never moves between runs
+    split_seed: int = 0
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """Dataset files are missing; the message says what to put where."""
 
@@ -169,75 +164,68 @@ def _idx_path(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def _missing_message(name: str, root: Path) -> str | None:
-    """Return a not-found message if ``name``'s files are absent under ``root``, else None."""
-    if name in _IDX_DIRS:
-        directory = root / _IDX_DIRS[name] / "raw"
-        missing = [s for s in _IDX_FILES if _idx_path(directory, s) is None]
-        if missing:
-            return (
-                f"dataset {name!r} not found: expected {directory}/ ({', '.join(_IDX_FILES)}; "
-                f".gz variants accepted), missing {', '.join(missing)} — put the idx-ubyte files "
-                f"under data.root/{_IDX_DIRS[name]}/raw/, or set data.download: true"
-            )
-    elif name == "cifar10":
-        directory = root / _CIFAR10_DIR
-        missing = [f for f in _CIFAR10_FILES if not (directory / f).is_file()]
-        if missing:
-            return (
-                f"dataset 'cifar10' not found: expected {directory}/ (data_batch_1..5, "
-                f"test_batch, batches.meta), missing {', '.join(missing)} — extract "
-                "cifar-10-python.tar.gz into data.root, or set data.download: true"
-            )
-    elif name == "cifar100":
-        directory = root / _CIFAR100_DIR
-        missing = [f for f in _CIFAR100_FILES if not (directory / f).is_file()]
-        if missing:
-            return (
-                f"dataset 'cifar100' not found: expected {directory}/ (train, test, meta), "
-                f"missing {', '.join(missing)} — extract cifar-100-python.tar.gz into "
-                "data.root, or set data.download: true"
-            )
-    elif name == "svhn":
-        missing = [f for f in _SVHN_FILES if not (root / f).is_file()]
-        if missing:
-            return (
-                f"dataset 'svhn' not found: expected {root}/ (train_32x32.mat, test_32x32.mat), "
-                f"missing {', '.join(missing)} — put the .mat files directly in data.root, "
-                "or set data.download: true"
-            )
-    return None
+def _idx_missing(name: str, root: Path) -> str | None:
+    directory = root / _IDX_DIRS[name] / "raw"
+    missing = [s for s in _IDX_FILES if _idx_path(directory, s) is None]
+    if not missing:
+        return None
+    return (
+        f"dataset {name!r} not found: expected {directory}/ ({', '.join(_IDX_FILES)}; "
+        f".gz variants accepted), missing {', '.join(missing)} — put the idx-ubyte files "
+        f"under data.root/{_IDX_DIRS[name]}/raw/, or set data.download: true"
+    )
 
 
-def check_dataset(name: str, root: str | None, download: bool) -> None:
-    """Fail fast, before any work is scheduled, if a dataset cannot be loaded as configured."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
-    if name in _EMBEDDED:
-        return
-    if name in _MEDICAL:
-        from raysim.data.medical import missing_message
+def _cifar10_missing(root: Path) -> str | None:
+    directory = root / _CIFAR10_DIR
+    missing = [f for f in _CIFAR10_FILES if not (directory / f).is_file()]
+    if not missing:
+        return None
+    return (
+        f"dataset 'cifar10' not found: expected {directory}/ (data_batch_1..5, "
+        f"test_batch, batches.meta), missing {', '.join(missing)} — extract "
+        "cifar-10-python.tar.gz into data.root, or set data.download: true"
+    )
 
-        if root is None:
-            raise DatasetNotFoundError(
-                f"dataset {name!r} needs data.root (a directory holding its files); set "
-                "data.root in the config (it cannot be downloaded automatically)"
-            )
-        message = missing_message(name, Path(root))
-        if message is not None:
-            raise DatasetNotFoundError(message)
-        return
-    if root is None:
-        action = "to download into" if download else "holding its files"
+
+def _cifar100_missing(root: Path) -> str | None:
+    directory = root / _CIFAR100_DIR
+    missing = [f for f in _CIFAR100_FILES if not (directory / f).is_file()]
+    if not missing:
+        return None
+    return (
+        f"dataset 'cifar100' not found: expected {directory}/ (train, test, meta), "
+        f"missing {', '.join(missing)} — extract cifar-100-python.tar.gz into "
+        "data.root, or set data.download: true"
+    )
+
+
+def _svhn_missing(root: Path) -> str | None:
+    missing = [f for f in _SVHN_FILES if not (root / f).is_file()]
+    if not missing:
+        return None
+    return (
+        f"dataset 'svhn' not found: expected {root}/ (train_32x32.mat, test_32x32.mat), "
+        f"missing {', '.join(missing)} — put the .mat files directly in data.root, "
+        "or set data.download: true"
+    )
+
+
+def needs_root(request: DatasetRequest, downloadable: bool) -> Path:
+    """`data.root` as a path, or DatasetNotFoundError saying to set it."""
+    if request.root is not None:
+        return Path(request.root)
+    name = request.dataset
+    if not downloadable:
         raise DatasetNotFoundError(
-            f"dataset {name!r} needs data.root (a directory {action}); set data.root in the "
-            "config" + ("" if download else ", and data.download: true to fetch it there")
+            f"dataset {name!r} needs data.root (a directory holding its files); set "
+            "data.root in the config (it cannot be downloaded automatically)"
         )
-    if download:
-        return
-    message = _missing_message(name, Path(root))
-    if message is not None:
-        raise DatasetNotFoundError(message)
+    action = "to download into" if request.download else "holding its files"
+    raise DatasetNotFoundError(
+        f"dataset {name!r} needs data.root (a directory {action}); set data.root in the "
+        "config" + ("" if request.download else ", and data.download: true to fetch it there")
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +259,7 @@ def _load_idx(name: str, root: Path) -> tuple[ArraySplit, ArraySplit]:
     for stem in _IDX_FILES:
         path = _idx_path(directory, stem)
         if path is None:
-            raise DatasetNotFoundError(_missing_message(name, root) or f"missing {stem}")
+            raise DatasetNotFoundError(_idx_missing(name, root) or f"missing {stem}")
         arrays.append(_read_idx(path))
     x_tr, y_tr, x_te, y_te = arrays
     return (
@@ -458,112 +446,125 @@ def _load_digits(test_fraction: float, split_seed: int) -> Dataset:
     return Dataset(spec=spec, train=train, test=test)
 
 
-_SPECS = {
-    "mnist": DatasetSpec("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), 255.0, None),
-    "fashionmnist": DatasetSpec("fashionmnist", 10, (1, 28, 28), (0.2860,), (0.3530,), 255.0, None),
-    "cifar10": DatasetSpec("cifar10", 10, (3, 32, 32), _CIFAR_MEAN, _CIFAR_STD, 255.0, "crop_flip"),
-    "cifar100": DatasetSpec(
-        "cifar100", 100, (3, 32, 32), _CIFAR_MEAN, _CIFAR_STD, 255.0, "crop_flip"
-    ),
-    # Horizontal flips would change digit identity, so SVHN gets no augmentation.
-    "svhn": DatasetSpec(
-        "svhn", 10, (3, 32, 32), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), 255.0, None
-    ),
-}
-
-_LOADERS: dict[str, Callable[[Path], tuple[ArraySplit, ArraySplit]]] = {
-    "mnist": lambda root: _load_idx("mnist", root),
-    "fashionmnist": lambda root: _load_idx("fashionmnist", root),
-    "cifar10": _load_cifar10,
-    "cifar100": _load_cifar100,
-    "svhn": _load_svhn,
-}
-
-
-def _download(name: str, root: Path) -> None:
-    """Fetch the official files into ``root`` in the layout the parsers above expect."""
+def _torchvision_download(dataset: str, root: Path) -> None:
+    """Fetch the official files of torchvision's `dataset` class into ``root``, in the layout
+    the parsers above expect."""
     from torchvision import datasets as tvd
 
-    target = str(root)
-    if name == "svhn":
+    cls = getattr(tvd, dataset)
+    if dataset == "SVHN":
         for split in ("train", "test"):
-            tvd.SVHN(target, split=split, download=True)
+            cls(str(root), split=split, download=True)
         return
-    cls = {
-        "mnist": tvd.MNIST,
-        "fashionmnist": tvd.FashionMNIST,
-        "cifar10": tvd.CIFAR10,
-        "cifar100": tvd.CIFAR100,
-    }[name]
     for train in (True, False):
-        cls(target, train=train, download=True)
+        cls(str(root), train=train, download=True)
 
 
-def load_dataset(
-    name: str,
-    root: str | None = None,
-    download: bool = False,
-    test_fraction: float = 0.25,
-    split_seed: int = 0,
-    *,
-    synthetic: SyntheticConfig | None = None,
-    image_size: int | None = None,
-    val_fraction: float = 0.2,
-    label_resize: str = "nearest",
-) -> Dataset:
-    """Load a dataset fully into memory.
+def _test_fraction(request: DatasetRequest) -> float:
+    if not 0.0 < request.test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {request.test_fraction}")
+    return request.test_fraction
 
-    ``test_fraction`` only applies to ``digits`` and ``digits_domains``, which have no official
-    test split. ``split_seed`` seeds every data-side draw (held-out splits, rendering, the
-    synthetic sites, the medical sets' slice permutation and validation hold-out); it is
-    separate from the run seed so the data never moves between runs. ``synthetic`` sizes the
-    ``synthetic_*`` sets (defaults: ``SyntheticConfig()``); ``image_size`` resizes the medical
-    sets' images to a square (None keeps the native size; ``label_resize`` resamples their masks:
-    nearest or area) and ``val_fraction`` is the share of each nuclei site's training list held
-    out for validation (0: none).
-    """
-    check_dataset(name, root, download)
-    if name in _SYNTHETIC:
-        from raysim.data.synthetic_sites import load_synthetic
 
-        if synthetic is None:
-            from raysim.config import SyntheticConfig
+class Digits:
+    """`digits`: scikit-learn's bundled 8×8 handwritten digits (1,797 images, real data), a
+    seeded stratified `data.test_fraction` held out as the test split. Needs no root."""
 
-            synthetic = SyntheticConfig()
-        return load_synthetic(
-            _SYNTHETIC[name],
-            sites=synthetic.sites,
-            train_per_site=synthetic.train_per_site,
-            val_per_site=synthetic.val_per_site,
-            test_per_site=synthetic.test_per_site,
-            image_size=synthetic.image_size,
-            seed=split_seed,
-        )
-    if name in _MEDICAL:
-        from raysim.data.medical import load_nuclei, load_prostate_mri
+    task = "classification"
 
-        assert root is not None  # guaranteed by check_dataset
-        if name == "prostate_mri":
-            return load_prostate_mri(root, image_size=image_size, seed=split_seed,
-                                     label_resize=label_resize)
-        return load_nuclei(root, image_size=image_size, val_fraction=val_fraction,
-                           seed=split_seed, label_resize=label_resize)
-    if name in _EMBEDDED:
-        if not 0.0 < test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-        if name == "digits":
-            return _load_digits(test_fraction, split_seed)
-        # Imported here: that module builds on this one and pulls in scipy.ndimage.
-        from raysim.data.digits_domains import load_digits_domains
+    def check(self, request: DatasetRequest) -> None:
+        pass  # bundled with scikit-learn
 
-        return load_digits_domains(test_fraction, split_seed)
-    assert root is not None  # guaranteed by check_dataset
-    root_path = Path(root)
-    if download and _missing_message(name, root_path) is not None:
-        root_path.mkdir(parents=True, exist_ok=True)
-        _download(name, root_path)
-        message = _missing_message(name, root_path)
+    def load(self, request: DatasetRequest) -> Dataset:
+        return _load_digits(_test_fraction(request), request.split_seed)
+
+
+@dataclass(frozen=True)
+class FileDataset:
+    """A classification set read from its distribution's files in `data.root`, which
+    torchvision can download there (`data.download: true`)."""
+
+    spec: DatasetSpec
+    missing: Callable[[Path], str | None]  # root → what is missing, or None
+    read: Callable[[Path], tuple[ArraySplit, ArraySplit]]  # root → (train, test)
+    download_files: Callable[[Path], None]
+    task: str = "classification"
+
+    def check(self, request: DatasetRequest) -> None:
+        root = needs_root(request, downloadable=True)
+        if request.download:
+            return
+        message = self.missing(root)
         if message is not None:
-            raise DatasetNotFoundError(f"download finished but files are still missing: {message}")
-    train, test = _LOADERS[name](root_path)
-    return Dataset(spec=_SPECS[name], train=train, test=test)
+            raise DatasetNotFoundError(message)
+
+    def load(self, request: DatasetRequest) -> Dataset:
+        root = needs_root(request, downloadable=True)
+        if request.download and self.missing(root) is not None:
+            root.mkdir(parents=True, exist_ok=True)
+            self.download_files(root)
+            message = self.missing(root)
+            if message is not None:
+                raise DatasetNotFoundError(
+                    f"download finished but files are still missing: {message}")
+        train, test = self.read(root)
+        return Dataset(spec=self.spec, train=train, test=test)
+
+
+digits = Digits()
+mnist = FileDataset(
+    DatasetSpec("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), 255.0, None),
+    partial(_idx_missing, "mnist"), partial(_load_idx, "mnist"),
+    partial(_torchvision_download, "MNIST"))
+fashionmnist = FileDataset(
+    DatasetSpec("fashionmnist", 10, (1, 28, 28), (0.2860,), (0.3530,), 255.0, None),
+    partial(_idx_missing, "fashionmnist"), partial(_load_idx, "fashionmnist"),
+    partial(_torchvision_download, "FashionMNIST"))
+cifar10 = FileDataset(
+    DatasetSpec("cifar10", 10, (3, 32, 32), _CIFAR_MEAN, _CIFAR_STD, 255.0, "crop_flip"),
+    _cifar10_missing, _load_cifar10, partial(_torchvision_download, "CIFAR10"))
+cifar100 = FileDataset(
+    DatasetSpec("cifar100", 100, (3, 32, 32), _CIFAR_MEAN, _CIFAR_STD, 255.0, "crop_flip"),
+    _cifar100_missing, _load_cifar100, partial(_torchvision_download, "CIFAR100"))
+# Horizontal flips would change digit identity, so SVHN gets no augmentation.
+svhn = FileDataset(
+    DatasetSpec("svhn", 10, (3, 32, 32), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
+                255.0, None),
+    _svhn_missing, _load_svhn, partial(_torchvision_download, "SVHN"))
+
+
+# --------------------------------------------------------------------------- by registered name
+
+
+def _registered(name: str, root: str | None = None, download: bool = False,
+                    test_fraction: float = 0.25, split_seed: int = 0, *,
+                    val_fraction: float | None = None, protocol: str = "default",
+                    num_clients: int = 1, **params: Any) -> tuple[Any, DatasetRequest]:
+    """The registered dataset `name` and a request for it, its own keys `params` parsed
+    with its Config (a ConfigError names a bad one)."""
+    try:
+        plugin = DATASETS[name]
+    except KeyError as error:  # RegistryError: unknown (with the known names), or broken
+        raise ValueError(str(error)) from None
+    own = parse_params(config_class(plugin), params, "data", resolve_config,
+                       f"{DATASET} {name!r}")
+    return plugin, DatasetRequest(name, own, root, download, test_fraction, val_fraction,
+                                  num_clients, protocol, split_seed)
+
+
+def check_dataset(name: str, root: str | None = None, download: bool = False,
+                  **keys: Any) -> None:
+    """Fail fast, before any work is scheduled, if the registered dataset `name` cannot be
+    loaded as configured (DatasetNotFoundError says what to put where)."""
+    plugin, request = _registered(name, root, download, **keys)
+    plugin.check(request)
+
+
+def load_dataset(name: str, root: str | None = None, download: bool = False,
+                 test_fraction: float = 0.25, split_seed: int = 0, **keys: Any) -> Dataset:
+    """The registered dataset `name`, checked and loaded fully into memory. ``split_seed``
+    seeds every data-side draw; the keyword arguments are `DatasetRequest`'s other fields
+    (val_fraction, protocol, num_clients) and the dataset's own keys (e.g. sites=3)."""
+    plugin, request = _registered(name, root, download, test_fraction, split_seed, **keys)
+    plugin.check(request)
+    return plugin.load(request)

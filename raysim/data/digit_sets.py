@@ -28,6 +28,7 @@ from raysim.data.datasets import (
     Dataset,
     DatasetFormatError,
     DatasetNotFoundError,
+    DatasetRequest,
     DatasetSpec,
     channel_stats,
 )
@@ -200,19 +201,19 @@ class DigitFiles:
     download: Any = None  # root → None, fetching the files (torchvision)
     task: str = "classification"
 
-    def check(self, data: Any) -> None:
-        if not data.root:
+    def check(self, request: DatasetRequest) -> None:
+        if not request.root:
             raise DatasetNotFoundError(f"dataset {self.name!r} needs data.root (a folder "
                                        "holding its files)")
-        if data.download and self.download is not None:
+        if request.download and self.download is not None:
             return
-        message = self.missing(Path(data.root))
+        message = self.missing(Path(request.root))
         if message is not None:
             raise DatasetNotFoundError(message)
 
-    def load(self, data: Any) -> Dataset:
-        root = Path(data.root)
-        if data.download and self.download is not None and self.missing(root) is not None:
+    def load(self, request: DatasetRequest) -> Dataset:
+        root = Path(request.root)
+        if request.download and self.download is not None and self.missing(root) is not None:
             root.mkdir(parents=True, exist_ok=True)
             self.download(root)
         train, test = self.read(root)

@@ -20,12 +20,14 @@ from scipy import ndimage
 from raysim.data.datasets import (
     ArraySplit,
     Dataset,
+    DatasetRequest,
     DatasetSpec,
     _read_bundled_digits,
+    _test_fraction,
     stratified_split,
 )
 
-__all__ = ["DOMAINS", "domain_layout", "load_digits_domains", "render_domain"]
+__all__ = ["DOMAINS", "digits_domains", "domain_layout", "load_digits_domains", "render_domain"]
 
 DOMAINS: tuple[str, ...] = ("mnist", "usps", "svhn", "syn")
 
@@ -298,3 +300,19 @@ def load_digits_domains(test_fraction: float = 0.25, split_seed: int = 0) -> Dat
         domains=DOMAINS,
     )
     return Dataset(spec=spec, train=train, test=test)
+
+
+class DigitsDomains:
+    """The `digits_domains` plug-in: rendered offline, so it needs no root; a seeded
+    stratified `data.test_fraction` of the source digits is the test split."""
+
+    task = "classification"
+
+    def check(self, request: DatasetRequest) -> None:
+        pass  # rendered from the bundled digits
+
+    def load(self, request: DatasetRequest) -> Dataset:
+        return load_digits_domains(_test_fraction(request), request.split_seed)
+
+
+digits_domains = DigitsDomains()

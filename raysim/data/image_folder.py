@@ -22,15 +22,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from raysim.config import require
 from raysim.data.datasets import (
     ArraySplit,
     Dataset,
     DatasetFormatError,
     DatasetNotFoundError,
+    DatasetRequest,
     DatasetSpec,
 )
 
@@ -202,20 +203,31 @@ def load_image_folder(root: str | Path, *, image_size: int | None = None,
 
 
 @dataclass(frozen=True)
+class ImageFolderConfig:
+    """The keys of `image_folder` (under `data`)."""
+
+    image_size: int | None = None  # images resized to this square; None: DEFAULT_SIZE
+
+    def __post_init__(self) -> None:
+        require(self.image_size is None or (self.image_size >= 16 and self.image_size % 16 == 0),
+                "image_size", f"must be a multiple of 16 (got {self.image_size})")
+
+
 class ImageFolderDataset:
     """The plug-in (`raysim.datasets` entry point `image_folder`)."""
 
-    task: str = "classification"
+    task = "classification"
+    Config = ImageFolderConfig
 
-    def check(self, data: Any) -> None:
-        if not data.root:
+    def check(self, request: DatasetRequest) -> None:
+        if not request.root:
             raise DatasetNotFoundError(f"dataset 'image_folder' needs data.root: a folder "
                                        f"{LAYOUT}")
-        read_layout(Path(data.root))  # layout errors before any decoding
+        read_layout(Path(request.root))  # layout errors before any decoding
 
-    def load(self, data: Any) -> Dataset:
-        return load_image_folder(data.root, image_size=data.image_size,
-                                 test_fraction=data.test_fraction)
+    def load(self, request: DatasetRequest) -> Dataset:
+        return load_image_folder(request.root, image_size=request.params.image_size,
+                                 test_fraction=request.test_fraction)
 
 
 image_folder = ImageFolderDataset()

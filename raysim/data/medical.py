@@ -34,26 +34,37 @@ list.
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from raysim.config import require
 from raysim.data.datasets import (
     ArraySplit,
     Dataset,
     DatasetFormatError,
     DatasetNotFoundError,
+    DatasetRequest,
     DatasetSpec,
     channel_stats,
+    needs_root,
 )
 
 __all__ = [
     "NUCLEI_SITES",
+    "NUCLEI_VAL_FRACTION",
     "PROSTATE_SITES",
+    "MedicalConfig",
+    "label_resize_of",
     "load_nuclei",
     "load_prostate_mri",
-    "missing_message",
+    "nuclei",
+    "nuclei_missing",
     "nuclei_sites",
+    "nuclei_val_fraction",
+    "prostate_missing",
+    "prostate_mri",
     "prostate_cases",
     "prostate_sites",
     "read_nuclei_list",
@@ -481,15 +492,96 @@ def load_nuclei(
     return Dataset(spec=spec, train=train, test=test, val=val)
 
 
-def missing_message(name: str, root: Path) -> str | None:
-    """A not-found message if ``name``'s files are absent under ``root``, else None."""
-    if name == "prostate_mri":
-        if not (root / "MRI").is_dir():
-            return (
-                f"dataset 'prostate_mri' not found: {root / 'MRI'}/ does not exist; expected "
-                f"{_PROSTATE_LAYOUT} — put the site folders under data.root/MRI/"
-            )
-        return _prostate_missing(root)
-    if name == "nuclei":
-        return _nuclei_missing(root)
-    raise ValueError(f"not a medical dataset: {name!r}")
+def prostate_missing(root: Path) -> str | None:
+    """A not-found message if prostate_mri's files are absent under ``root``, else None."""
+    if not (root / "MRI").is_dir():
+        return (
+            f"dataset 'prostate_mri' not found: {root / 'MRI'}/ does not exist; expected "
+            f"{_PROSTATE_LAYOUT} — put the site folders under data.root/MRI/"
+        )
+    return _prostate_missing(root)
+
+
+def nuclei_missing(root: Path) -> str | None:
+    """A not-found message if nuclei's files are absent under ``root``, else None."""
+    return _nuclei_missing(root)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plug-ins
+# ---------------------------------------------------------------------------------------------
+
+RESIZE_LABELS = ("nearest", "area")
+NUCLEI_VAL_FRACTION = 0.2  # nuclei's default validation share of each site's train list
+
+
+@dataclass(frozen=True)
+class MedicalConfig:
+    """The keys of `prostate_mri` and `nuclei` (under `data`)."""
+
+    image_size: int | None = None  # resize to this square; None = native
+    # how resized masks are resampled: nearest (stays binary) or area (the FedBCS code's MONAI
+    # `Resized` default: area means truncated to 0/1 as its `.long()` casts do, which erodes
+    # boundaries); None: nearest, or area under evaluation.protocol: official
+    label_resize: str | None = None
+
+    def __post_init__(self) -> None:
+        require(self.image_size is None or (self.image_size >= 16 and self.image_size % 16 == 0),
+                "image_size", f"must be a multiple of 16 (got {self.image_size})")
+        require(self.label_resize in (None, *RESIZE_LABELS), "label_resize",
+                f"choose nearest or area (got {self.label_resize!r})")
+
+
+def label_resize_of(request: DatasetRequest) -> str:
+    """The mask resampling a run uses: the configured one, else what its protocol implies."""
+    configured = request.params.label_resize
+    if configured is not None:
+        return configured
+    return "area" if request.protocol == "official" else "nearest"
+
+
+def nuclei_val_fraction(request: DatasetRequest) -> float:
+    """The share of each nuclei site's train list held out: the configured one, else none
+    under the official protocol (it trains on the whole list), else NUCLEI_VAL_FRACTION."""
+    if request.val_fraction is not None:
+        return request.val_fraction
+    return 0.0 if request.protocol == "official" else NUCLEI_VAL_FRACTION
+
+
+class ProstateMRI:
+    """The `prostate_mri` plug-in: read from `data.root` (nothing to download)."""
+
+    task = "segmentation"
+    Config = MedicalConfig
+
+    def check(self, request: DatasetRequest) -> None:
+        message = prostate_missing(needs_root(request, downloadable=False))
+        if message is not None:
+            raise DatasetNotFoundError(message)
+
+    def load(self, request: DatasetRequest) -> Dataset:
+        return load_prostate_mri(needs_root(request, downloadable=False),
+                                 image_size=request.params.image_size, seed=request.split_seed,
+                                 label_resize=label_resize_of(request))
+
+
+class Nuclei:
+    """The `nuclei` plug-in: read from `data.root` (nothing to download)."""
+
+    task = "segmentation"
+    Config = MedicalConfig
+
+    def check(self, request: DatasetRequest) -> None:
+        message = nuclei_missing(needs_root(request, downloadable=False))
+        if message is not None:
+            raise DatasetNotFoundError(message)
+
+    def load(self, request: DatasetRequest) -> Dataset:
+        return load_nuclei(needs_root(request, downloadable=False),
+                           image_size=request.params.image_size,
+                           val_fraction=nuclei_val_fraction(request), seed=request.split_seed,
+                           label_resize=label_resize_of(request))
+
+
+prostate_mri = ProstateMRI()
+nuclei = Nuclei()

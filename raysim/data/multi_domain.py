@@ -16,14 +16,17 @@ from typing import Any
 
 import numpy as np
 
+from raysim.config import DATASET, plugin_params, require
 from raysim.data.datasets import (
     ArraySplit,
     Dataset,
     DatasetFormatError,
     DatasetNotFoundError,
+    DatasetRequest,
     DatasetSpec,
     channel_stats,
 )
+from raysim.registry import DATASETS
 
 LUMINANCE = np.array([0.299, 0.587, 0.114])
 _SUBSAMPLE_STREAM = 0xD0  # the data-side stream of each domain's subsample
@@ -66,19 +69,60 @@ def subsample(split: ArraySplit, size: int | None, domain: str, part: str) -> Ar
     return ArraySplit(split.x[keep], split.y[keep])
 
 
-def source_config(data: Any, source: Any) -> Any:
-    """The `DataConfig` a domain's own dataset is read with."""
-    return dataclasses.replace(data, dataset=source.dataset, root=source.root,
-                               download=source.download, domains=[], domain_shape=None,
-                               test_domains=[], train_domains=None, val_fraction=None)
+@dataclass(frozen=True)
+class DomainSource:
+    """One domain of `data.dataset: domains`: a single-domain dataset read from its own root,
+    optionally subsampled (a seeded draw of its train / test split); that dataset's own keys
+    sit beside these."""
+
+    name: str = ""
+    dataset: str = ""
+    params: Any = plugin_params(DATASET, "dataset")
+    root: str | None = None
+    download: bool = False
+    train_size: int | None = None
+    test_size: int | None = None
+
+    def __post_init__(self) -> None:
+        require(bool(self.name), "name", "every domain needs a name (its metrics' suffix)")
+        require(self.dataset != "domains", "dataset", "a domain cannot be a `domains` dataset")
+        require(DATASETS[self.dataset].task == "classification", "dataset",
+                f"{self.dataset} is not a classification dataset")
+        for key in ("train_size", "test_size"):
+            value = getattr(self, key)
+            require(value is None or value >= 1, key, f"must be >= 1 (got {value})")
 
 
-def load_domains(data: Any) -> Dataset:
-    from raysim.registry import DATASETS
+@dataclass(frozen=True)
+class DomainsConfig:
+    """The keys of `domains` (under `data`): its domains, and the image shape [C, H, W] they
+    are brought to (needed where they differ)."""
 
+    domains: tuple[DomainSource, ...] = ()
+    domain_shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        require(bool(self.domains), "domains", "list the domains, e.g. [{name: mnist, dataset: "
+                "mnist, root: data/mnist}, {name: usps, dataset: usps, root: data/usps}]")
+        names = [d.name for d in self.domains]
+        twice = next((n for n in names if names.count(n) > 1), None)
+        require(twice is None, "domains", f"two domains are named {twice!r}")
+        shape = self.domain_shape
+        require(shape is None or (len(shape) == 3 and all(v >= 1 for v in shape)),
+                "domain_shape", f"expected [channels, height, width] (got {list(shape or ())})")
+
+
+def source_request(request: DatasetRequest, source: DomainSource) -> DatasetRequest:
+    """The request a domain's own dataset is read with."""
+    return dataclasses.replace(request, dataset=source.dataset, params=source.params,
+                               root=source.root, download=source.download, val_fraction=None)
+
+
+def load_domains(request: DatasetRequest) -> Dataset:
+    own = request.params
     loaded = []
-    for source in data.domains:
-        dataset = DATASETS[source.dataset].load(source_config(data, source))
+    for source in own.domains:
+        dataset = DATASETS[source.dataset].load(source_request(request, source))
         if dataset.spec.domains or dataset.train is None:
             raise DatasetFormatError(f"domain {source.name!r}: dataset {source.dataset!r} has "
                                      "domains of its own (or no training split); a domain must "
@@ -92,8 +136,8 @@ def load_domains(data: Any) -> Dataset:
                                  f"{other[0]!r} has {other[1]}; every domain must hold the "
                                  "same classes")
     shapes = {source.name: tuple(ds.spec.input_shape) for source, ds in loaded}
-    if data.domain_shape is not None:
-        shape = tuple(data.domain_shape)
+    if own.domain_shape is not None:
+        shape = tuple(own.domain_shape)
     elif len(set(shapes.values())) == 1:
         shape = next(iter(shapes.values()))
     else:
@@ -115,24 +159,22 @@ def load_domains(data: Any) -> Dataset:
     return Dataset(spec=spec, train=train, test=test)
 
 
-@dataclass(frozen=True)
 class DomainsDataset:
     """The plug-in (`raysim.datasets` entry point `domains`)."""
 
-    task: str = "classification"
+    task = "classification"
+    Config = DomainsConfig
 
-    def check(self, data: Any) -> None:
-        from raysim.registry import DATASETS
-
-        for i, source in enumerate(data.domains):
+    def check(self, request: DatasetRequest) -> None:
+        for i, source in enumerate(request.params.domains):
             try:
-                DATASETS[source.dataset].check(source_config(data, source))
+                DATASETS[source.dataset].check(source_request(request, source))
             except DatasetNotFoundError as error:
                 raise DatasetNotFoundError(f"data.domains[{i}] ({source.name}): {error}") \
                     from None
 
-    def load(self, data: Any) -> Dataset:
-        return load_domains(data)
+    def load(self, request: DatasetRequest) -> Dataset:
+        return load_domains(request)
 
 
 domains = DomainsDataset()

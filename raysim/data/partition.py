@@ -1,48 +1,30 @@
-"""Seeded partitioners that split a label array into per-client index sets.
+"""Client partitions: which training samples each client holds, and the one entry point that
+draws them (`make_partition`) with a registered partitioner (`raysim.data.partitioners`).
 
-Every function is pure: all randomness comes from the explicit ``rng`` argument, so a
-partition is a deterministic function of (labels, arguments, seed). Each client receives a
-sorted ``int64`` array of indices into ``labels``.
+A partition is a deterministic function of (labels, partitioner keys, seed): all randomness
+comes from one generator seeded from the run seed and a fixed stream tag.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from raysim.config import WITHIN_DOMAIN_KINDS
+from raysim.config import PARTITIONER, config_class, parse_params
+from raysim.registry import PARTITIONERS
 
 __all__ = [
-    "PARTITION_KINDS",
-    "WITHIN_DOMAIN_KINDS",
     "ClientSplit",
     "LabelCounts",
     "Partition",
+    "PartitionRequest",
     "long_tail_indices",
     "make_partition",
-    "partition_dirichlet",
-    "partition_dirichlet_equal",
-    "partition_domains",
-    "partition_iid",
-    "partition_quantity",
-    "partition_shards",
 ]
 
-PARTITION_KINDS: tuple[str, ...] = (
-    "iid",
-    "dirichlet",
-    "shards",
-    "quantity",
-    "dirichlet_equal",
-    "domains",
-    "natural",
-    "file",
-)
-
-# Redraw budget for rejection-sampled partitions before giving up with a user error.
-_MAX_TRIES = 1000
 # Fixed stream tag so partitioning never shares random draws with other uses of the run seed.
 _PARTITION_STREAM_TAG = 0x9A27
 
@@ -56,221 +38,6 @@ def _as_labels(labels: np.ndarray) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def _check_clients(num_clients: int, num_samples: int) -> None:
-    if num_clients < 1:
-        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
-    if num_clients > num_samples:
-        raise ValueError(
-            f"cannot split {num_samples} samples among {num_clients} clients: "
-            "lower num_clients (every client needs at least one sample)"
-        )
-
-
-def _check_alpha(alpha: float) -> None:
-    if not (alpha > 0 and math.isfinite(alpha)):
-        raise ValueError(f"Dirichlet alpha must be a positive finite number, got {alpha}")
-
-
-def _finish(parts: list[np.ndarray] | list[list[int]]) -> list[np.ndarray]:
-    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-
-
-def _dirichlet_fill(
-    class_indices: list[np.ndarray],
-    num_workers: int,
-    alpha: float,
-    cap: float,
-    rng: np.random.Generator,
-) -> list[np.ndarray]:
-    """One NIID-Bench style pass: split each class by Dir(alpha) proportions.
-
-    Workers already holding ``>= cap`` samples get no share of later classes, which keeps
-    sizes from running away under small alpha.
-    """
-    buckets: list[list[np.ndarray]] = [[] for _ in range(num_workers)]
-    sizes = np.zeros(num_workers, dtype=np.int64)
-    for idx_c in class_indices:
-        p = rng.dirichlet(np.full(num_workers, alpha))
-        p = p * (sizes < cap)
-        total = p.sum()
-        if total <= 0:  # only possible once everything is assigned; nothing left to split
-            p = np.full(num_workers, 1.0 / num_workers)
-        else:
-            p = p / total
-        cuts = (np.cumsum(p) * len(idx_c)).astype(np.int64)[:-1]
-        for w, piece in enumerate(np.split(idx_c, cuts)):
-            buckets[w].append(piece)
-            sizes[w] += len(piece)
-    return [np.concatenate(b) if b else np.empty(0, dtype=np.int64) for b in buckets]
-
-
-def partition_iid(
-    labels: np.ndarray, num_clients: int, rng: np.random.Generator
-) -> list[np.ndarray]:
-    """Uniform random split into near-equal sizes: the homogeneous baseline."""
-    y = _as_labels(labels)
-    _check_clients(num_clients, len(y))
-    perm = rng.permutation(len(y))
-    return _finish(np.array_split(perm, num_clients))
-
-
-def partition_dirichlet(
-    labels: np.ndarray,
-    num_clients: int,
-    alpha: float,
-    rng: np.random.Generator,
-    min_size: int = 2,
-) -> list[np.ndarray]:
-    """Label skew via per-class Dir(alpha) proportions (NIID-Bench), redrawn until non-tiny."""
-    y = _as_labels(labels)
-    _check_clients(num_clients, len(y))
-    _check_alpha(alpha)
-    if num_clients * min_size > len(y):
-        raise ValueError(
-            f"cannot give {num_clients} clients at least min_size={min_size} samples each "
-            f"from {len(y)} samples: lower num_clients or min_size"
-        )
-    classes = np.unique(y)
-    by_class = [np.flatnonzero(y == c) for c in classes]
-    cap = len(y) / num_clients
-    for _ in range(_MAX_TRIES):
-        shuffled = [rng.permutation(idx) for idx in by_class]
-        parts = _dirichlet_fill(shuffled, num_clients, alpha, cap, rng)
-        if min(len(p) for p in parts) >= min_size:
-            return _finish(parts)
-    raise ValueError(
-        f"Dirichlet partition (alpha={alpha}) could not give all {num_clients} clients at least "
-        f"min_size={min_size} samples after {_MAX_TRIES} draws: lower num_clients or raise alpha"
-    )
-
-
-def partition_shards(
-    labels: np.ndarray,
-    num_clients: int,
-    classes_per_client: int,
-    rng: np.random.Generator,
-) -> list[np.ndarray]:
-    """Pathological skew: every client holds exactly ``classes_per_client`` distinct classes.
-
-    Classes are handed out least-used-first so each class is shared by about the same number
-    of clients; a class's samples are then split evenly among its holders.
-    """
-    y = _as_labels(labels)
-    _check_clients(num_clients, len(y))
-    classes = np.unique(y)
-    num_classes = len(classes)
-    k = classes_per_client
-    if k < 1:
-        raise ValueError(f"classes_per_client must be >= 1, got {k}")
-    if k > num_classes:
-        raise ValueError(
-            f"classes_per_client={k} exceeds the number of classes present ({num_classes}): "
-            "lower classes_per_client"
-        )
-    if num_clients * k < num_classes:
-        raise ValueError(
-            f"num_clients * classes_per_client = {num_clients * k} < {num_classes} classes, so "
-            "some classes would belong to no client: raise num_clients or classes_per_client"
-        )
-
-    usage = np.zeros(num_classes, dtype=np.int64)
-    holders: list[list[int]] = [[] for _ in range(num_classes)]
-    for client in range(num_clients):
-        order = np.lexsort((rng.random(num_classes), usage))
-        for pos in order[:k]:
-            holders[pos].append(client)
-            usage[pos] += 1
-
-    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-    for pos, cls in enumerate(classes):
-        idx_c = np.flatnonzero(y == cls)
-        owners = holders[pos]
-        if len(owners) > len(idx_c):
-            raise ValueError(
-                f"class {int(cls)} has {len(idx_c)} samples but would be split among "
-                f"{len(owners)} clients: lower num_clients or classes_per_client"
-            )
-        pieces = np.array_split(rng.permutation(idx_c), len(owners))
-        for owner, piece in zip(owners, pieces, strict=True):
-            parts[owner].append(piece)
-    return _finish([np.concatenate(p) for p in parts])
-
-
-def partition_quantity(
-    labels: np.ndarray,
-    num_clients: int,
-    alpha: float,
-    rng: np.random.Generator,
-    min_size: int = 2,
-) -> list[np.ndarray]:
-    """Quantity skew: IID labels, but client sizes follow Dir(alpha) over clients."""
-    y = _as_labels(labels)
-    _check_clients(num_clients, len(y))
-    _check_alpha(alpha)
-    if num_clients * min_size > len(y):
-        raise ValueError(
-            f"cannot give {num_clients} clients at least min_size={min_size} samples each "
-            f"from {len(y)} samples: lower num_clients or min_size"
-        )
-    perm = rng.permutation(len(y))
-    for _ in range(_MAX_TRIES):
-        p = rng.dirichlet(np.full(num_clients, alpha))
-        cuts = (np.cumsum(p) * len(y)).astype(np.int64)[:-1]
-        parts = np.split(perm, cuts)
-        if min(len(part) for part in parts) >= min_size:
-            return _finish(parts)
-    raise ValueError(
-        f"quantity-skew partition (alpha={alpha}) could not give all {num_clients} clients at "
-        f"least min_size={min_size} samples after {_MAX_TRIES} draws: "
-        "lower num_clients or raise alpha"
-    )
-
-
-def partition_dirichlet_equal(
-    labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator
-) -> list[np.ndarray]:
-    """Equal-size clients with Dirichlet-induced label skew (FedHPro / CReFF re-slicing).
-
-    Samples are Dirichlet-split among groups of up to 10 auxiliary workers, the workers'
-    lists are concatenated, and the result is cut into equal contiguous slices, so label
-    skew survives while every client has the same number of samples (+-1).
-    """
-    y = _as_labels(labels)
-    n = len(y)
-    _check_clients(num_clients, n)
-    _check_alpha(alpha)
-    aux = 10
-    num_chunks = math.ceil(num_clients / aux)
-    order = rng.permutation(n)  # shuffled (index, label) pairs
-
-    flat: list[np.ndarray] = []
-    start = 0
-    for chunk in range(num_chunks):
-        last = chunk == num_chunks - 1
-        n_w = num_clients - aux * (num_chunks - 1) if last else aux
-        stop = n if last else start + int(aux / num_clients * n)
-        chunk_idx = order[start:stop]
-        start = stop
-        size = len(chunk_idx)
-        chunk_labels = y[chunk_idx]
-        class_indices = [chunk_idx[chunk_labels == c] for c in np.unique(chunk_labels)]
-        need = int(0.5 * size / n_w)
-        for _ in range(_MAX_TRIES):
-            workers = _dirichlet_fill(class_indices, n_w, alpha, size / n_w, rng)
-            if min(len(w) for w in workers) >= need:
-                break
-        else:
-            raise ValueError(
-                f"equal-size Dirichlet partition (alpha={alpha}) could not give each auxiliary "
-                f"worker at least {need} samples after {_MAX_TRIES} draws: "
-                "lower num_clients or raise alpha"
-            )
-        flat.extend(workers)
-
-    pool = np.concatenate(flat)
-    return _finish(np.array_split(pool, num_clients))
-
-
 def _as_domains(domains: np.ndarray, num_samples: int) -> np.ndarray:
     arr = _as_labels(domains)
     if len(arr) != num_samples:
@@ -280,50 +47,17 @@ def _as_domains(domains: np.ndarray, num_samples: int) -> np.ndarray:
     return arr
 
 
-def partition_domains(
-    labels: np.ndarray,
-    domains: np.ndarray,
-    num_clients: int,
-    rng: np.random.Generator,
-    *,
-    within: str = "iid",
-    alpha: float = 0.5,
-    min_size: int = 2,
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """Feature skew: every client holds samples of a single domain.
+@dataclass(frozen=True)
+class PartitionRequest:
+    """What a partitioner receives (see `raysim.data.partitioners`)."""
 
-    Client ``k`` gets the ``k % D``-th of the D domains present, so domains have equally many
-    clients (+-1); each domain's samples are then split among its clients by ``within``
-    ("iid", or "dirichlet" for label skew on top). Returns the client index sets and each
-    client's domain id.
-    """
-    if within not in WITHIN_DOMAIN_KINDS:
-        raise ValueError(
-            f"unknown within-domain partition {within!r}; expected one of: "
-            f"{', '.join(WITHIN_DOMAIN_KINDS)}"
-        )
-    y = _as_labels(labels)
-    d = _as_domains(domains, len(y))
-    _check_clients(num_clients, len(y))
-    present = np.unique(d)
-    if num_clients < len(present):
-        raise ValueError(
-            f"domains partition needs at least {len(present)} clients (one per domain), "
-            f"got num_clients={num_clients}"
-        )
-    client_domains = present[np.arange(num_clients) % len(present)]
-    parts: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * num_clients
-    for dom in present:
-        members = np.flatnonzero(d == dom)
-        clients = np.flatnonzero(client_domains == dom)
-        if within == "iid":
-            local = partition_iid(y[members], len(clients), rng)
-        else:
-            local = partition_dirichlet(y[members], len(clients), alpha, rng, min_size=min_size)
-        # members is sorted, so mapped sorted local indices stay sorted.
-        for client, idx in zip(clients, local):
-            parts[client] = members[idx]
-    return parts, client_domains.astype(np.int64)
+    labels: np.ndarray  # (N,) class of each sample in the pool
+    domains: np.ndarray | None  # (N,) domain of each sample, where the dataset has domains
+    num_classes: int
+    num_clients: int
+    rng: np.random.Generator
+    params: Any = None  # the partitioner's own Config: data.partition's other keys
+    clients: np.ndarray | None = None  # (N,) the client of each sample, where the data has one
 
 
 def long_tail_indices(labels: np.ndarray, rho: float, rng: np.random.Generator) -> np.ndarray:
@@ -487,31 +221,27 @@ def make_partition(
     kind: str,
     num_clients: int,
     seed: int,
-    alpha: float = 0.5,
-    classes_per_client: int = 2,
-    min_size: int = 2,
+    params: Any = None,
     long_tail_rho: float = 1.0,
     domains: np.ndarray | None = None,
-    within: str = "iid",
     clients: np.ndarray | None = None,
-    path: str | None = None,
-    overlap: bool = False,
 ) -> Partition:
-    """Build the partition the config asks for, from a seed alone (reproducible across runs).
+    """The partition of the registered partitioner `kind`, from a seed alone (reproducible
+    across runs). `params` is its Config, or a mapping of its keys (None: its defaults).
 
     With ``long_tail_rho > 1`` the pool is first restricted to a long-tailed subset; the
     returned indices always point into the original ``labels`` array. ``domains`` (a domain id
     per sample) is required by kind "domains" and, for any kind, fills
     ``Partition.client_domains``. ``clients`` (a client id per sample, where the dataset has
-    them) is what kind "natural" splits by; kind "file" reads ``path``.
+    them) is what kind "natural" splits by.
     """
-    from raysim.data.partitioners import PartitionRequest
-    from raysim.registry import PARTITIONERS
-
     try:
         partitioner = PARTITIONERS[kind]
     except KeyError as error:
         raise ValueError(str(error)) from None
+    if params is None or isinstance(params, dict):
+        params = parse_params(config_class(partitioner), params or {}, "data.partition",
+                              owner=f"{PARTITIONER} {kind!r}")
     y = _as_labels(labels)
     dom = None if domains is None else _as_domains(domains, len(y))
     if y.size and (y.min() < 0 or y.max() >= num_classes):
@@ -521,7 +251,7 @@ def make_partition(
     if long_tail_rho < 1:
         raise ValueError(f"long_tail_rho must be >= 1 (1 disables it), got {long_tail_rho}")
     if long_tail_rho > 1:
-        if kind in FIXED_KINDS:
+        if not getattr(partitioner, "draws", True):
             raise ValueError(f"kind {kind!r} takes the clients' samples as they are: "
                              "long_tail.rho applies only to partitions raysim draws")
         pool = long_tail_indices(y, long_tail_rho, rng)
@@ -531,13 +261,8 @@ def make_partition(
 
     parts = partitioner(PartitionRequest(
         labels=sub, domains=None if dom is None else dom[pool], num_classes=num_classes,
-        num_clients=num_clients, rng=rng, alpha=alpha, classes_per_client=classes_per_client,
-        min_size=min_size, within=within, clients=clients, path=path, overlap=overlap))
+        num_clients=num_clients, rng=rng, params=params, clients=clients))
     split = parts if isinstance(parts, ClientSplit) else ClientSplit.from_lists(parts)
     # pool is sorted, so mapping sorted local indices keeps each client's indices sorted.
     split = ClientSplit(split.offsets, pool[split.indices])
     return Partition.of_split(split, y, num_classes, dom)
-
-
-# Kinds whose clients are given (by the dataset, or by a file), not drawn.
-FIXED_KINDS = ("natural", "file")

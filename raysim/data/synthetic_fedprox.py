@@ -24,11 +24,11 @@ their own.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from raysim.data.datasets import ArraySplit, Dataset, DatasetSpec
+from raysim.config import require
+from raysim.data.datasets import ArraySplit, Dataset, DatasetRequest, DatasetSpec
 
 FEATURES, CLASSES = 60, 10
 # stream tags: sizes, per-client parameters, train samples, test samples, the IID model
@@ -107,22 +107,46 @@ class FedProxClients:
                           np.concatenate([y for _, y in parts]))
 
 
+@dataclass(frozen=True)
+class FedProxSyntheticConfig:
+    """The keys of `synthetic_fedprox` (under `data`)."""
+
+    alpha: float = 1.0  # spread of the clients' labelling models (std of u_k)
+    beta: float = 1.0  # spread of the clients' input means (std of B_k)
+    iid: bool = False  # the paper's IID variant: one shared model, zero input means
+    seed: int = 0  # the dataset's own seed: the same clients for every run seed
+    size_mu: float = 4.0  # client sizes: ⌊LogNormal(size_mu, size_sigma)⌋ + size_min
+    size_sigma: float = 2.0
+    size_min: int = 50
+    test_clients: int = 100  # the test set: held-out samples of this many clients
+    test_per_client: int = 100
+
+    def __post_init__(self) -> None:
+        require(self.alpha >= 0, "alpha", f"must be >= 0 (got {self.alpha})")
+        require(self.beta >= 0, "beta", f"must be >= 0 (got {self.beta})")
+        require(self.size_sigma >= 0, "size_sigma", f"must be >= 0 (got {self.size_sigma})")
+        require(self.size_min >= 1, "size_min", "must be >= 1")
+        require(self.test_clients >= 1, "test_clients", "must be >= 1")
+        require(self.test_per_client >= 1, "test_per_client", "must be >= 1")
+
+
 class SyntheticFedProx:
-    """The `synthetic_fedprox` dataset plug-in (keys under `data.synthetic_fedprox`)."""
+    """The `synthetic_fedprox` dataset plug-in (its keys under `data`: alpha, beta, ...)."""
 
     task = "classification"
     generates_clients = True  # its partition is its own: data.partition.kind natural
+    Config = FedProxSyntheticConfig
 
-    def check(self, data: Any) -> None:
+    def check(self, request: DatasetRequest) -> None:
         pass  # generated: nothing to find on disk
 
-    def load(self, data: Any) -> Dataset:
-        cfg = data.synthetic_fedprox
+    def load(self, request: DatasetRequest) -> Dataset:
+        own = request.params
         clients = FedProxClients.build(
-            data.partition.num_clients, cfg.alpha, cfg.beta, cfg.iid, cfg.seed,
-            cfg.size_mu, cfg.size_sigma, cfg.size_min)
+            request.num_clients, own.alpha, own.beta, own.iid, own.seed,
+            own.size_mu, own.size_sigma, own.size_min)
         return Dataset(spec=SPEC, train=None,
-                       test=clients.test_split(cfg.test_clients, cfg.test_per_client),
+                       test=clients.test_split(own.test_clients, own.test_per_client),
                        clients=clients)
 
 

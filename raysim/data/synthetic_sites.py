@@ -27,13 +27,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-from raysim.data.datasets import ArraySplit, Dataset, DatasetSpec, channel_stats
+from raysim.config import require
+from raysim.data.datasets import ArraySplit, Dataset, DatasetRequest, DatasetSpec, channel_stats
 
 __all__ = [
     "FLAVOURS",
     "ORGAN_SLICES",
     "SiteSamples",
     "SiteStyle",
+    "SitesConfig",
+    "SyntheticSites",
     "generate_site",
     "load_synthetic",
     "nuclei_mask",
@@ -559,3 +562,45 @@ def load_synthetic(
         task="segmentation",
     )
     return Dataset(spec=spec, train=train, test=test, val=val)
+
+
+@dataclass(frozen=True)
+class SitesConfig:
+    """The keys of `synthetic_organ` and `synthetic_nuclei` (under `data`): how many sites and
+    images per site and split."""
+
+    sites: int = 4
+    train_per_site: int = 48
+    val_per_site: int = 12
+    test_per_site: int = 24
+    image_size: int = 64  # square; a multiple of 16 so a 4-level U-Net divides it evenly
+
+    def __post_init__(self) -> None:
+        require(self.sites >= 1, "sites", "must be >= 1")
+        require(self.train_per_site >= 1, "train_per_site", "must be >= 1")
+        require(self.val_per_site >= 1, "val_per_site", "must be >= 1")
+        require(self.test_per_site >= 1, "test_per_site", "must be >= 1")
+        require(self.image_size >= 32 and self.image_size % 16 == 0, "image_size",
+                f"must be a multiple of 16 and >= 32 (got {self.image_size})")
+
+
+@dataclass(frozen=True)
+class SyntheticSites:
+    """The `synthetic_organ` / `synthetic_nuclei` plug-ins: generated offline, no root."""
+
+    flavour: str  # one of FLAVOURS
+    task = "segmentation"
+    Config = SitesConfig
+
+    def check(self, request: DatasetRequest) -> None:
+        pass  # generated: nothing to find on disk
+
+    def load(self, request: DatasetRequest) -> Dataset:
+        own = request.params
+        return load_synthetic(self.flavour, sites=own.sites, train_per_site=own.train_per_site,
+                              val_per_site=own.val_per_site, test_per_site=own.test_per_site,
+                              image_size=own.image_size, seed=request.split_seed)
+
+
+synthetic_organ = SyntheticSites("organ")
+synthetic_nuclei = SyntheticSites("nuclei")

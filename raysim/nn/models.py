@@ -5,11 +5,26 @@ the named multi-level feature maps that multi-level prototype methods read."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from raysim.config import require
+from raysim.registry import MODELS
+
+
+@dataclass(frozen=True)
+class WidthConfig:
+    """`model.width`, for models with a base width (channels or hidden units)."""
+
+    width: int | None = None  # None: the model's own default
+
+    def __post_init__(self) -> None:
+        require(self.width is None or self.width >= 1, "width", "must be >= 1")
 
 
 class ModelOutput(NamedTuple):
@@ -48,6 +63,7 @@ class MLP(nn.Module):
     has_feature_head = True
     task = "classification"
     width_argument = "width"
+    Config = WidthConfig
 
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int,
                  width: int = 128) -> None:
@@ -127,6 +143,7 @@ class ResNet10(nn.Module):
     has_feature_head = True
     task = "classification"
     width_argument = "nf"
+    Config = WidthConfig
 
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, nf: int = 32) -> None:
         super().__init__()
@@ -176,6 +193,7 @@ class UNet(nn.Module):
 
     has_feature_head = False
     width_argument = "width"
+    Config = WidthConfig
     task = "segmentation"
 
     def __init__(
@@ -210,18 +228,18 @@ class UNet(nn.Module):
 
 
 def model_task(name: str) -> str:
-    from raysim.registry import MODELS
-
     return MODELS[name].task
 
 
 def build_model(
-    name: str, input_shape: tuple[int, int, int], num_classes: int, width: int | None = None
+    name: str, input_shape: tuple[int, int, int], num_classes: int, params: Any = None
 ) -> nn.Module:
     """The registered model `name` (`raysim.models` entry points: cnn, resnet10, logreg, unet,
-    and plug-ins), as `cls(input_shape, num_classes, **{cls.width_argument: width})`."""
-    from raysim.registry import MODELS
-
+    and plug-ins) with its own keys `params` (its Config; None: the defaults), passed to
+    `cls(input_shape, num_classes, **keys)` as keywords, those set to None left out; `width`
+    goes to the keyword a model's `width_argument` names."""
     cls = MODELS[name]
-    kwargs = {cls.width_argument: width} if width is not None else {}
+    keys = dataclasses.asdict(params) if dataclasses.is_dataclass(params) else {}
+    renamed = {"width": getattr(cls, "width_argument", None) or "width"}
+    kwargs = {renamed.get(key, key): value for key, value in keys.items() if value is not None}
     return cls(tuple(input_shape), num_classes, **kwargs)

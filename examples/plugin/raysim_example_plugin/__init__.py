@@ -55,25 +55,39 @@ class FedAvgM(FedAvg):
 
 
 @dataclass(frozen=True)
+class BlobsConfig:
+    """The dataset's own keys, written beside its name: data: {dataset: blobs, train: 600}."""
+
+    train: int = 600  # training samples
+    test: int = 200  # test samples
+    spread: float = 1.0  # std of each blob around its centre
+
+    def __post_init__(self) -> None:
+        require(self.train >= 1 and self.test >= 1, "train", "train and test must be >= 1")
+        require(self.spread > 0, "spread", f"must be > 0 (got {self.spread})")
+
+
 class Blobs:
     """Ten Gaussian blobs in 64 dimensions, shown as 1×8×8 images; generated, so no root."""
 
-    task: str = "classification"
+    task = "classification"
+    Config = BlobsConfig
 
-    def check(self, data) -> None:  # nothing on disk to look for
+    def check(self, request) -> None:  # nothing on disk to look for
         pass
 
-    def load(self, data) -> Dataset:
+    def load(self, request) -> Dataset:
+        own = request.params  # a BlobsConfig
         rng = np.random.default_rng(0)
         centers = rng.normal(0, 1, (10, 64))
 
         def split(n: int) -> ArraySplit:
             y = rng.integers(0, 10, n)
-            x = centers[y] + rng.normal(0, 1, (n, 64))
+            x = centers[y] + rng.normal(0, own.spread, (n, 64))
             return ArraySplit(x.reshape(n, 1, 8, 8).astype(np.float32), y.astype(np.int64))
 
         spec = DatasetSpec("blobs", 10, (1, 8, 8), (0.0,), (1.5,), 1.0, None)
-        return Dataset(spec=spec, train=split(600), test=split(200))
+        return Dataset(spec=spec, train=split(own.train), test=split(own.test))
 
 
 blobs = Blobs()
@@ -104,6 +118,6 @@ class JsonLines(Sink):
         with self.path.open("a") as f:
             f.write(json.dumps({"round": result.round, **result.metrics}) + "\n")
 
-    def finish(self, summary: dict) -> None:
+    def finish(self, summary) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps({"summary": summary["final"]}) + "\n")
+            f.write(json.dumps({"summary": summary.final}) + "\n")
