@@ -2,13 +2,9 @@
 Hierarchical Style-Recalibrated Prototype Alignment for Federated Medical Image Segmentation",
 AAAI 2026. Written from the official code as the spec `fedbcs.md` records it (§n below).
 
-Model: the U-Net of `raysim.nn.models.UNet` with
-  * FSR, frequency-domain style recalibration, after encoder stages 2–4 (§2):
-        FSR(x) = γ ⊙ F⁻¹( (w₀·|F(IN x)| + w₁·|F(x)|) · e^{i∠F(x)} ) + β,   w = softmax(h / T)
-    which equals γ ⊙ (w₀·IN(x) + w₁·x) + β (§2.3; `fsr: closed_form`, three FFTs cheaper);
-  * context-aware fusion per level (§3.1): the deepest selected stage of the encoder (decoder)
-    is the context; every other selected stage i gives e_i = Conv1×1(concat(s_i, ↑ctx)), and the
-    e_i, nearest-resized to one resolution and concatenated, are the level's pixel features F^l.
+Model (`raysim.nn.fedbcs_unet.FedBCSUNet`): the U-Net with FSR, frequency-domain style
+recalibration, after encoder stages 2–4 (§2), and a context-aware fusion per level (§3.1) whose
+output F^l holds the level's pixel features.
 
 Client, per batch (§1.2, §3.4), with y resized (nearest) to each level's resolution:
     L = ½(CE + SoftDice) + λ · (1/|levels|) Σ_l [ L_contra^l + L_consis^l ]
@@ -32,26 +28,20 @@ Where this file departs from the official code, on purpose (spec §7):
     always divides by 2); λ (`weight`) is applied (the code's `--alp` is unused, i.e. λ = 1).
 Everything else — the clamps and τ = 0.005 (§3.4), FSR's T = 0.1, persistent optimiser state
 (`train.keep_optimizer_state` in the ready configs), the resolutions — follows the code.
-
-`feature_path: per_branch` (default) computes the same prototypes and losses as
-`materialized` (the official concatenation at full resolution) without building the (B, 768,
-H, W) tensor: a 1×1 conv commutes with nearest resizing, and means, dot products and squared
-norms over a concatenation split into per-branch sums, so each branch stays at its own
-resolution and only per-pixel scalars are upsampled.
+`feature_path: per_branch` (default) computes the same prototypes and losses as `materialized`
+(the official concatenation at full resolution) without building it (see the model's module).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from algorithms.fedavg import FedAvg
-from algorithms.fpl import cluster_prototypes
 from raysim.algorithm import (
+    LEARNING_RATE_SPACE,
     Broadcast,
     ClientUpdate,
     LocalRound,
@@ -61,200 +51,16 @@ from raysim.algorithm import (
     copy_weights,
     extend,
 )
+from raysim.config import Config as ExperimentConfig
 from raysim.config import require
 from raysim.methods.features import NUM_STAGES
+from raysim.methods.prototypes import cluster_prototypes
+from raysim.nn.fedbcs_unet import FEATURE_PATHS, FSR_FORMS, LEVELS, FedBCSUNet, LevelFeatures
+from raysim.nn.models import UNet
 from raysim.nn.segmentation import joint_loss, resize_labels
+from raysim.registry import MODELS
 
-LEVELS = ("encoder", "decoder")
 COS_EPS = 1e-8
-
-
-# ---------------------------------------------------------------------------- FSR (§2)
-
-
-class StyleRecalibration(nn.Module):
-    """FSR (§2.2): amplitudes of x and of IN(x) mixed by w = softmax(h/T), the phase of x
-    kept, then a per-channel affine. `mode="closed_form"` computes γ(w₀·IN(x) + w₁·x) + β,
-    which §2.3 shows equal up to the code's 1e-5 denormal clamps."""
-
-    def __init__(self, channels: int, mode: str = "fft", temperature: float = 0.1) -> None:
-        super().__init__()
-        self.mode, self.temperature = mode, temperature
-        self.mix_logits = nn.Parameter(torch.zeros(2, 1, 1))  # h, shared across channels
-        self.gamma = nn.Parameter(torch.ones(channels, 1, 1))
-        self.beta = nn.Parameter(torch.zeros(channels, 1, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        w = torch.softmax(self.mix_logits / self.temperature, dim=0)
-        normalized = F.instance_norm(x, eps=1e-5)
-        if self.mode == "closed_form":
-            mixed = w[0] * normalized + w[1] * x
-        else:
-            mixed = self._fft_mix(x, normalized, w)
-        return self.gamma * mixed + self.beta
-
-    @staticmethod
-    def _fft_mix(x: Tensor, normalized: Tensor, w: Tensor) -> Tensor:
-        """The official decompose / compose (§2.2), denormal clamps included."""
-        h, wd = x.shape[-2:]
-        spectrum, norm_spectrum = torch.fft.fft2(x), torch.fft.fft2(normalized)
-        amplitude = torch.sqrt(_clamp_denormal(spectrum.abs().pow(2)))
-        norm_amplitude = torch.sqrt(_clamp_denormal(norm_spectrum.abs().pow(2)))
-        phase = torch.atan2(spectrum.imag, _clamp_denormal(spectrum.real))
-        mixed = w[0] * norm_amplitude + w[1] * amplitude
-        composed = torch.polar(mixed / (h * wd) ** 0.5, phase)
-        return torch.fft.irfft2(composed, s=(h, wd), norm="ortho")
-
-
-def _clamp_denormal(t: Tensor) -> Tensor:
-    """The code's `replace_denormals`: values in (−1e-5, 1e-5) become 1e-5."""
-    return torch.where(t.abs() < 1e-5, torch.full_like(t, 1e-5), t)
-
-
-# ---------------------------------------------------------------------------- fusion (§3.1)
-
-
-def level_order(level: str, layers: list[int]) -> list[int]:
-    """Stage order of one level as the official code lists it: the encoder finest first, the
-    decoder deepest first. The deepest stage is the context; the first branch sets the level's
-    resolution (H for the encoder, H/4 for the decoder with the default layers)."""
-    return sorted(set(layers), reverse=(level == "decoder"))
-
-
-class ContextFusion(nn.Module):
-    """One level's 1×1 fusion convs: e_i = Conv(concat(s_i, ↑ctx)) for each non-context stage."""
-
-    def __init__(self, stages: list[int], channels: tuple[int, ...], out_channels: int) -> None:
-        super().__init__()
-        self.context = max(stages)
-        self.branches = [s for s in stages if s != self.context]
-        context_channels = channels[self.context]
-        self.convs = nn.ModuleList(
-            nn.Conv2d(channels[s] + context_channels, out_channels, 1) for s in self.branches
-        )
-        self.dim = out_channels * len(self.branches)
-
-    def materialized(self, stage_maps: tuple[Tensor, ...]) -> Tensor:
-        """The official feature F^l (B, D, H_l, W_l): fuse each branch at its own resolution,
-        nearest-resize all to the first branch's and concatenate."""
-        context = stage_maps[self.context]
-        fused = [
-            conv(torch.cat([stage_maps[s], _resize(context, stage_maps[s].shape[-2:])], 1))
-            for s, conv in zip(self.branches, self.convs)
-        ]
-        size = fused[0].shape[-2:]
-        return torch.cat([_resize(f, size) for f in fused], 1)
-
-    def per_branch(self, stage_maps: tuple[Tensor, ...]) -> FactoredFeatures:
-        """The same feature, never built: each branch keeps its conv's inputs (the stage,
-        subsampled first if finer than the level, and the context at its own resolution) with
-        the conv's weights. A 1×1 conv commutes with nearest resizing, so every quantity the
-        method needs is computed from these (see `FactoredFeatures`)."""
-        size = tuple(stage_maps[self.branches[0]].shape[-2:])
-        context = stage_maps[self.context]
-        branches = []
-        for s, conv in zip(self.branches, self.convs):
-            stage = stage_maps[s]
-            if stage.shape[-1] > size[-1]:
-                stage = _resize(stage, size)
-            weight = conv.weight[:, :, 0, 0]
-            c = stage.shape[1]
-            branches.append(FactoredBranch(stage, context, weight[:, :c], weight[:, c:],
-                                           conv.bias, size[-1] // stage.shape[-1]))
-        return FactoredFeatures(branches, size)
-
-
-def _resize(t: Tensor, size: Any) -> Tensor:
-    return t if tuple(t.shape[-2:]) == tuple(size) else F.interpolate(t, size=tuple(size),
-                                                                     mode="nearest")
-
-
-def _sum_pool(weights: Tensor, factor: int) -> Tensor:
-    """(B, 1, H, W) pixel weights → the total each (factor × factor) block stands for."""
-    return weights if factor == 1 else F.avg_pool2d(weights, factor) * factor**2
-
-
-@dataclass
-class FactoredBranch:
-    """e = W_s·s + ↑(W_c·ctx + b) at the branch's resolution, kept as its factors."""
-
-    stage: Tensor  # s (B, C_s, h, w)
-    context: Tensor  # ctx (B, C_c, h_c, w_c)
-    stage_weight: Tensor  # W_s (O, C_s)
-    context_weight: Tensor  # W_c (O, C_c)
-    bias: Tensor  # b (O,)
-    factor: int  # nearest-upsampling factor from the branch's resolution to the level's
-
-    def context_part(self) -> Tensor:
-        """u = W_c·ctx + b at the context's resolution (B, O, h_c, w_c)."""
-        return torch.einsum("bchw,oc->bohw", self.context, self.context_weight) + \
-            self.bias.view(1, -1, 1, 1)
-
-    def up(self, t: Tensor) -> Tensor:
-        """Context resolution → branch resolution (nearest)."""
-        return _resize(t, self.stage.shape[-2:])
-
-    def weighted_sum(self, weights: Tensor) -> Tensor:
-        """Σ_p weights_p · e_p, (O,), from (B, 1, h, w) weights at the branch's resolution."""
-        ratio = self.stage.shape[-1] // self.context.shape[-1]
-        context_weights = _sum_pool(weights, ratio)
-        return self.stage_weight @ (self.stage * weights).sum((0, 2, 3)) + \
-            (self.context_part() * context_weights).sum((0, 2, 3))
-
-    def scalars(self, anchors: Tensor) -> Tensor:
-        """(B, A + 1, h, w): ⟨e_p, a⟩ for each row a of `anchors` (A, O), then ‖e_p‖², with
-        ‖W_s s + u‖² = sᵀ(W_sᵀW_s)s + 2 sᵀW_sᵀu + ‖u‖² — nothing wider than C_s at (h, w)."""
-        s, u = self.stage, self.context_part()
-        dots = torch.einsum("bchw,ac->bahw", s, anchors @ self.stage_weight) + \
-            self.up(torch.einsum("bohw,ao->bahw", u, anchors))
-        gram = self.stage_weight.T @ self.stage_weight
-        sq = (s * torch.einsum("bchw,cd->bdhw", s, gram)).sum(1, keepdim=True) + \
-            2 * (s * self.up(torch.einsum("bohw,oc->bchw", u, self.stage_weight))).sum(
-                1, keepdim=True) + self.up(u.pow(2).sum(1, keepdim=True))
-        return torch.cat([dots, sq], 1)
-
-
-@dataclass
-class DenseFeatures:
-    """F^l as the official code holds it: one (B, D, H, W) tensor."""
-
-    tensor: Tensor
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return tuple(self.tensor.shape[-2:])
-
-    def class_sums(self, mask: Tensor) -> Tensor:
-        return self.tensor.permute(0, 2, 3, 1)[mask].sum(0)
-
-    def pixel_scalars(self, anchors: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        f = self.tensor.permute(0, 2, 3, 1)[mask]  # (N, D), the official flattened copy
-        return f @ anchors.T, f.pow(2).sum(1)
-
-
-@dataclass
-class FactoredFeatures:
-    """F^l of one level as factored branches (concatenated in order) at resolution `size`."""
-
-    branches: list[FactoredBranch]
-    size: tuple[int, int]
-
-    def class_sums(self, mask: Tensor) -> Tensor:
-        """Σ of F over the level-resolution pixels of `mask` (B, H, W), (D,)."""
-        m = mask[:, None].to(self.branches[0].stage.dtype)
-        return torch.cat([b.weighted_sum(_sum_pool(m, b.factor)) for b in self.branches])
-
-    def pixel_scalars(self, anchors: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """For the pixels of `mask`: ⟨f_i, a⟩ for each row a of `anchors` (N, A), and ‖f_i‖²
-        (N,): per-branch scalars, nearest-upsampled to the level's resolution and summed."""
-        total, offset = None, 0
-        for branch in self.branches:
-            width = branch.stage_weight.shape[0]
-            scalars = _resize(branch.scalars(anchors[:, offset:offset + width]), self.size)
-            offset += width
-            total = scalars if total is None else total + scalars
-        picked = total.permute(0, 2, 3, 1)[mask]
-        return picked[:, :-1], picked[:, -1]
 
 
 # ---------------------------------------------------------------------------- losses (§3.4)
@@ -312,7 +118,7 @@ class FedBCS(FedAvg):
           for c in ("background", "foreground")))
 
     uploads = "pixel_prototypes"
-    search_space = {**FedAvg.search_space,
+    search_space = {**LEARNING_RATE_SPACE,
         "algorithm.tau": {"loguniform": [1.0e-3, 0.1]},
         "algorithm.weight": {"loguniform": [0.1, 10.0]}}
 
@@ -331,8 +137,8 @@ class FedBCS(FedAvg):
         feature_path: str = "per_branch"  # per_branch | materialized (same values, more memory)
 
         def __post_init__(self) -> None:
-            require(self.fsr in ("fft", "closed_form", "none"), "fsr",
-                    f"choose one of fft, closed_form, none (got {self.fsr!r})")
+            require(self.fsr in FSR_FORMS, "fsr",
+                    f"choose one of {', '.join(FSR_FORMS)} (got {self.fsr!r})")
             require(self.fsr_temperature > 0, "fsr_temperature", "must be > 0")
             require(len(self.levels) >= 1 and set(self.levels) <= set(LEVELS), "levels",
                     f"choose one or both of {', '.join(LEVELS)} (got {self.levels})")
@@ -348,35 +154,23 @@ class FedBCS(FedAvg):
                     "fusion_channels", "must be >= 1")
             require(self.tau > 0, "tau", f"must be > 0 (got {self.tau})")
             require(self.weight >= 0, "weight", "must be >= 0")
-            require(self.feature_path in ("per_branch", "materialized"), "feature_path",
-                    "choose one of per_branch, materialized")
+            require(self.feature_path in FEATURE_PATHS, "feature_path",
+                    f"choose one of {', '.join(FEATURE_PATHS)}")
+
+    @classmethod
+    def check_config(cls, config: ExperimentConfig) -> None:
+        super().check_config(config)
+        require(issubclass(MODELS[config.model.name], UNet), "model.name",
+                "FedBCS recalibrates and fuses the stages of raysim's U-Net; use model.name: "
+                "unet")
 
     # ---------------------------------------------------------------- model
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        """FSR after encoder stages 2–4 (indices 1–3, §2.1) and one fusion per level."""
+    def prepare_model(self, model: UNet) -> FedBCSUNet:
+        """FSR after encoder stages 2–4 and one fusion per level (§2.1, §3.1)."""
         cfg = self.config
-        if cfg.fsr != "none":
-            for i in (1, 2, 3):
-                model.recalibrate[i] = StyleRecalibration(model.encoder_channels[i], cfg.fsr,
-                                                          cfg.fsr_temperature)
-        fusion = {}
-        for level in cfg.levels:
-            channels = getattr(model, f"{level}_channels")
-            stages = level_order(level, getattr(cfg, f"{level}_layers"))
-            width = cfg.fusion_channels or channels[max(stages)]
-            fusion[level] = ContextFusion(stages, channels, width)
-        model.fusion = nn.ModuleDict(fusion)
-        return model
-
-    def level_features(
-        self, model: nn.Module, out: Any, level: str
-    ) -> DenseFeatures | FactoredFeatures:
-        """F^l of one level; both forms offer `size`, `class_sums` and `pixel_scalars`."""
-        stage_maps = out.encoder if level == "encoder" else out.decoder
-        fusion = model.fusion[level]
-        if self.config.feature_path == "materialized":
-            return DenseFeatures(fusion.materialized(stage_maps))
-        return fusion.per_branch(stage_maps)
+        layers = {level: getattr(cfg, f"{level}_layers") for level in cfg.levels}
+        return FedBCSUNet(model, layers, cfg.fsr, cfg.fsr_temperature, cfg.fusion_channels,
+                          cfg.feature_path)
 
     # ---------------------------------------------------------------- server side
     def init_server(self, model: nn.Module) -> BCSState:
@@ -406,12 +200,16 @@ class FedBCS(FedAvg):
         return AlignmentObjective(self, step.model, step.broadcast, step.ctx.device,
                                   collect_from)
 
+    def after_training(self, step: LocalRound) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """§3.2: the local prototypes the objective collected in the last epoch, and counts."""
+        return step.objective.local_prototypes()
+
     def upload(self, step: LocalRound) -> BCSUpdate:
-        prototypes, counts = step.objective.local_prototypes()
+        prototypes, counts = step.trained
         return extend(super().upload(step), BCSUpdate, prototypes=prototypes, counts=counts)
 
     def alignment_loss(
-        self, features: DenseFeatures | FactoredFeatures, labels: Tensor,
+        self, features: LevelFeatures, labels: Tensor,
         anchors: tuple[Tensor, Tensor],
     ) -> tuple[Tensor, Tensor | None]:
         """L_contra + L_consis of one level over its foreground pixels (§3.4); also the share of
@@ -440,7 +238,7 @@ class AlignmentObjective:
     """One batch's FedBCS loss (§1.2), collecting the local prototypes of the last epoch and
     running sums for the metrics."""
 
-    def __init__(self, method: FedBCS, model: nn.Module, broadcast: BCSBroadcast,
+    def __init__(self, method: FedBCS, model: FedBCSUNet, broadcast: BCSBroadcast,
                  device: torch.device, collect_from: int) -> None:
         self.method, self.model, self.collect_from = method, model, collect_from
         self.levels = method.config.levels
@@ -463,7 +261,7 @@ class AlignmentObjective:
             if not (aligning or collect):
                 continue  # nothing needs this level's features in this batch
             with torch.set_grad_enabled(aligning and torch.is_grad_enabled()):
-                features = self.method.level_features(self.model, out, level)
+                features = self.model.level_features(out, level)
             labels = resize_labels(y, features.size)
             if collect:
                 self._collect(level, features, labels)
@@ -478,9 +276,7 @@ class AlignmentObjective:
         return seg + self.method.config.weight * align
 
     @torch.no_grad()
-    def _collect(
-        self, level: str, features: DenseFeatures | FactoredFeatures, labels: Tensor
-    ) -> None:
+    def _collect(self, level: str, features: LevelFeatures, labels: Tensor) -> None:
         """§3.2: this batch's class means, summed towards the mean over batches."""
         if level not in self.sums:
             dim = self.model.fusion[level].dim

@@ -27,19 +27,23 @@ Server, after FedAvg of the weights, with ū_c, v̄_c the uniform means over the
   classifiers used (§2); the rest of each hyper-prototype keeps its random initial value.
 Classes no client holds keep their F and H (they still serve as HPCL negatives).
 
-`variant: official` follows the code; `variant: paper` is the paper-intent reading of §9:
-- HP distance d: official "sign", the per-coordinate form the code degenerates to (§1),
-  Σ_i [1 − r_i s_i/(|r_i||s_i| + 1e-6)]; paper "cos", one cosine distance of the D-vectors;
-- S4 classifier h: official the S3 classifier just trained (the averaged one with `creff: false`);
-  paper h0, the classifier the clients' gradients were computed with;
-- HPCL weight: official λ_hpcl/B (the code divides the batch mean by B once more), paper λ_hpcl;
-- margin (off by default in both): official recomputed at every mini-batch from the current local
-  model on raw features (the code runs this pass in train mode, updating BatchNorm statistics;
-  here it runs in eval mode and leaves them alone); paper computed once per round, before local
-  training, with the received model in eval mode on L2-normalised features.
+Two methods: `fedhpro` (`FedHPro`) follows the code; `fedhpro_paper` (`FedHProPaper`) is the
+paper-intent reading of §9, and differs in four hooks only:
+- HP distance d (`default_distance`): official "sign", the per-coordinate form the code
+  degenerates to (§1), Σ_i [1 − r_i s_i/(|r_i||s_i| + 1e-6)]; paper "cos", one cosine distance
+  of the D-vectors;
+- S4 classifier h (`matching_classifier`): official the S3 classifier just trained (the averaged
+  one with `creff: false`); paper h0, the classifier the clients' gradients were computed with;
+- HPCL weight (`hpcl_weight`): official λ_hpcl/B (the code divides the batch mean by B once
+  more), paper λ_hpcl;
+- margin (`local_margin`; off by default in both): official recomputed at every mini-batch from
+  the current local model on raw features (the code runs this pass in train mode, updating
+  BatchNorm statistics; here it runs in eval mode and leaves them alone); paper computed once
+  per round, before local training, with the received model in eval mode on L2-normalised
+  features.
 
 Reading choices where the code or spec leaves room: λ_hpcl and λ_hpal scale the terms in both
-variants (their default 1 reproduces the code's weights); `distance` changes only the HP matching,
+methods (their default 1 reproduces the code's weights); `distance` changes only the HP matching,
 S2 always uses CReFF's layer-wise distance; a margin m_k ≤ 0 is ignored like m_k = 0; the official
 `repeat_num` = 1 is the only setting (one DSA draw per class per round); in round 1 the code
 computes the real gradients with a separately initialised Linear, here with the initial model's
@@ -53,7 +57,7 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +65,9 @@ from torch import Tensor, nn
 
 from algorithms.fedavg import FedAvg
 from raysim.algorithm import (
+    LEARNING_RATE_SPACE,
     Broadcast,
+    ClassAnchors,
     ClientContext,
     ClientUpdate,
     LocalRound,
@@ -77,9 +83,7 @@ from raysim.nn.training import ClientData
 from raysim.seeding import derive_seed
 
 HYPER_PROTOTYPE_INIT = 0x48B0  # derive_seed tag of the initial H and F
-VARIANTS = ("official", "paper")
 DISTANCES = ("sign", "cos", "mse")
-DEFAULT_DISTANCE = {"official": "sign", "paper": "cos"}
 EPS = 1e-6  # the official distances' denominator guard
 
 
@@ -150,11 +154,14 @@ def client_margin(model: nn.Module, data: ClientData, num_classes: int,
 
 class HyperPrototypeObjective:
     """CE + w_cl·HPCL + w_al·HPAL of one batch (§3), keeping running sums for the metrics.
-    `margin` is m_k, or a function recomputing it at every batch (official variant)."""
+    `margin` is m_k, or a function recomputing it at every batch (the official reading);
+    `hpcl_weight(B)` is w_cl for a batch of B samples."""
 
     def __init__(self, model: nn.Module, config: Any, num_classes: int,
-                 hyper_prototypes: Tensor, margin: float | Callable[[], float] = 0.0) -> None:
+                 hyper_prototypes: Tensor, margin: float | Callable[[], float] = 0.0,
+                 hpcl_weight: Callable[[int], float] | None = None) -> None:
         self.model, self.config, self.margin = model, config, margin
+        self.hpcl_weight = hpcl_weight or (lambda batch_size: config.lambda_hpcl)
         self.contrast_anchors = hpcl_anchors(hyper_prototypes, num_classes)
         self.align_anchors = hpal_anchors(hyper_prototypes, num_classes)
         self.sums = torch.zeros(3, device=hyper_prototypes.device)  # hpcl, hpal, margin
@@ -168,9 +175,7 @@ class HyperPrototypeObjective:
         if cfg.hpcl:
             margin = self.margin() if callable(self.margin) else self.margin
             contrast = hpcl_loss(out.features, y, self.contrast_anchors, cfg.tau, margin)
-            # the official code divides the batch mean by B once more
-            weight = cfg.lambda_hpcl / (len(y) if cfg.variant == "official" else 1)
-            loss = loss + weight * contrast
+            loss = loss + self.hpcl_weight(len(y)) * contrast
             terms[0], terms[2] = contrast.detach(), margin
         if cfg.hpal:
             align = hpal_loss(out.features, y, self.align_anchors)
@@ -321,33 +326,38 @@ def aggregate_gradients(updates: Sequence[GradientUpdate]) -> tuple[Tensor, Tens
 # ---------------------------------------------------------------------------- the method
 
 
-class FedHPro(FedAvg):
-    """CReFF's federated features and classifier re-training plus hyper-prototype learning."""
+class FedHPro(FedAvg, ClassAnchors):
+    """CReFF's federated features and classifier re-training plus hyper-prototype learning,
+    as the official code does it."""
 
     needs_features = True
     tasks = ("classification",)
-    has_anchors = True
     reported_metrics = ("train_hpcl", "train_hpal", "train_margin",
                         "server_meta_match_loss_first", "server_meta_match_loss_last",
                         "server_crt_accuracy", "server_hp_match_loss_first",
                         "server_hp_match_loss_last", "server_hp_init_cosine")
 
     uploads = "class_gradients"
-    search_space = {**FedAvg.search_space,
+    search_space = {**LEARNING_RATE_SPACE,
         "algorithm.tau": {"loguniform": [0.02, 0.5]},
         "algorithm.hp_lr": {"loguniform": [0.01, 1.0]},
         "algorithm.lambda_hpcl": {"loguniform": [0.1, 3.0]}}
+    default_distance = "sign"  # the HP matching distance where `distance` is unset
 
     @dataclass(frozen=True)
     class Config:
         """Defaults of the official code (README command for CIFAR-10)."""
 
-        variant: str = "official"  # official | paper (see the module docstring)
+        # the key that chose the reading before each reading became a method of its own
+        RENAMED_KEYS: ClassVar[dict[str, str]] = {
+            "variant": "no longer a key: algorithm.name: fedhpro_paper is the paper's reading, "
+                       "fedhpro the official code's"}
+
         creff: bool = True  # S2 + S3: meta features and classifier re-training
         hpcl: bool = True  # client contrastive term
         hpal: bool = True  # client alignment term
         margin: bool = False  # client margin m_k in HPCL (official default: off)
-        distance: str | None = None  # HP matching: sign | cos | mse; None: official sign, paper cos
+        distance: str | None = None  # HP matching: sign | cos | mse; None: the method's default
         dsa: bool = True  # Siamese augmentation of the real samples
         hp_per_class: int = 5  # L
         hp_steps: int = 30  # T_hp, server HP steps per round
@@ -360,11 +370,10 @@ class FedHPro(FedAvg):
         crt_epochs: int = 100  # S3 epochs
         crt_lr: float = 0.01
         crt_batch: int = 50
-        lambda_hpcl: float = 1.0  # official variant: divided by B as in the code
+        lambda_hpcl: float = 1.0  # fedhpro: divided by B as in the code
         lambda_hpal: float = 1.0
 
         def __post_init__(self) -> None:
-            require(self.variant in VARIANTS, "variant", f"choose one of {', '.join(VARIANTS)}")
             require(self.distance is None or self.distance in DISTANCES, "distance",
                     f"choose one of {', '.join(DISTANCES)} (or leave unset)")
             for key in ("tau", "hp_lr", "meta_lr", "crt_lr", "lambda_hpcl", "lambda_hpal"):
@@ -377,7 +386,23 @@ class FedHPro(FedAvg):
     @property
     def distance(self) -> str:
         """The HP matching distance in force."""
-        return self.config.distance or DEFAULT_DISTANCE[self.config.variant]
+        return self.config.distance or self.default_distance
+
+    # ---------------------------------------------------------------- where the readings differ
+    def matching_classifier(self, h0: tuple[Tensor, Tensor],
+                            installed: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """S4's classifier h: the code matches through the classifier S3 has just installed
+        (the averaged one without CReFF), not h0 = (W, b) the clients' gradients came from."""
+        return installed
+
+    def hpcl_weight(self, batch_size: int) -> float:
+        """w_cl: the code divides HPCL's batch mean by B once more."""
+        return self.config.lambda_hpcl / batch_size
+
+    def local_margin(self, step: LocalRound) -> float | Callable[[], float]:
+        """m_k, recomputed at every mini-batch from the current local model on raw features
+        (the code's behaviour)."""
+        return functools.partial(client_margin, step.model, step.data, self.task.num_classes)
 
     # ---------------------------------------------------------------- server side
     def init_server(self, model: nn.Module) -> HyperPrototypeState:
@@ -423,11 +448,9 @@ class FedHPro(FedAvg):
             metrics.update(meta_match_loss_first=losses[0], meta_match_loss_last=losses[-1],
                            crt_accuracy=accuracy)
             meta = meta.cpu()
-        if cfg.variant == "paper":
-            w, b = w0, b0
-        else:  # the code matches through the classifier it has just installed
-            w = weights["classifier.weight"].to(device).float()
-            b = weights["classifier.bias"].to(device).float()
+        installed = (weights["classifier.weight"].to(device).float(),
+                     weights["classifier.bias"].to(device).float())
+        w, b = self.matching_classifier((w0, b0), installed)
         hyper, losses = match_hyper_prototypes(state.hyper_prototypes.to(device), w, b,
                                                real_features, held, self.distance,
                                                cfg.hp_steps, cfg.hp_lr)
@@ -477,16 +500,11 @@ class FedHPro(FedAvg):
 
     def local_objective(self, step: LocalRound) -> HyperPrototypeObjective:
         """CE + HPCL + HPAL (§3), with the client margin from the client's data."""
-        cfg, classes = self.config, self.task.num_classes
-        model, data = step.model, step.data
-        margin: float | Callable[[], float] = 0.0
-        if cfg.margin and cfg.hpcl:
-            if cfg.variant == "paper":  # once per round, from the received model
-                margin = client_margin(model, data, classes, normalize=True)
-            else:  # every mini-batch, from the current local model (the code's behaviour)
-                margin = functools.partial(client_margin, model, data, classes)
+        cfg = self.config
+        margin = self.local_margin(step) if cfg.margin and cfg.hpcl else 0.0
         hyper = step.broadcast.hyper_prototypes.to(step.ctx.device)
-        return HyperPrototypeObjective(model, cfg, classes, hyper, margin)
+        return HyperPrototypeObjective(step.model, cfg, self.task.num_classes, hyper, margin,
+                                       self.hpcl_weight)
 
     def anchors(self, broadcast: HyperPrototypeBroadcast) -> tuple[Tensor, Tensor] | None:
         """Q_c = mean_l H_{c,l} (raw mean), (C, D); every class has one."""
@@ -494,3 +512,22 @@ class FedHPro(FedAvg):
             return None
         anchors = hpal_anchors(broadcast.hyper_prototypes, self.task.num_classes)
         return anchors, torch.ones(len(anchors), dtype=torch.bool)
+
+
+class FedHProPaper(FedHPro):
+    """FedHPro as the paper means it (spec §9), where the official code reads otherwise."""
+
+    default_distance = "cos"
+
+    def matching_classifier(self, h0: tuple[Tensor, Tensor],
+                            installed: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """S4 matches through h0, the classifier the clients' gradients were computed with."""
+        return h0
+
+    def hpcl_weight(self, batch_size: int) -> float:
+        return self.config.lambda_hpcl
+
+    def local_margin(self, step: LocalRound) -> float:
+        """m_k once per round, before local training, from the received model on
+        L2-normalised features."""
+        return client_margin(step.model, step.data, self.task.num_classes, normalize=True)

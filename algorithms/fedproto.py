@@ -35,18 +35,22 @@ from torch import Tensor, nn
 
 from algorithms.fedavg import FedAvg
 from raysim.algorithm import (
+    LEARNING_RATE_SPACE,
     BatchLoss,
     Broadcast,
+    ClassAnchors,
     ClientUpdate,
     LocalRound,
     ServerContext,
     ServerState,
     Weights,
     extend,
+    task_kind,
 )
+from raysim.config import Config as ExperimentConfig
 from raysim.config import ConfigError, require
-from raysim.methods.features import check_feature_level, sample_features
-from raysim.methods.prototypes import local_prototypes
+from raysim.methods.features import SampleFeatures, check_feature_level
+from raysim.methods.prototypes import check_inference, local_prototypes
 
 
 @dataclass(frozen=True)
@@ -86,11 +90,6 @@ def prototype_alignment(features: Tensor, labels: Tensor, prototypes: Tensor,
     return (((features - prototypes[labels]) * mask) ** 2).mean()
 
 
-def check_inference(inference: str) -> None:
-    """The prototype methods' `inference` key: the classifier, or the nearest global prototype."""
-    require(inference in ("logits", "prototype"), "inference", "choose one of logits, prototype")
-
-
 def tensors_to(broadcast: PrototypeBroadcast, device: torch.device) -> PrototypeBroadcast:
     """The broadcast's prototype tensors on `device`, once per client (weights stay put)."""
     moved = {
@@ -101,15 +100,14 @@ def tensors_to(broadcast: PrototypeBroadcast, device: torch.device) -> Prototype
     return dataclasses.replace(broadcast, **moved)
 
 
-class FedProto(FedAvg):
+class FedProto(FedAvg, ClassAnchors):
     needs_features = True
     tasks = ("classification", "segmentation")
-    has_anchors = True
     state_type: type[PrototypeState] = PrototypeState
     broadcast_type: type[PrototypeBroadcast] = PrototypeBroadcast
 
     uploads = "prototypes"
-    search_space = {**FedAvg.search_space,
+    search_space = {**LEARNING_RATE_SPACE,
         "algorithm.lam": {"loguniform": [0.1, 10.0]}}
 
     @dataclass(frozen=True)
@@ -125,10 +123,16 @@ class FedProto(FedAvg):
             check_feature_level(self.feature_level)
 
     @classmethod
-    def check_task(cls, config: Any, kind: str) -> None:
-        if kind == "segmentation" and config.inference != "logits":
+    def check_config(cls, config: ExperimentConfig) -> None:
+        super().check_config(config)
+        if task_kind(config) == "segmentation" and config.algorithm.params.inference != "logits":
             raise ConfigError("algorithm.inference: nearest-prototype inference classifies "
                               "whole samples; on a segmentation task use inference: logits")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # a sample's feature and label: per sample, or per pixel of one U-Net stage
+        self.samples = SampleFeatures.of(self.task, getattr(self.config, "feature_level", None))
 
     # ---------------------------------------------------------------- server side
     def init_server(self, model: nn.Module) -> PrototypeState:
@@ -160,25 +164,16 @@ class FedProto(FedAvg):
 
         def loss(x: Tensor, y: Tensor) -> Tensor:
             out = model(x)
-            features, labels = self.features_of(out, y)
+            features, labels = self.samples(out, y)
             return task_loss(out.logits, y) + self.alignment_loss(features, labels, anchors)
 
         return loss
 
-    def features_of(self, out: Any, y: Tensor) -> tuple[Tensor, Tensor]:
-        """(N, d) features and (N,) labels of a batch: its samples, or its pixels."""
-        if self.task.kind != "segmentation":
-            return out.features, y
-        return sample_features(out, y, self.task.kind, self.config.feature_level)
-
     def after_training(self, step: LocalRound) -> tuple[Tensor, Tensor]:
-        """Eq. 4: the local class means of the trained model, and the class counts. On
-        segmentation the batches are the training batch size, as the U-Net's BatchNorm uses
-        batch statistics."""
-        if self.task.kind == "segmentation":
-            return local_prototypes(step.model, step.data, self.task.num_classes,
-                                    step.ctx.train.batch_size, features_of=self.features_of)
-        return local_prototypes(step.model, step.data, self.task.num_classes)
+        """Eq. 4: the local class means of the trained model, and the class counts."""
+        return local_prototypes(step.model, step.data, self.task.num_classes,
+                                self.samples.read_batch_size(step.ctx.train),
+                                features_of=self.samples)
 
     def upload(self, step: LocalRound) -> PrototypeUpdate:
         prototypes, counts = step.trained

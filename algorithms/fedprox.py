@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from algorithms.fedavg import FedAvg
-from raysim.algorithm import BatchLoss, LocalRound
+from raysim.algorithm import LEARNING_RATE_SPACE, BatchLoss, LocalRound
 from raysim.config import require
 
 
 class FedProx(FedAvg):
-    search_space = {**FedAvg.search_space,
+    search_space = {**LEARNING_RATE_SPACE,
         "algorithm.mu": {"loguniform": [1.0e-3, 1.0]}}
 
     @dataclass(frozen=True)

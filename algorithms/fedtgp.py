@@ -27,10 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from algorithms.fedavg import FedAvg
-from algorithms.fedproto import FedProto, PrototypeState, PrototypeUpdate, check_inference
-from raysim.algorithm import ServerContext, ServerState, copy_tensors, copy_weights, extend
+from algorithms.fedproto import FedProto, PrototypeState, PrototypeUpdate
+from raysim.algorithm import (
+    LEARNING_RATE_SPACE,
+    ServerContext,
+    ServerState,
+    copy_tensors,
+    copy_weights,
+    extend,
+)
 from raysim.config import require
+from raysim.methods.prototypes import check_inference
 
 
 class TrainablePrototypes(nn.Module):
@@ -77,7 +84,7 @@ class FedTGP(FedProto):
     state_type = TrainablePrototypeState
     reported_metrics = ("server_tgp_loss_first", "server_tgp_loss_last", "server_tgp_margin")
 
-    search_space = {**FedAvg.search_space,
+    search_space = {**LEARNING_RATE_SPACE,
         "algorithm.lam": {"loguniform": [0.1, 30.0]}}
 
     @dataclass(frozen=True)

@@ -21,25 +21,17 @@ fusion, style recalibration or foreground-only restriction (FPL aligns every cla
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from algorithms.fedavg import FedAvg
-from algorithms.fedproto import (
-    FedProto,
-    PrototypeBroadcast,
-    PrototypeState,
-    PrototypeUpdate,
-    check_inference,
-)
-from raysim.algorithm import ServerContext, ServerState, extend
+from algorithms.fedproto import FedProto, PrototypeBroadcast, PrototypeState, PrototypeUpdate
+from raysim.algorithm import LEARNING_RATE_SPACE, ServerContext, ServerState, extend
 from raysim.config import require
 from raysim.methods.features import check_feature_level
-from raysim.methods.finch import finch_cluster_means
+from raysim.methods.prototypes import check_inference, cluster_prototypes
 
 
 @dataclass(frozen=True)
@@ -52,31 +44,6 @@ class ClusterBroadcast(PrototypeBroadcast):
 class ClusterState(PrototypeState):
     clusters: Tensor | None = None
     cluster_labels: Tensor | None = None
-
-
-def cluster_prototypes(
-    prototypes: Sequence[Tensor], counts: Sequence[Tensor], num_classes: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """§3.2: FINCH per class over the prototypes (C, d) of the clients whose `counts` (C,) show
-    that class; a class held by one client keeps that client's prototype.
-
-    Returns cluster prototypes (M, d), their classes (M,), unbiased prototypes (C, d) and the
-    (C,) mask of classes present.
-    """
-    dim = prototypes[0].shape[1]
-    clusters, labels = [], []
-    unbiased = torch.zeros(num_classes, dim)
-    present = torch.zeros(num_classes, dtype=torch.bool)
-    for c in range(num_classes):
-        held = [p[c] for p, n in zip(prototypes, counts) if n[c] > 0]
-        if not held:
-            continue
-        means = torch.from_numpy(finch_cluster_means(torch.stack(held), "cosine")).float()
-        clusters.append(means)
-        labels.append(torch.full((len(means),), c, dtype=torch.long))
-        unbiased[c] = means.mean(0)
-        present[c] = True
-    return torch.cat(clusters), torch.cat(labels), unbiased, present
 
 
 def cluster_contrastive_loss(z: Tensor, y: Tensor, clusters: Tensor, cluster_labels: Tensor,
@@ -92,7 +59,7 @@ class FPL(FedProto):
     state_type = ClusterState
     broadcast_type = ClusterBroadcast
 
-    search_space = {**FedAvg.search_space,
+    search_space = {**LEARNING_RATE_SPACE,
         "algorithm.tau": {"loguniform": [0.01, 0.5]}}
 
     @dataclass(frozen=True)

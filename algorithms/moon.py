@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from algorithms.fedavg import FedAvg
-from raysim.algorithm import BatchLoss, ClientUpdate, LocalRound, Weights
+from raysim.algorithm import LEARNING_RATE_SPACE, BatchLoss, ClientUpdate, LocalRound, Weights
 from raysim.config import require
-from raysim.methods.features import check_feature_level, image_features
+from raysim.methods.features import SampleFeatures, check_feature_level
 
 
 def model_contrastive_loss(z: Tensor, z_glob: Tensor, z_prev: Tensor, tau: float) -> Tensor:
@@ -47,7 +47,7 @@ class MOON(FedAvg):
     needs_features = True
     tasks = ("classification", "segmentation")
 
-    search_space = {**FedAvg.search_space,
+    search_space = {**LEARNING_RATE_SPACE,
         "algorithm.mu": {"loguniform": [0.1, 10.0]},
         "algorithm.tau": {"choice": [0.1, 0.5, 1.0]}}
 
@@ -65,6 +65,7 @@ class MOON(FedAvg):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._frozen: dict[str, nn.Module] = {}  # reusable copies, built once per process
+        self.samples = SampleFeatures.of(self.task, self.config.feature_level)
 
     def frozen_model(self, role: str, model: nn.Module, weights: Weights) -> nn.Module:
         if role not in self._frozen:
@@ -79,14 +80,14 @@ class MOON(FedAvg):
         previous = step.state.get("previous") if step.state else None
         previous_model = self.frozen_model("previous", model, previous or broadcast.weights)
         mu, tau, task_loss = self.config.mu, self.config.tau, self.objectives.loss
-        kind, level = self.task.kind, self.config.feature_level
+        represent = self.samples.per_image
 
         def loss(x: Tensor, y: Tensor) -> Tensor:
             out = model(x)
             with torch.no_grad():
-                z_glob = image_features(global_model(x), kind, level)
-                z_prev = image_features(previous_model(x), kind, level)
-            z = image_features(out, kind, level)
+                z_glob = represent(global_model(x))
+                z_prev = represent(previous_model(x))
+            z = represent(out)
             contrastive = model_contrastive_loss(z, z_glob, z_prev, tau)
             return task_loss(out.logits, y) + mu * contrastive
 

@@ -89,7 +89,7 @@ class SCAFFOLD(FedAvg):
         """Option II: c_i⁺ = c_i − c + (x − y)/(K η)."""
         update, train = super().upload(step), step.ctx.train
         own = self.client_control(step)
-        scale = step.metrics["train_steps"] * train.lr / (1 - train.momentum)
+        scale = step.num_steps * train.lr / (1 - train.momentum)
         new = {n: own[n] - c + (step.broadcast.weights[n] - update.weights[n]) / scale
                for n, c in step.broadcast.control.items()}
         return extend(update, ControlUpdate, state={**(update.state or {}), "control": new},

@@ -3,29 +3,33 @@
 A method is a subclass of `Algorithm` with a frozen `Config` dataclass of its hyperparameters
 (the defaults live there and nowhere else). It is constructed as `Method(config, task, device)`
 in every process that hosts it (the server actor and each client worker), and it overrides
-hooks; the engine only calls `client_update`, `server_round` and `evaluate_batch`, which are
-fixed here:
+hooks; the engine only calls `client_update`, `server_round` and `evaluate_batch`, and the first
+two are fixed here (a method that overrides them is refused when its class is created):
 
     client_update:  load the broadcast weights
                     prepared  = before_training(step)      e.g. FedHPro's real-sample gradients
                     objective = local_objective(step)      the per-batch loss
                     optimizer = client_optimizer(step)
-                    metrics   = train_locally(step)        the batch loop
+                    metrics   = train_locally(step)        the batch loop (sets step.num_steps)
                     trained   = after_training(step)       e.g. local prototypes
                     return upload(step)                    weights, counts, extras, next state
     server_round:   weights = aggregate(ctx, state, updates)          (sample-weighted mean)
                     return server_update(ctx, state, weights, updates) (server-side learning)
 
-A method whose `aggregate` is the sample-weighted mean (`weighted_mean = True`, the default)
-lets the workers sum their own clients' weights: the server then receives one exact sum per
-worker (`raysim.methods.aggregation.WeightSum`), the mean is the same bits as summing every
-client on the server, and `updates[k].weights` is empty in `server_update`.
+`weighted_mean` says whether the aggregate is the sample-weighted mean, which the workers can
+pre-sum: it is derived when the class is created (False for a method that overrides
+`aggregate`; a method may also set it False to receive every client's weights). For a
+`weighted_mean` method the server receives one exact sum per worker
+(`raysim.methods.aggregation.WeightSum`), the mean is the same bits as summing every client on
+the server, and `updates[k].weights` in `server_update` is empty (`SummedWeights`).
 
 `step` (a `LocalRound`) carries the context, model, broadcast, data and client state, and what
 each earlier hook produced. Messages and states are frozen dataclasses of data (tensors,
 numbers, lists, dicts), so the engine can move them and checkpoint them without pickle. The
 supervised loss and the evaluation metrics belong to the task (`raysim.nn.objectives`), not to a
-method; a method declares what it supports and reports in class attributes.
+method. What only tools read (the anchor diagnostics, the leakage probe, `raysim compare`) is
+optional and declared apart from `Algorithm`: see the end of this module. The method guide
+(docs/guide/methods.md) walks through every hook with examples.
 """
 
 from __future__ import annotations
@@ -38,10 +42,22 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from raysim.config import Config as ExperimentConfig
 from raysim.config import TrainConfig
+from raysim.methods.aggregation import weighted_average
+from raysim.nn.objectives import objective_of
+from raysim.nn.training import make_optimizer
+from raysim.registry import DATASETS
+from raysim.state_io import register_state_types
+from raysim.types import Weights
 
-Weights = dict[str, Tensor]
 BatchLoss = Callable[[Tensor, Tensor], Tensor]
+
+__all__ = [
+    "LEARNING_RATE_SPACE", "Algorithm", "BatchLoss", "Broadcast", "ClassAnchors", "ClientContext",
+    "ClientUpdate", "LocalRound", "ServerContext", "ServerState", "SummedWeights", "TaskInfo",
+    "Weights", "copy_tensors", "copy_weights", "extend", "search_space_of", "task_kind",
+]
 
 
 @dataclass(frozen=True)
@@ -87,18 +103,39 @@ class Broadcast:
 
 @dataclass(frozen=True)
 class ClientUpdate:
-    """What a client sends back. `state` is kept by the engine for this client's next round."""
+    """What a client sends back.
+
+    `weights`: its trained weights; on the server of a `weighted_mean` method an empty
+    `SummedWeights`, the workers having summed them. `num_samples`: n_k, its training samples
+    (the weight of its weights in the mean). `state`: kept by the engine for this client's next
+    round (None: nothing). `num_steps`: the local optimiser steps it took (τ_k, as FedNova
+    normalises by), also logged as the metric `train_steps`."""
 
     weights: Weights
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
     state: Any = None
+    num_steps: int = 0
 
 
 @dataclass(frozen=True)
 class ServerState:
     weights: Weights
     metrics: dict[str, float] = field(default_factory=dict)  # logged as server_<name>
+
+
+# checkpoints rebuild these messages (and their subclasses in method files) by name
+register_state_types(ServerState, Broadcast, ClientUpdate)
+
+
+class SummedWeights(dict):
+    """`ClientUpdate.weights` on the server of a `weighted_mean` method: empty, the workers
+    having summed every client's weights. Reading a tensor from it says why it is not there."""
+
+    def __missing__(self, name: str) -> Tensor:
+        raise KeyError(f"{name!r}: the workers summed this method's client weights "
+                       "(weighted_mean); a method that reads each client's weights on the "
+                       "server declares weighted_mean = False")
 
 
 @dataclass
@@ -115,6 +152,7 @@ class LocalRound:
     objective: BatchLoss | None = None
     optimizer: torch.optim.Optimizer | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    num_steps: int = 0  # the optimiser steps train_locally took
     trained: Any = None  # what after_training returned
 
 
@@ -142,6 +180,21 @@ def copy_weights(model: nn.Module) -> Weights:
     return copy_tensors(model.state_dict())
 
 
+def task_kind(config: ExperimentConfig) -> str:
+    """The task kind of an experiment config's dataset: classification | segmentation."""
+    return DATASETS[config.data.dataset].task
+
+
+# What a class may not define, and what it defines instead.
+_ENGINE_STEPS = ("client_update", "server_round")
+_RENAMED = {
+    "check_task": "check_config(cls, config), which receives the whole validated config (its "
+                  "own settings are config.algorithm.params); rename it",
+    "has_anchors": "inherit raysim.algorithm.ClassAnchors instead, which switches the anchor "
+                   "diagnostics on; delete the has_anchors line",
+}
+
+
 class Algorithm:
     """The base every method extends. On its own it trains with the task's loss and averages
     weights by sample count: FedAvg (`algorithms/fedavg.py`) adds nothing to it."""
@@ -156,27 +209,33 @@ class Algorithm:
     needs_features: ClassVar[bool] = False  # works on the model's features (not `logreg`)
     # metrics it adds: client metrics as logged, server metrics with their `server_` prefix
     reported_metrics: ClassVar[tuple[str, ...]] = ()
-    has_anchors: ClassVar[bool] = False  # `anchors` returns global class anchors
-    # `aggregate` is the sample-weighted mean of the clients' weights: the workers sum their
-    # clients' weights before sending (a method that overrides `aggregate` sets it False)
+    # the aggregate is the sample-weighted mean, so the workers sum their clients' weights
+    # before sending; derived (False where `aggregate` is overridden), see __init_subclass__
     weighted_mean: ClassVar[bool] = True
-    # what a client's upload carries besides its weights, for the leakage probe
-    # (`raysim.methods.leakage`): weights | prototypes | class_gradients | another name
-    uploads: ClassVar[str] = "weights"
-    # What `raysim compare` tunes for this method: dotted config keys with a domain in the
-    # sweep syntax ({loguniform: [low, high]}, {choice: [...]}, ...). Every method tunes the
-    # shared client learning rate; a method adds its own keys (`algorithm.<field>`) with
-    # `search_space = {**Parent.search_space, ...}`. The range suits SGD; a comparison may
-    # replace any range (e.g. for Adam) in its `search_overrides`.
-    search_space: ClassVar[dict[str, dict[str, list]]] = {
-        "train.lr": {"loguniform": [0.003, 0.3]}}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuses a method whose declarations contradict its hooks, and derives
+        `weighted_mean`: a method with its own `aggregate` gets every client's weights."""
+        super().__init_subclass__(**kwargs)
+        name = cls.__qualname__
+        for step in _ENGINE_STEPS:
+            if step in cls.__dict__:
+                raise TypeError(f"{name} overrides {step}, the engine's own step; override "
+                                "its hooks instead (docs/guide/methods.md lists them)")
+        for old, instead in _RENAMED.items():
+            if old in cls.__dict__:
+                raise TypeError(f"{name}.{old} is no longer read: {instead}")
+        if cls.aggregate is not Algorithm.aggregate:
+            if cls.__dict__.get("weighted_mean") is True:
+                raise TypeError(f"{name} overrides aggregate and declares weighted_mean = True, "
+                                "so the workers would pre-sum the weights and its aggregate "
+                                "would see none; delete the weighted_mean line")
+            cls.weighted_mean = False
 
     def __init__(
         self, config: Any = None, task: TaskInfo | None = None,
         device: torch.device | None = None,
     ) -> None:
-        from raysim.nn.objectives import objective_of
-
         self.config = config if config is not None else self.Config()
         self.task = task
         self.device = device or torch.device("cpu")
@@ -184,13 +243,15 @@ class Algorithm:
             else objective_of("classification")
 
     @classmethod
-    def check_task(cls, config: Any, kind: str) -> None:
-        """Raise `ConfigError` where this method's settings `config` cannot run a task of this
-        `kind` (checked while the experiment's config is validated, before Ray)."""
+    def check_config(cls, config: ExperimentConfig) -> None:
+        """Raise `ConfigError` (one line naming the key and the fix) where this method cannot
+        run the experiment `config`: the whole validated config, its own settings in
+        `config.algorithm.params`, the task kind in `task_kind(config)`, the clients' training
+        in `config.train`. Runs while the config is validated, before Ray starts."""
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        """The model this method trains, built from the configured one (FedBCS adds style
-        recalibration and fusion layers); every process builds it the same way."""
+        """The model this method trains, built from the configured one (FedBCS wraps the U-Net
+        with its style recalibration and fusion); every process builds it the same way."""
         return model
 
     # ---------------------------------------------------------------- server side
@@ -213,8 +274,6 @@ class Algorithm:
     def aggregate(self, ctx: ServerContext, state: ServerState,
                   updates: list[ClientUpdate]) -> Weights:
         """w_{t+1} = Σ_k n_k w_k / Σ_k n_k, summed exactly (the same bits in any order)."""
-        from raysim.methods.aggregation import weighted_average
-
         return weighted_average([u.weights for u in updates], [u.num_samples for u in updates])
 
     def server_update(self, ctx: ServerContext, state: ServerState, weights: Weights,
@@ -254,8 +313,6 @@ class Algorithm:
     def client_optimizer(self, step: LocalRound) -> torch.optim.Optimizer:
         """A fresh optimiser, or with `train.keep_optimizer_state` the one this client left off
         with (its moments survive rounds; the weights are the global ones)."""
-        from raysim.nn.training import make_optimizer
-
         optimizer = make_optimizer(step.model, step.ctx.train)
         state = step.state
         if step.ctx.train.keep_optimizer_state and state and "optimizer" in state:
@@ -263,7 +320,7 @@ class Algorithm:
         return optimizer
 
     def train_locally(self, step: LocalRound) -> dict[str, float]:
-        """E epochs of the objective over shuffled batches."""
+        """E epochs of the objective over shuffled batches; sets `step.num_steps`."""
         ctx, model, optimizer, objective = step.ctx, step.model, step.optimizer, step.objective
         model.train()
         total, steps = torch.zeros((), device=ctx.device), 0
@@ -275,6 +332,7 @@ class Algorithm:
                 optimizer.step()
                 total += loss.detach()
                 steps += 1
+        step.num_steps = steps
         metrics = {"train_loss": total.item() / max(steps, 1), "train_steps": float(steps)}
         if hasattr(objective, "metrics"):
             metrics.update(objective.metrics())
@@ -285,33 +343,17 @@ class Algorithm:
         return None
 
     def upload(self, step: LocalRound) -> ClientUpdate:
-        """What the client sends: its weights, sample count, metrics and next state."""
+        """What the client sends: its weights, sample count, metrics, step count and next
+        state."""
         return ClientUpdate(weights=copy_weights(step.model), num_samples=len(step.data),
-                            metrics=step.metrics, state=self.next_state(step))
+                            metrics=step.metrics, state=self.next_state(step),
+                            num_steps=step.num_steps)
 
     def next_state(self, step: LocalRound) -> Any:
         """What the engine keeps for this client until its next round (None: nothing)."""
         if not step.ctx.train.keep_optimizer_state:
             return None
         return {"optimizer": copy_tensors(step.optimizer.state_dict())}
-
-    # ---------------------------------------------------------------- what it declares
-    def anchors(self, broadcast: Broadcast) -> tuple[Tensor, Tensor] | None:
-        """The global class anchors clients are pulled towards, (C, d), and the (C,) mask of
-        classes that have one; None before there are any (`has_anchors` methods only)."""
-        return None
-
-    def classifier(self, weights: Weights) -> tuple[Tensor, Tensor] | None:
-        """The global model's linear classifier (weight (C, d), bias (C,)) in `weights`, for
-        the anchor diagnostics; the bundled models name it `classifier`."""
-        if "classifier.weight" in weights and "classifier.bias" in weights:
-            return weights["classifier.weight"], weights["classifier.bias"]
-        return None
-
-    def local_means(self, update: ClientUpdate) -> tuple[Tensor, Tensor] | None:
-        """The client's local class means (C, d) and counts (C,) where its upload carries them
-        (the anchor diagnostic reuses them; None: it computes them when asked to)."""
-        return None
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -321,3 +363,51 @@ class Algorithm:
         """Metric sums over the batch (the task's); the engine adds them up and divides by
         `count`."""
         return self.objectives.evaluate(model(x).logits, y)
+
+
+# ------------------------------------------------------------------------------------------
+# Optional declarations tools look for. None of them changes training.
+#
+# - `ClassAnchors` (a mix-in): the anchor diagnostics (`diagnostics.anchors`,
+#   `raysim.methods.diagnostics`) run for methods that inherit it.
+# - `uploads` (a class attribute, default "weights"): what a client's upload carries besides
+#   its weights, for the leakage probe; read by `raysim.methods.leakage.upload_kind`.
+# - `search_space` (a class attribute, default `LEARNING_RATE_SPACE`): what `raysim compare`
+#   tunes; read by `search_space_of`.
+
+
+class ClassAnchors:
+    """A method whose clients are pulled towards global class anchors (prototypes, cluster
+    means, hyper-prototypes). Inheriting this switches the anchor diagnostics on; the method
+    defines `anchors` and may refine `classifier` and `local_means`."""
+
+    def anchors(self, broadcast: Broadcast) -> tuple[Tensor, Tensor] | None:
+        """The global class anchors clients are pulled towards, (C, d), and the (C,) mask of
+        classes that have one; None before there are any."""
+        raise NotImplementedError(f"{type(self).__qualname__} inherits ClassAnchors and must "
+                                  "define anchors(broadcast)")
+
+    def classifier(self, weights: Weights) -> tuple[Tensor, Tensor] | None:
+        """The global model's linear classifier (weight (C, d), bias (C,)) in `weights`; the
+        bundled models name it `classifier`."""
+        if "classifier.weight" in weights and "classifier.bias" in weights:
+            return weights["classifier.weight"], weights["classifier.bias"]
+        return None
+
+    def local_means(self, update: ClientUpdate) -> tuple[Tensor, Tensor] | None:
+        """The client's local class means (C, d) and counts (C,) where its upload carries them
+        (None: the diagnostic computes them with one pass over the client's data)."""
+        return None
+
+
+# What `raysim compare` tunes for a method that declares no `search_space`: the shared client
+# learning rate, in the sweep syntax ({loguniform: [low, high]}, {choice: [...]}, ...). A method
+# adds its own keys (`algorithm.<field>`) with `search_space = {**LEARNING_RATE_SPACE, ...}`.
+# The range suits SGD; a comparison may replace any range (e.g. for Adam) in its
+# `search_overrides`.
+LEARNING_RATE_SPACE: dict[str, dict[str, list]] = {"train.lr": {"loguniform": [0.003, 0.3]}}
+
+
+def search_space_of(method: type) -> dict[str, dict[str, list]]:
+    """The search space a method class declares, or the learning rate alone."""
+    return getattr(method, "search_space", LEARNING_RATE_SPACE)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from raysim.algorithm import Weights
+from raysim.types import Weights
 
 BIN_BITS = 32  # bin j holds multiples of 2^(32·j − 52), from values below 2^(32·j − 21)
 HEADROOM_BITS = 20  # a sum may take up to 2^20 values (clients) without rounding
@@ -144,3 +144,9 @@ def weighted_average(weights: Sequence[Weights], counts: Sequence[float]) -> Wei
     for w, n in zip(weights, counts):
         total.add(w, int(n))
     return total.mean()
+
+
+def mean(weights: Sequence[Weights]) -> Weights:
+    """(1/K) Σ_k w_k per tensor, the unweighted mean (every update counts once, whatever its
+    sample count), exact and order-independent like `weighted_average`."""
+    return weighted_average(weights, [1] * len(weights))

@@ -1,6 +1,6 @@
 """Diagnostics of a method's global class anchors (prototypes, cluster means, hyper-prototypes):
-do they carry a semantically consistent signal? Logged every round for every method that
-exposes anchors (`Algorithm.anchors`)."""
+do they carry a semantically consistent signal? Logged every round (`diagnostics.anchors`) for
+every method that inherits `raysim.algorithm.ClassAnchors`."""
 
 from __future__ import annotations
 

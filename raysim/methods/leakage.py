@@ -2,7 +2,8 @@
 client's private truth (`diagnostics.leakage`). Nothing here changes training: the probe reads
 the finished upload, uses its own model copy and its own seeded generator.
 
-A method declares what it uploads (`Algorithm.uploads`); the probe knows three kinds:
+A method declares what it uploads in an optional class attribute `uploads` (`upload_kind`;
+"weights" where it declares none); the probe knows three kinds:
 
 - `weights` (FedAvg, FedProx, SCAFFOLD, MOON): the trained model. Labels leak through the
   classifier bias, which descent on cross-entropy raises for the classes trained on: present =
@@ -39,6 +40,13 @@ from raysim.methods.prototypes import local_prototypes
 
 SUPPORTED_UPLOADS = ("weights", "prototypes", "class_gradients")
 TV_WEIGHT = 1e-3  # total-variation prior of the feature inversion
+
+
+def upload_kind(method: Any) -> str:
+    """What a method (class or instance) uploads besides its weights, as it declares in its
+    optional `uploads` class attribute: weights | prototypes | class_gradients | another name
+    (which the probe cannot read)."""
+    return getattr(method, "uploads", "weights")
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,16 @@
-"""Class prototypes: per-class means of a model's features, the currency of prototype FL."""
+"""Class prototypes: per-class means of a model's features, the currency of prototype FL;
+their FINCH clustering on the server (FPL, FedBCS); the prototype methods' inference key."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from raysim.config import require
+from raysim.methods.finch import finch_cluster_means
 from raysim.nn.training import ClientData
 
 
@@ -45,3 +48,34 @@ def local_prototypes(
         counts += torch.bincount(y, minlength=num_classes).cpu()
     prototypes = sums.cpu() / counts.clamp(min=1).unsqueeze(1)
     return prototypes.float(), counts
+
+
+def cluster_prototypes(
+    prototypes: Sequence[Tensor], counts: Sequence[Tensor], num_classes: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """FPL §3.2: FINCH (cosine) per class over the prototypes (C, d) of the clients whose
+    `counts` (C,) show that class, keeping the coarsest partition FINCH keeps; a class held by
+    one client keeps that client's prototype.
+
+    Returns cluster prototypes (M, d), their classes (M,), unbiased prototypes (C, d: the mean
+    of a class's cluster prototypes) and the (C,) mask of classes present.
+    """
+    dim = prototypes[0].shape[1]
+    clusters, labels = [], []
+    unbiased = torch.zeros(num_classes, dim)
+    present = torch.zeros(num_classes, dtype=torch.bool)
+    for c in range(num_classes):
+        held = [p[c] for p, n in zip(prototypes, counts) if n[c] > 0]
+        if not held:
+            continue
+        means = torch.from_numpy(finch_cluster_means(torch.stack(held), "cosine")).float()
+        clusters.append(means)
+        labels.append(torch.full((len(means),), c, dtype=torch.long))
+        unbiased[c] = means.mean(0)
+        present[c] = True
+    return torch.cat(clusters), torch.cat(labels), unbiased, present
+
+
+def check_inference(inference: str) -> None:
+    """The prototype methods' `inference` key: the classifier, or the nearest global prototype."""
+    require(inference in ("logits", "prototype"), "inference", "choose one of logits, prototype")

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
+from raysim.nn.segmentation import joint_loss, segmentation_sums
+
 
 @dataclass(frozen=True)
 class TaskObjective:
@@ -24,15 +26,12 @@ def classification_sums(logits: Tensor, y: Tensor) -> dict[str, float]:
 
 
 def segmentation_loss(logits: Tensor, y: Tensor) -> Tensor:
-    from raysim.nn.segmentation import joint_loss
 
     return joint_loss(logits, y)
 
 
 def segmentation_evaluation(logits: Tensor, y: Tensor, symmetric_asd: bool = True
                             ) -> dict[str, float]:
-    from raysim.nn.segmentation import joint_loss, segmentation_sums
-
     sums = segmentation_sums(logits.argmax(1), y, symmetric_asd=symmetric_asd)
     return {**sums, "loss": joint_loss(logits, y).item() * len(y)}
 
