@@ -1,4 +1,6 @@
-"""The `raysim tune`, `compare`, `submit`, `logs` and `status` commands (arguments and handlers)."""
+"""The `raysim tune`, `compare`, `submit`, `logs` and `status` commands (arguments and handlers).
+
+Each command imports what it runs inside its own function (see `raysim.cli.main`)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import re
 import sys
 from datetime import datetime
 from pathlib import Path
+
+from raysim.config import ConfigError
 
 ADDRESS_HELP = "existing Ray cluster (auto, HOST:PORT, ray://HOST:PORT); default: RAY_ADDRESS " \
     "if set, else an embedded local Ray"
@@ -76,7 +80,6 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def tune_command(args: argparse.Namespace) -> int:
-    from raysim.config import ConfigError
     from raysim.tune.sweep import load_sweep
     from raysim.tune.trials import source_of
 
@@ -120,7 +123,6 @@ def compare_command(args: argparse.Namespace) -> int:
 
     comparison = load_comparison(args.comparison, args.override)  # all checked before Ray
     if args.report or args.resume:
-        from raysim.config import ConfigError
 
         flag = "--report" if args.report else "--resume"
         if args.report and args.resume:

@@ -14,7 +14,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from raysim.config import ConfigError, load_config
+from raysim.config import ConfigError
+from raysim.engine.cluster import AUTH_HELP
 
 # Never uploaded: environments, outputs, VCS data and datasets (the cluster has its own).
 # Gitignore patterns; a leading / anchors at the project root (raysim/data/ is code).
@@ -49,6 +50,8 @@ def launch_entrypoint(config_path: str, overrides: Sequence[str], run_dir: str |
 def submit(config_path: str, overrides: Sequence[str], address: str | None,
            run_dir: str | None = None, python: str = "python") -> str:
     """Validate the config here, submit it as a Ray job; returns the job's submission id."""
+    from raysim.run.validate import load_config
+
     config = load_config(config_path, overrides)
     entrypoint = launch_entrypoint(config_path, overrides, run_dir, python)
     stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
@@ -96,7 +99,6 @@ def _call(address: str | None, function, *args, **kwargs):
     """Run a job-server call; connection and authentication failures become ConfigError."""
     from ray.exceptions import AuthenticationError
 
-    from raysim.cli.cluster import AUTH_HELP
 
     where = address or "the default job server address"
     try:

@@ -1,5 +1,8 @@
 """`raysim` command line. User mistakes exit with code 2 and one `raysim: error:` line, before
-Ray starts."""
+Ray starts.
+
+Each command imports what it runs inside its own function: the run (torch), Tune and Ray load
+only for the commands that use them, so `raysim --help` or a config mistake answers at once."""
 
 from __future__ import annotations
 
@@ -8,9 +11,9 @@ import sys
 import time
 from collections.abc import Sequence
 
-from raysim.cli.cluster import check_cluster
 from raysim.cli.commands import ADDRESS_HELP, add_commands, run_command
-from raysim.config import ConfigError, dump_config, load_config
+from raysim.config import ConfigError, dump_config
+from raysim.engine.cluster import check_cluster
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_command(args)
         overrides = [*args.override, *(["resources.backend=local"]
                                        if getattr(args, "local", False) else [])]
+        from raysim.run.validate import load_config
+
         config = load_config(args.config, overrides)
         if args.command == "config":
             print(dump_config(config), end="")
@@ -153,12 +158,12 @@ def _launch(run, args: argparse.Namespace, launched_at: float) -> int:
         write_curves(run.run_dir)
         if run.restore is None:
             write_partition_figure(run.task, run.run_dir / "partition.png")
-    if summary["status"] != "completed":
-        where = f"checkpoint {summary['checkpoint']}" if summary["checkpoint"] else "no checkpoint"
-        print(f"raysim: {summary['status']} after round {summary['rounds_completed']} ({where}); "
+    if summary.status != "completed":
+        where = f"checkpoint {summary.checkpoint}" if summary.checkpoint else "no checkpoint"
+        print(f"raysim: {summary.status} after round {summary.rounds_completed} ({where}); "
               f"continue with: raysim resume {run.run_dir}", file=sys.stderr)
-        return 130 if summary["status"] == "interrupted" else 1
-    final, best, headline = summary["final"], summary["best"], summary["headline"]
+        return 130 if summary.status == "interrupted" else 1
+    final, best, headline = summary.final, summary.best, summary.headline
     name = headline.removeprefix("test_")
     if best["selected_by"] == headline:
         selection = f"best {best[headline]:.4f}"
@@ -167,12 +172,12 @@ def _launch(run, args: argparse.Namespace, launched_at: float) -> int:
     print(
         f"raysim: final test {name} {final.get(headline, float('nan')):.4f} "
         f"({selection} at round {best['round']}); "
-        f"{summary['rounds_completed']} rounds in {summary['wall_seconds']:.1f} s, "
-        f"first round done {summary['launch_to_first_round_seconds']:.1f} s after launch"
+        f"{summary.rounds_completed} rounds in {summary.wall_seconds:.1f} s, "
+        f"first round done {summary.launch_to_first_round_seconds:.1f} s after launch"
     )
-    if summary["actor_restarts"] or summary["clients_dropped"]:
-        print(f"raysim: survived {summary['actor_restarts']} actor restart(s); "
-              f"{summary['clients_dropped']} client result(s) dropped (failures.parquet)")
+    if summary.actor_restarts or summary.clients_dropped:
+        print(f"raysim: survived {summary.actor_restarts} actor restart(s); "
+              f"{summary.clients_dropped} client result(s) dropped (failures.parquet)")
     curves = "".join(f", {name}" for name in ("curves.png", "partition.png")
                      if (run.run_dir / name).is_file())
     print(f"raysim: results in {run.run_dir}/ (summary.json, metrics.parquet, config.yaml"

@@ -15,6 +15,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from raysim.engine.server import Server
+from raysim.engine.worker import ClientWorker
+
 PING_SECONDS = 10.0  # a busy actor answers a ping after its current task; a dead one at once
 
 
@@ -25,6 +28,7 @@ class RayBackend:
         import ray
         from ray.exceptions import RayError
 
+        # Ray and what imports it load only for the Ray backend (the local one never needs it)
         from raysim.engine.transport import register_tensor_transport
 
         self.ray = ray
@@ -45,14 +49,14 @@ class RayBackend:
         return [self.ray.put(dataset), self.ray.put(client_split)]
 
     def worker(self, config: Any, shared: list[Any], info: Any) -> Any:
-        from raysim.engine.remote import RemoteClientWorker
+        from raysim.engine.remote import RemoteClientWorker  # imports Ray: Ray backend only
 
         return self._actor(RemoteClientWorker, config.resources.worker,
                            (config, shared, info))
 
     def server(self, config: Any, args: tuple, pin_here: bool) -> Any:
         """`pin_here`: on this node (a server that writes into the run directory)."""
-        from raysim.engine.remote import RemoteServer
+        from raysim.engine.remote import RemoteServer  # imports Ray: Ray backend only
 
         return self._actor(RemoteServer, config.resources.server, (config, *args), pin_here)
 
@@ -143,13 +147,9 @@ class LocalBackend:
         return dataset, client_split
 
     def worker(self, config: Any, shared: tuple[Any, Any], info: Any) -> LocalActor:
-        from raysim.engine.worker import ClientWorker
-
         return LocalActor(ClientWorker(config, *shared, info))
 
     def server(self, config: Any, args: tuple, pin_here: bool) -> LocalActor:
-        from raysim.engine.server import Server
-
         return LocalActor(Server(config, *args))
 
     def kill(self, actor: Any) -> None:

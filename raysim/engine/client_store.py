@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from raysim.results.state_io import StateFormatError, pack, unpack
+from raysim.state_io import StateFormatError, pack, unpack
 
 
 class ClientStateStore(ABC):

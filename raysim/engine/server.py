@@ -9,21 +9,23 @@ starts from the same state, and a round whose step never ran leaves nothing behi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from raysim.algorithm import Broadcast, ServerContext, TaskInfo
+from raysim.algorithm import Broadcast, ClassAnchors, ServerContext, TaskInfo
 from raysim.config import Config
 from raysim.engine.client_store import make_store
 from raysim.engine.worker import GroupResult, assigned_device, peak_rss_mb
 from raysim.methods.aggregation import WeightSum
 from raysim.methods.diagnostics import server_diagnostics
-from raysim.results.state_io import pack, unpack
 from raysim.seeding import server_generator
+from raysim.state_io import pack, unpack
 from raysim.task import initial_model, keeps_client_state, make_algorithm
 
 SERVER_FILE = "server_state.safetensors"
@@ -40,13 +42,36 @@ def average_client_metrics(updates: list) -> dict[str, float]:
     return out
 
 
+@dataclass(frozen=True)
+class Restore:
+    """Where a server starts from: the state after `round`, as a checkpoint holds it."""
+
+    round: int
+    files: dict[str, bytes]
+    others: dict[int, dict[str, bytes]] = field(default_factory=dict)  # other kept checkpoints
+
+
+@dataclass(frozen=True)
+class ServerReport:
+    """One round's server step as the driver receives it."""
+
+    metrics: dict[str, float]  # averaged client metrics, clients_ok/failed, server_<name>
+    failures: dict[int, str]  # client id → why its result is missing
+    retries: list[tuple[int, int, str]]  # (client id, attempt, reason) of each retry
+    client_seconds: dict[int, float]
+    train_seconds: float  # the clients' seconds in the method's step, summed
+    insufficient: bool = False  # too few clients succeeded: the state did not change
+    server_seconds: float = 0.0
+    checkpoint: dict[str, bytes] | None = None  # the state files after the round, when asked
+
+
 class Server:
     def __init__(
         self, config: Config, info: TaskInfo, run_dir: str | None = None,
-        restore: dict[str, Any] | None = None,
+        restore: Restore | None = None,
     ) -> None:
-        """`restore`: {"round": R, "files": a checkpoint's files, "others": {round: files} of
-        the other kept checkpoints} to continue after round R."""
+        """`restore`: a checkpoint's state files (and the other kept checkpoints' store files)
+        to continue after its round."""
         torch.set_num_threads(max(1, int(config.resources.server.num_cpus)))
         self.device = assigned_device(config.resources.server.num_gpus)
         self.config = config
@@ -57,10 +82,9 @@ class Server:
             initial = self.algorithm.init_server(initial_model(config, info, self.algorithm))
             self.states = {0: initial}
         else:
-            files = restore["files"]
-            self.states = {restore["round"]: unpack(files[SERVER_FILE])}
+            self.states = {restore.round: unpack(restore.files[SERVER_FILE])}
             if self.stateful:
-                self.store.restore(files, restore.get("others"))
+                self.store.restore(restore.files, restore.others)
 
     @property
     def latest(self) -> int:
@@ -86,7 +110,7 @@ class Server:
 
     def aggregate(
         self, round_index: int, sampled: int, checkpoint: bool, *groups: GroupResult
-    ) -> dict[str, Any]:
+    ) -> ServerReport:
         """Run the server step on this round's updates, in client-id order whatever the worker.
         The workers' weight sums (weighted-mean methods) are added up exactly, so the result
         does not depend on how clients were spread over workers.
@@ -108,16 +132,14 @@ class Server:
         failures = {r.client_id: r.error for r in results if r.update is None}
         retries = [(r.client_id, attempt, reason) for r in results
                    for attempt, reason in enumerate(r.retries, start=1)]
-        report: dict[str, Any] = {"failures": failures, "retries": retries,
-                                  "client_seconds": {r.client_id: r.seconds for r in ok},
-                                  "train_seconds": sum(r.train_seconds for r in ok)}
         metrics: dict[str, float] = {"clients_ok": float(len(ok)),
                                      "clients_failed": float(len(failures))}
-        report["metrics"] = metrics
+        report = ServerReport(metrics=metrics, failures=failures, retries=retries,
+                              client_seconds={r.client_id: r.seconds for r in ok},
+                              train_seconds=sum(r.train_seconds for r in ok))
         needed = self.config.fault_tolerance.min_clients_fraction * sampled
         if not ok or len(ok) < needed:
-            report["insufficient"] = True
-            return report
+            return dataclasses.replace(report, insufficient=True)
         start = time.perf_counter()
         updates = [r.update for r in ok]
         ctx = ServerContext(round_index, server_generator(self.config.seed, round_index),
@@ -127,14 +149,13 @@ class Server:
         metrics.update({f"server_{k}": float(v) for k, v in state.metrics.items()})
         if self.stateful:
             self.store.put(round_index, {r.client_id: r.update.state for r in ok})
-        if self.config.diagnostics.anchors and self.algorithm.has_anchors:
+        if self.config.diagnostics.anchors and isinstance(self.algorithm, ClassAnchors):
             metrics.update(self._diagnostics(state))
         metrics.update(average_client_metrics(updates))
         metrics["samples"] = float(sum(u.num_samples for u in updates))
-        report["server_seconds"] = time.perf_counter() - start
-        if checkpoint:
-            report["checkpoint"] = self.snapshot(round_index)
-        return report
+        return dataclasses.replace(
+            report, server_seconds=time.perf_counter() - start,
+            checkpoint=self.snapshot(round_index) if checkpoint else None)
 
     def snapshot(self, round_index: int) -> dict[str, bytes]:
         """The files of a checkpoint after `round_index`, which must be the latest round."""

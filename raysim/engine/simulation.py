@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,32 +25,11 @@ from raysim.config import Config
 from raysim.data.domain_split import UNSEEN
 from raysim.engine.backends import make_backend
 from raysim.engine.evaluation import eval_batches, reduce_domain_eval
+from raysim.engine.server import Restore
 from raysim.nn.training import steps_per_epoch
 from raysim.seeding import sample_clients
 from raysim.task import Task, keeps_client_state
-
-
-@dataclass(frozen=True)
-class RoundResult:
-    round: int  # 1-based
-    metrics: dict[str, float]  # client averages, test metrics when evaluated, timings
-    failures: dict[int, str] = field(default_factory=dict)  # client id → reason it was dropped
-    seconds: float = 0.0
-    events: tuple[dict[str, Any], ...] = ()  # failure records: retries, drops, restarts, replays
-    # the files of a checkpoint after this round, when one was due (written by the caller)
-    checkpoint: dict[str, bytes] | None = field(default=None, repr=False, compare=False)
-    # seconds the clients spent in the method's client step, summed (the rest of
-    # round_seconds × workers is the engine's: dispatch, data, weights, aggregation)
-    train_seconds: float = field(default=0.0, compare=False)
-
-
-@dataclass(frozen=True)
-class Restore:
-    """Where a simulation starts from: the state after `round`, as a checkpoint holds it."""
-
-    round: int
-    files: dict[str, bytes]
-    others: dict[int, dict[str, bytes]] = field(default_factory=dict)  # other kept checkpoints
+from raysim.types import RoundResult
 
 
 class RunStopped(Exception):
@@ -151,11 +130,9 @@ class Simulation:
         return self.backend.worker(self.config, self.shared, self.task.info)
 
     def _new_server(self, restore: Restore | None) -> Any:
-        payload = None if restore is None else {"round": restore.round, "files": restore.files,
-                                                "others": restore.others}
         # the disk store writes into the run directory: keep the server on this node
         pin_here = self.config.client_state.store == "disk" and self.stateful
-        return self.backend.server(self.config, (self.task.info, self.run_dir, payload),
+        return self.backend.server(self.config, (self.task.info, self.run_dir, restore),
                                    pin_here)
 
     def describe(self) -> list[dict[str, Any]]:
@@ -245,17 +222,17 @@ class Simulation:
         report = self.backend.get(work.report_ref)
         events = self._events + [
             failure_record(r, "client_retried", reason, client=cid, attempt=attempt)
-            for cid, attempt, reason in report["retries"]
+            for cid, attempt, reason in report.retries
         ] + [failure_record(r, "client_dropped", reason, client=cid)
-             for cid, reason in report["failures"].items()]
-        if report.get("insufficient"):
-            ok, needed = int(report["metrics"]["clients_ok"]), self.config.fault_tolerance
-            first = next(iter(report["failures"].values()), "no result").strip().splitlines()
+             for cid, reason in report.failures.items()]
+        if report.insufficient:
+            ok, needed = int(report.metrics["clients_ok"]), self.config.fault_tolerance
+            first = next(iter(report.failures.values()), "no result").strip().splitlines()
             raise RunStopped(
                 f"round {r}: only {ok} of {work.sampled} sampled clients succeeded, fewer than "
                 f"fault_tolerance.min_clients_fraction={needed.min_clients_fraction}; the first "
                 f"failure: {first[-1] if first else 'unknown'}", r - 1)
-        metrics = dict(report["metrics"])
+        metrics = dict(report.metrics)
         if work.eval_refs:
             sums = iter([s for part in self.backend.get(work.eval_refs)
                          for s in part])  # in batch order
@@ -269,9 +246,9 @@ class Simulation:
         metrics["round_seconds"] = seconds
         metrics["samples_per_second"] = metrics.get("samples", 0.0) * \
             self.config.train.local_epochs / seconds
-        return RoundResult(round=r, metrics=metrics, failures=report["failures"], seconds=seconds,
-                           events=tuple(events), checkpoint=report.get("checkpoint"),
-                           train_seconds=report.get("train_seconds", 0.0))
+        return RoundResult(round=r, metrics=metrics, failures=report.failures, seconds=seconds,
+                           events=tuple(events), checkpoint=report.checkpoint,
+                           train_seconds=report.train_seconds)
 
     # ------------------------------------------------------------------ recovery
     def _recover(self, error: Exception, inflight: deque[RoundWork]) -> None:
@@ -327,7 +304,7 @@ class Simulation:
         start = restore.round + 1 if restore else 1
         for replayed in range(start, r):
             report = self.backend.get(self._dispatch(replayed, replay=True).report_ref)
-            if report.get("insufficient"):
+            if report.insufficient:
                 raise RunStopped(f"round {replayed}: the replay after a server restart lost "
                                  "too many clients", replayed - 1)
         if start < r:

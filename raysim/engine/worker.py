@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import time
 import traceback
 import warnings
@@ -22,13 +23,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from raysim.algorithm import Broadcast, ClientContext, ClientUpdate, TaskInfo
+from raysim.algorithm import (
+    Broadcast,
+    ClassAnchors,
+    ClientContext,
+    ClientUpdate,
+    SummedWeights,
+    TaskInfo,
+)
 from raysim.config import Config
 from raysim.data import Dataset
 from raysim.data.domain_split import UNSEEN
 from raysim.methods.aggregation import WeightSum
 from raysim.methods.diagnostics import anchor_alignment
-from raysim.methods.leakage import probed_clients
+from raysim.methods.leakage import LeakageProbe, LeakageSettings, probed_clients, upload_kind
 from raysim.methods.prototypes import local_prototypes
 from raysim.nn.training import ClientData, Preprocess, make_optimizer
 from raysim.seeding import LEAKAGE, client_generator, derive_seed, sample_clients
@@ -110,7 +118,8 @@ class ClientWorker:
         self.offsets, self.indices = client_split
         self.presum = self.algorithm.weighted_mean
         self.max_retries = config.fault_tolerance.max_client_retries
-        self.diagnose_anchors = config.diagnostics.anchors and self.algorithm.has_anchors
+        self.diagnose_anchors = config.diagnostics.anchors and isinstance(self.algorithm,
+                                                                          ClassAnchors)
         self.probe = leakage_probe(config, self.model, self.algorithm, dataset.spec)
         # The first optimiser built in a process imports torch._dynamo (~1 s): pay it now,
         # not inside the first client's timed step.
@@ -118,9 +127,8 @@ class ClientWorker:
 
     def describe(self) -> dict[str, Any]:
         """Where this worker runs: process, device, threads, Ray node and assigned GPU ids."""
-        import ray
-
-        placed = ray.is_initialized()
+        ray = sys.modules.get("ray")  # a worker outside Ray (the local backend) never loads it
+        placed = ray is not None and ray.is_initialized()
         return {"pid": os.getpid(), "device": str(self.device), "threads": torch.get_num_threads(),
                 "node_id": ray.get_runtime_context().get_node_id() if placed else None,
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()] if placed else [],
@@ -143,7 +151,7 @@ class ClientWorker:
             if result.update is not None:
                 total.add(result.update.weights, result.update.num_samples)
                 results[i] = dataclasses.replace(
-                    result, update=dataclasses.replace(result.update, weights={}))
+                    result, update=dataclasses.replace(result.update, weights=SummedWeights()))
         return GroupResult(results, total)
 
     def client_data(self, client_id: int) -> ClientData:
@@ -238,8 +246,6 @@ def leakage_probe(config: Config, model: Any, algorithm: Any, spec: Any) -> Any:
     settings = config.diagnostics.leakage
     if not settings.clients_per_round:
         return None
-    from raysim.methods.leakage import LeakageProbe, LeakageSettings
-
-    return LeakageProbe(model, algorithm.uploads, spec.num_classes, spec.mean, spec.std,
+    return LeakageProbe(model, upload_kind(algorithm), spec.num_classes, spec.mean, spec.std,
                         LeakageSettings(settings.inversion_steps, settings.inversion_classes,
                                         settings.dlg_max_samples, settings.dlg_steps))

@@ -14,6 +14,10 @@ import difflib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from raysim.algorithm import ClassAnchors
+from raysim.config import ConfigError
+from raysim.registry import algorithm_class, algorithm_names
+
 EVALUATION = ("accuracy", "loss", "dice", "hd95", "asd")  # test_<m>, val_<m>, <...>/<domain>
 EVALUATION_SPLITS = ("test", "val")
 ENGINE = ("train_loss", "train_steps", "samples", "clients_ok", "clients_failed",
@@ -29,11 +33,10 @@ def evaluation_metrics() -> list[str]:
 def algorithm_metrics(name: str, anchors: bool = True) -> list[str]:
     """What the algorithm `name` reports besides the engine and evaluation metrics (with the
     anchor diagnostics where it has anchors and they are switched on)."""
-    from raysim.registry import algorithm_class
 
     algorithm = algorithm_class(name)
     names = list(algorithm.reported_metrics)
-    if anchors and algorithm.has_anchors:
+    if anchors and issubclass(algorithm, ClassAnchors):
         names += ANCHOR_DIAGNOSTICS
     return names
 
@@ -44,7 +47,6 @@ def reportable(algorithm: str, anchors: bool = True) -> list[str]:
 
 def check_metric(metric: str, configs: Iterable[Any]) -> None:
     """ConfigError unless every config's algorithm reports `metric`."""
-    from raysim.config import ConfigError
 
     base = _without_domain(metric)
     configs = list(configs)
@@ -76,6 +78,5 @@ def _without_domain(metric: str) -> str:
 
 
 def _all_algorithms(extra: Sequence[str]) -> list[str]:
-    from raysim.registry import algorithm_names
 
     return sorted({*algorithm_names(), *extra})

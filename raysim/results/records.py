@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raysim.engine.simulation import RoundResult
+from raysim.types import RoundResult
 
 FAILURE_SCHEMA = pa.schema([("round", pa.int32()), ("kind", pa.string()),
                             ("client", pa.int64()), ("actor", pa.string()),

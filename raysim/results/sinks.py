@@ -18,19 +18,21 @@ from typing import Any, TextIO
 
 import pyarrow.parquet as pq
 
-from raysim.engine.simulation import RoundResult
+from raysim.config import config_to_dict
+from raysim.registry import SINKS
 from raysim.results.records import failures_table, metrics_table
+from raysim.types import HEADLINE_METRIC, RoundResult, RunSummary
 
 
 def extra_sinks(config: Any, run_dir: Path) -> list[Sink]:
     """The run's sinks besides the run directory and the progress line: W&B (unless disabled)
-    and those `logging.sinks` names, from the `raysim.sinks` registry."""
-    from raysim.registry import SINKS
-
-    names = list(config.logging.sinks)
-    if config.logging.wandb.mode != "disabled" and "wandb" not in names:
-        names.insert(0, "wandb")
-    return [SINKS[name](run_dir) for name in names]
+    and those of `logging.sinks`, from the `raysim.sinks` registry; a sink that declares a
+    `Config` is made as cls(run_dir, its keys), the others as cls(run_dir)."""
+    chosen = [(sink.name, sink.params) for sink in config.logging.sinks]
+    if config.logging.wandb.mode != "disabled" and "wandb" not in [n for n, _ in chosen]:
+        chosen.insert(0, ("wandb", None))
+    return [SINKS[name](run_dir, params) if hasattr(SINKS[name], "Config")
+            else SINKS[name](run_dir) for name, params in chosen]
 
 
 class Sink:
@@ -41,7 +43,7 @@ class Sink:
 
     def log_round(self, result: RoundResult) -> None: ...
 
-    def finish(self, summary: dict[str, Any]) -> None: ...
+    def finish(self, summary: RunSummary) -> None: ...
 
 
 class CollectRounds(Sink):
@@ -66,8 +68,6 @@ class ConsoleProgress(Sink):
         self.restarts = 0
 
     def start(self, run: Any) -> None:
-        from raysim.run import HEADLINE_METRIC
-
         self.total = run.config.rounds
         self.headline = HEADLINE_METRIC[run.task.info.kind]
         self.restarts = sum(e["kind"].endswith("_restarted") for r in run.history
@@ -139,8 +139,8 @@ class RunDirectory(Sink):
         table = failures_table(self.records)
         atomic_write(self.run_dir / "failures.parquet", lambda path: pq.write_table(table, path))
 
-    def finish(self, summary: dict[str, Any]) -> None:
-        text = json.dumps(summary, indent=2)
+    def finish(self, summary: RunSummary) -> None:
+        text = json.dumps(summary.to_dict(), indent=2)
         atomic_write(self.run_dir / "summary.json", lambda path: Path(path).write_text(text))
 
 
@@ -189,13 +189,12 @@ class WandbSink(Sink):
     def log_round(self, result: RoundResult) -> None:
         self.queue.put(("log", dict(result.metrics), result.round))
 
-    def finish(self, summary: dict[str, Any]) -> None:
-        self.queue.put(("finish", summary, None))
+    def finish(self, summary: RunSummary) -> None:
+        self.queue.put(("finish", summary.to_dict(), None))
         if self.thread is not None:
             self.thread.join(timeout=60)
 
     def _work(self, run: Any, mode: str) -> None:
-        from raysim.config import config_to_dict
 
         settings = run.config.logging.wandb
         try:

@@ -9,7 +9,7 @@ overrides: {data.val_fraction: 0.15}          # fixed for every method and trial
 methods:                                      # a registered name, or a labelled variant
   - fedavg
   - fedprox
-  - {label: fedhpro_paper, algorithm: {name: fedhpro, variant: paper}}
+  - {label: fedproto_nearest, algorithm: {name: fedproto, inference: prototype}}
 budget:
   trials: 8                                   # per method: random draws from its search space
   scheduler: {name: asha, grace_period: 5, reduction_factor: 2}   # over rounds, on validation
@@ -18,9 +18,9 @@ search_overrides: {train.lr: {loguniform: [1.0e-4, 1.0e-2]}}     # e.g. Adam set
 seeds: [0, 1, 2]                              # the best configuration is rerun on each
 ```
 
-Each method's search space is the one it declares (`Algorithm.search_space`), so every method
-gets the same number of trials over its own hyperparameters and the shared learning rate. Trials
-are ranked by the best validation value of the task's headline metric (`val_accuracy`,
+Each method's search space is the one it declares (`raysim.algorithm.search_space_of`), so
+every method gets the same number of trials over its own hyperparameters and the shared learning
+rate. Trials are ranked by the best validation value of the task's headline metric (`val_accuracy`,
 `val_dice`); the test split chooses nothing. With `draws: per_key` (the default) each searched
 key draws from a generator of its own, so trial k of every method tries the same learning rate
 and a ranking does not hang on which method drew the lucky one; `draws: tune` lets Tune draw a
@@ -33,15 +33,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raysim.algorithm import search_space_of
 from raysim.config import (
     ConfigError,
-    config_from_dict,
     deep_copy,
     parse_yaml,
     read_yaml,
     require,
     set_dotted,
 )
+from raysim.registry import DATASETS, RegistryError, algorithm_class, algorithm_names
+from raysim.run.validate import config_from_dict
 from raysim.tune.sweep import (
     DRAWS,
     Scheduler,
@@ -175,7 +177,6 @@ def load_comparison(path: str | Path, overrides: list[str] = ()) -> Comparison:
 
 
 def parse_comparison(raw: dict, folder: Path, default_name: str = "compare") -> Comparison:
-    from raysim.registry import DATASETS
 
     check_keys(raw, COMPARE_KEYS, "")
     if "setting" not in raw:
@@ -239,7 +240,6 @@ def parse_comparison(raw: dict, folder: Path, default_name: str = "compare") -> 
 
 
 def _parse_methods(raw: Any, task: str, shared: dict) -> tuple[Method, ...]:
-    from raysim.registry import RegistryError, algorithm_class, algorithm_names
 
     require(isinstance(raw, list) and bool(raw), "methods",
             "missing; list the methods to compare, e.g. methods: [fedavg, fedprox]")
@@ -266,9 +266,9 @@ def _parse_methods(raw: Any, task: str, shared: dict) -> tuple[Method, ...]:
         extra = entry.get("search") or {}
         require(isinstance(extra, dict), f"{where}.search",
                 "expected a mapping of dotted keys to domains")
-        search = {**cls.search_space, **{k: v for k, v in shared.items()
-                                         if k in cls.search_space or not
-                                         k.startswith("algorithm.")}, **extra}
+        space = search_space_of(cls)
+        search = {**space, **{k: v for k, v in shared.items()
+                              if k in space or not k.startswith("algorithm.")}, **extra}
         label = str(entry.get("label", name))
         methods.append(Method(label=label, algorithm=dict(algorithm), search=search))
     labels = [m.label for m in methods]

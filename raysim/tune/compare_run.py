@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from raysim.config import ConfigError
+from raysim.results.compare_report import write_compare_report
 from raysim.tune.compare import Comparison, Method, tuned_values
+from raysim.tune.trials import run_sweep
 
 COMPARISON_RECORD = "comparison.json"  # what a comparison directory was run with
 
@@ -46,7 +48,6 @@ def run_comparison(comparison: Comparison, out_dir: Path, address: str | None = 
     """Tune and rerun every method, then write the report (`raysim.results.compare_report`);
     returns what `write_compare_report` returns. With `resume`, what `out_dir` already holds of
     this comparison is kept (see the module's docstring)."""
-    from raysim.results.compare_report import write_compare_report
 
     out_dir = Path(out_dir).resolve()
     check_directory(comparison, out_dir, resume)
@@ -78,7 +79,6 @@ def tune_method(comparison: Comparison, method: Method, base: Path, address: str
                 verbose: int) -> MethodOutcome:
     """The method's tuning sweep under the comparison's budget, and its best trial's values
     (or, when no trial reported the selection metric, why there are none)."""
-    from raysim.tune.trials import run_sweep
 
     outcome = MethodOutcome(method, tuning_dir=base / "tuning")
     print(f"raysim: {comparison.name}: tuning {method.label}: {comparison.trials} trials over "
@@ -103,7 +103,6 @@ def tune_method(comparison: Comparison, method: Method, base: Path, address: str
 def rerun_on_seeds(comparison: Comparison, outcome: MethodOutcome, base: Path,
                    address: str | None, verbose: int) -> None:
     """The tuned configuration on every seed of the comparison, recorded in `outcome`."""
-    from raysim.tune.trials import run_sweep
 
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                       for k, v in outcome.tuned.items())

@@ -31,7 +31,6 @@ import numpy as np
 from raysim.config import (
     Config,
     ConfigError,
-    config_from_dict,
     deep_copy,
     merge,
     parse_yaml,
@@ -39,7 +38,9 @@ from raysim.config import (
     require,
     set_dotted,
 )
+from raysim.registry import algorithm_class
 from raysim.results.metric_names import check_metric, default_mode
+from raysim.run.validate import config_from_dict
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 SWEEP_KEYS = ("name", "experiment", "overrides", "search", "algorithm_params", "metric", "mode",
@@ -283,7 +284,6 @@ def _check_bounds(where: str, kind: str, values: list) -> None:
 
 
 def _parse_algorithm_params(raw: dict) -> dict:
-    from raysim.registry import algorithm_class
 
     params = raw.get("algorithm_params") or {}
     require(isinstance(params, dict), "algorithm_params",

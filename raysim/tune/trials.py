@@ -18,14 +18,23 @@ from pathlib import Path
 from typing import Any
 
 from raysim.config import Config, ConfigError
+from raysim.engine.cluster import connect
 from raysim.results.sinks import RunDirectory, Sink, extra_sinks
+from raysim.run import execute, prepare, resume_run
+from raysim.run.checkpoints import (
+    checkpoint_dir,
+    checkpoint_history,
+    newest_complete,
+    results_hash,
+)
 from raysim.tune.sweep import Sweep
+from raysim.tune.sweep_report import write_report
 
 
 @dataclass
 class SweepOutcome:
     sweep_dir: Path
-    table: Any  # pandas.DataFrame, one row per trial (see raysim.results.sweep_report)
+    table: Any  # pandas.DataFrame, one row per trial (see raysim.tune.sweep_report)
     results: Any  # ray.tune.ResultGrid
     best_config_path: Path | None
     plot_path: Path | None
@@ -46,8 +55,6 @@ class TuneReport(Sink):
 
     def log_round(self, result: Any) -> None:
         from ray import tune
-
-        from raysim.results.checkpoint import checkpoint_dir
 
         self.latest.update(result.metrics)
         checkpoint = None
@@ -123,8 +130,6 @@ def run_trial(params: dict[str, Any], *, sweep: Sweep, trials_dir: str, cpu_only
     resumed sweep (`resumed`) a trial goes on from its run directory's newest checkpoint."""
     from ray import tune
 
-    from raysim.run import execute, prepare
-
     name = tune.get_context().get_trial_name()
     config = trial_config(sweep, params, cpu_only)
     settings = config.logging
@@ -154,8 +159,6 @@ def trial_left_off(config: Config, run_dir: Path) -> tuple[Any, list] | None:
     on from its newest complete checkpoint (None when the trial had finished) and the rounds
     done before it. None when there is nothing of this trial to go on from: no checkpoint, or
     one written by another configuration (the trial then starts over)."""
-    from raysim.results.checkpoint import newest_complete, results_hash
-    from raysim.run import checkpoint_history, resume_run
 
     found = newest_complete(run_dir)
     if found is None or found.meta.get("results_hash") != results_hash(config):
@@ -171,9 +174,6 @@ def restore_trial(config: Config, run_dir: Path, checkpoint: Any) -> Any:
     when it is not there, e.g. on another node)."""
     import json
     import shutil
-
-    from raysim.results.checkpoint import checkpoint_dir, newest_complete
-    from raysim.run import resume_run
 
     with checkpoint.as_directory() as source:
         round_index = json.loads((Path(source) / "meta.json").read_text())["round"]
@@ -272,9 +272,6 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, address: str | None = None,
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    from raysim.cli.cluster import connect
-    from raysim.results.sweep_report import write_report
 
     configs = sweep.validate()
     connect(address)

@@ -1,5 +1,7 @@
-"""Joining an existing Ray cluster: a fast reachability check before `ray.init`, and one clear
-error for an unreachable address or a token-authentication mismatch.
+"""The Ray connection: joining an existing cluster (or starting an embedded one), fitting the
+resource request to it, and where the actors landed. Joining: a fast reachability check
+before `ray.init`, and one clear error for an unreachable address or a token-authentication
+mismatch.
 
 Ray (2.52+) can require a shared token from every process of a cluster. `ray.init()` of a new
 local Ray and `ray start --head` on a machine that already has a token file (~/.ray/auth_token)
@@ -10,13 +12,16 @@ the file named by `RAY_AUTH_TOKEN_PATH`, or ~/.ray/auth_token, in that order).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import socket
 import subprocess
 import sys
 import warnings
+from collections.abc import Sequence
 
-from raysim.config import ConfigError
+from raysim.config import Config, ConfigError
 
 PROBE_SECONDS = 5.0
 
@@ -51,9 +56,11 @@ def cluster_address(address: str | None) -> str | None:
     return os.environ.get("RAY_ADDRESS") or address or None
 
 
-def connect(address: str | None) -> None:
+def connect(address: str | None = None, py_modules: Sequence[str] = ()) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), else start an embedded local Ray. An
-    unreachable cluster or rejected token raises ConfigError, quickly."""
+    unreachable cluster or rejected token raises ConfigError, quickly. `py_modules`: package
+    folders every worker of a joined cluster needs (the run's plug-ins), shipped by Ray's
+    `runtime_env`; an embedded Ray's workers import them from this machine as it does."""
     import ray
 
     if ray.is_initialized():
@@ -67,8 +74,10 @@ def connect(address: str | None) -> None:
     try:
         with warnings.catch_warnings():  # Ray Client warns, then raises; the error says it all
             warnings.simplefilter("ignore", UserWarning)
-            ray.init(address=target, logging_level="WARNING",
-                     **({} if client else {"include_dashboard": False}))
+            options: dict = {} if client else {"include_dashboard": False}
+            if py_modules:
+                options["runtime_env"] = {"py_modules": list(py_modules)}
+            ray.init(address=target, logging_level="WARNING", **options)
     except Exception as error:
         if is_auth_failure(error):
             raise ConfigError(f"the Ray cluster at {target} rejected this process's "
@@ -182,3 +191,30 @@ def check_cluster(address: str | None) -> None:
 
     if not ray.is_initialized():
         check_address(target)
+
+
+def fit_resources(config: Config, cluster: dict[str, float]) -> tuple[Config, list[str]]:
+    """Adapt the resource request to the cluster: GPUs requested on a cluster without any fall
+    back to CPU, and the pool shrinks to what fits. Results do not depend on the pool size."""
+    res, notes = config.resources, []
+    worker, server = res.worker, res.server
+    if (worker.num_gpus > 0 or server.num_gpus > 0) and cluster.get("GPU", 0) == 0:
+        notes.append("the cluster reports no GPU: workers and server run on CPU")
+        worker = dataclasses.replace(worker, num_gpus=0.0)
+        server = dataclasses.replace(server, num_gpus=0.0)
+    fits = [res.num_workers]
+    if worker.num_cpus > 0:
+        fits.append(math.floor((cluster.get("CPU", 0) - server.num_cpus) / worker.num_cpus))
+    if worker.num_gpus > 0:
+        fits.append(math.floor((cluster.get("GPU", 0) - server.num_gpus) / worker.num_gpus))
+    num_workers = min(fits)
+    if num_workers < 1:
+        raise ConfigError(
+            f"resources: one worker needs {worker.num_cpus} CPU / {worker.num_gpus} GPU beside the "
+            f"server's {server.num_cpus} CPU / {server.num_gpus} GPU; the cluster has "
+            f"{cluster.get('CPU', 0)} CPU / {cluster.get('GPU', 0)} GPU"
+        )
+    if num_workers < res.num_workers:
+        notes.append(f"only {num_workers} of resources.num_workers={res.num_workers} fit")
+    resources = dataclasses.replace(res, num_workers=num_workers, worker=worker, server=server)
+    return dataclasses.replace(config, resources=resources), notes

@@ -1,4 +1,5 @@
-"""Checkpoint directories: written atomically, verified on load, pruned to the newest `keep`.
+"""A run's state on disk, and the only module that knows its layout: checkpoint directories
+written atomically, verified on load, pruned to the newest `keep`; resuming from them.
 
 `<run dir>/checkpoints/round-000040/` holds the server state and the client-state store (as the
 server actor packed them: safetensors), the metric rows and failure records so far (Parquet),
@@ -10,18 +11,33 @@ leaves one that looks complete; a damaged one fails its manifest and the previou
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+import sys
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import raysim
-from raysim.config import Config, config_to_dict
+from raysim.config import Config, ConfigError, config_to_dict
+from raysim.engine.client_store import INDEX_FILE
+from raysim.engine.server import Restore
+from raysim.results.records import (
+    failures_table,
+    from_parquet_bytes,
+    metrics_table,
+    results_from_tables,
+    to_parquet_bytes,
+)
+from raysim.run.prepare import Run, prepare
+from raysim.run.validate import load_config
+from raysim.state_io import StateFormatError, unpack
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "MANIFEST.json"
@@ -193,3 +209,124 @@ def clean_partial(run_dir: Path) -> None:
     root = Path(run_dir) / CHECKPOINTS
     for path in root.glob(".round-*") if root.is_dir() else []:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- a run's state
+
+
+class CheckpointWriter:
+    """Writes the run's checkpoints: the server actor's files plus the driver's records."""
+
+    def __init__(self, run: Run, simulation: Any) -> None:
+        self.run, self.simulation = run, simulation
+        self.last: Path | None = None
+        self.written: list[dict[str, float]] = []  # round, seconds, bytes of each one
+        self.last_round = run.restore.round if run.restore is not None else None
+
+    def write(self, round_index: int, files: dict[str, bytes], results: list) -> None:
+
+        done = [r for r in results if r.round <= round_index]
+        files = {**files,
+                 "metrics.parquet": to_parquet_bytes(metrics_table(done)),
+                 "failures.parquet": to_parquet_bytes(failures_table(
+                     [e for r in done for e in r.events])),
+                 META: json.dumps(meta_for(self.run.config, round_index), indent=1).encode()}
+        start = time.perf_counter()
+        self.last, pruned = write_checkpoint(self.run.run_dir, round_index, files,
+                                             self.run.config.checkpoint.keep)
+        self.written.append({"round": round_index, "seconds": time.perf_counter() - start,
+                             "bytes": sum(len(data) for data in files.values())})
+        self.last_round = round_index
+        for r in pruned:
+            self.simulation.release_checkpoint(r)
+
+    def write_now(self, round_index: int, results: list) -> None:
+        """A checkpoint after `round_index`, unless that round has one already."""
+        if round_index < 1 or round_index == self.last_round:
+            return
+        self.write(round_index, self.simulation.snapshot(round_index), results)
+
+
+def check_state_files(found: Any) -> None:
+    """Decode every state file of a checkpoint (before any Ray work): anything but raysim's
+    safetensors state, a pickle payload included, raises StateFormatError naming the file."""
+
+    for name in found.names():
+        if name.endswith(".safetensors"):
+            try:
+                unpack(found.read(name))
+            except StateFormatError as error:
+                raise StateFormatError(f"{name}: {error}") from None
+
+
+def restore_from(found: Any, run_dir: Path) -> Restore:
+    """A verified checkpoint as the server's `Restore`: its state files, and for a disk store
+    the index of every other kept checkpoint (whose files the store must keep)."""
+    state_files = [n for n in found.names() if n.endswith(".safetensors")]
+    files = {name: found.read(name) for name in state_files}
+    others = {}
+    if INDEX_FILE in files:
+        for r, path in checkpoint_rounds(run_dir):
+            if r != found.round and (path / INDEX_FILE).is_file() and verify(path) is None:
+                others[r] = {INDEX_FILE: (path / INDEX_FILE).read_bytes()}
+        others[found.round] = {INDEX_FILE: files[INDEX_FILE]}
+    return Restore(found.round, files, others)
+
+
+def load_restore(run_dir: Path, config: Config) -> Any:
+    """The newest complete checkpoint of `run_dir` as a `Restore` (None: there is none)."""
+
+    warnings: list[str] = []
+    found = newest_complete(run_dir, warnings)
+    for warning in warnings:
+        print(f"raysim: warning: {warning}", file=sys.stderr)
+    return None if found is None else restore_from(found, run_dir)
+
+
+def checkpoint_history(found: Any) -> list:
+    """The round results a checkpoint recorded (its metrics and failures tables)."""
+
+    return results_from_tables(from_parquet_bytes(found.read("metrics.parquet")),
+                               from_parquet_bytes(found.read("failures.parquet")))
+
+
+def prepare_resume(run_dir: str | Path, overrides: Sequence[str] = ()) -> Run:
+    """A run directory's newest complete checkpoint as a `Run` that continues from it, or a
+    ConfigError saying why it cannot: no run there, no usable checkpoint, or a config whose
+    result keys differ from the checkpoint's."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a raysim run directory (no config.yaml); pass the "
+                          "directory `raysim launch` printed")
+    return resume_run(load_config(run_dir / "config.yaml", overrides), run_dir)
+
+
+def resume_run(config: Config, run_dir: Path) -> Run:
+    """`config` continued from the newest complete checkpoint in `run_dir` (see
+    `prepare_resume`)."""
+    warnings: list[str] = []
+    found = newest_complete(run_dir, warnings, check=check_state_files)
+    for warning in warnings:
+        print(f"raysim: warning: {warning}", file=sys.stderr)
+    if found is None:
+        what = "every checkpoint in it is damaged" if checkpoint_rounds(run_dir) else \
+            "it has no checkpoint (runs write one every checkpoint.every rounds, after the " \
+            "last round and on an interrupt)"
+        raise ConfigError(f"{run_dir}: nothing to resume: {what}")
+    saved = found.meta.get("config", {})
+    if found.meta.get("results_hash") != results_hash(config):
+        keys = changed_keys(saved, config_to_dict(config)) or ["(unknown)"]
+        raise ConfigError(
+            f"{found.path}: written by a different config: {', '.join(keys)} differ"
+            f"{'s' if len(keys) == 1 else ''} from the checkpoint's; a resume may change only "
+            f"{', '.join(RESULT_NEUTRAL)}")
+    if saved.get("client_state", {}).get("store", "memory") != config.client_state.store:
+        raise ConfigError(f"client_state.store: the checkpoint keeps client state in the "
+                          f"{saved['client_state']['store']} store; resume with that store")
+    if config.rounds <= found.round:
+        raise ConfigError(f"rounds: the run is complete up to round {found.round} "
+                          f"(rounds={config.rounds}); extend it with -o rounds=N")
+    clean_partial(run_dir)
+    run = prepare(config, run_dir)
+    return dataclasses.replace(run, history=tuple(checkpoint_history(found)),
+                               restore=restore_from(found, run_dir))

@@ -2,10 +2,11 @@
 
 Server state, client state and the engine's own records are *state trees*: tensors, numpy
 arrays, numbers, strings, None, lists, tuples, dicts (string or integer keys) and the frozen
-message dataclasses of `raysim.algorithm` (and their subclasses in algorithm files). A tree is
-written as one JSON structure plus one safetensors file holding every tensor; neither format
-can carry code. Dataclasses are rebuilt only from classes already imported (subclasses of the
-engine's message and state types), looked up by name: reading a tree never imports anything.
+message dataclasses registered with `register_state_types` (the contract's, and their
+subclasses in method files). A tree is written as one JSON structure plus one safetensors
+file holding every tensor; neither format can carry code. Dataclasses are rebuilt only from
+classes already imported (the registered types and their subclasses), looked up by name:
+reading a tree never imports anything.
 """
 
 from __future__ import annotations
@@ -24,15 +25,19 @@ class StateFormatError(ValueError):
     """A state file that is not what raysim writes (truncated, corrupted, or foreign)."""
 
 
-def _roots() -> tuple[type, ...]:
-    from raysim.algorithm import Broadcast, ClientUpdate, ServerState
+# The message and state types whose subclasses a tree may hold; the method contract
+# (`raysim.algorithm`) registers its own, so this format knows nothing above it.
+_ROOTS: list[type] = []
 
-    return (ServerState, Broadcast, ClientUpdate)
+
+def register_state_types(*classes: type) -> None:
+    """Let trees hold instances of `classes` and of their subclasses (rebuilt by name)."""
+    _ROOTS.extend(cls for cls in classes if cls not in _ROOTS)
 
 
 def _known_dataclasses() -> dict[str, type]:
     found: dict[str, type] = {}
-    stack = list(_roots())
+    stack = list(_ROOTS)
     while stack:
         cls = stack.pop()
         found[f"{cls.__module__}.{cls.__qualname__}"] = cls

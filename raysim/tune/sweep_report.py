@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from raysim.config import dump_config, load_config
+from raysim.config import dump_config
+from raysim.run.validate import load_config
 from raysim.tune.sweep import Sweep
 
 HETEROGENEITY_PREFIX = "data."  # partition α, long-tail ρ, number of clients, domains, ...

@@ -1,0 +1,108 @@
+"""Executing a prepared run: join or start Ray, run the rounds, feed the sinks, write the
+checkpoints as they come, and summarise."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from raysim.engine.cluster import cluster_address, connect, fit_resources, placement_notes
+from raysim.engine.simulation import RunStopped, Simulation
+from raysim.engine.worker import peak_rss_mb
+from raysim.run.checkpoints import CheckpointWriter, load_restore
+from raysim.run.interrupts import Interrupts
+from raysim.run.plugins import plugin_packages
+from raysim.run.prepare import Run
+from raysim.run.summary import summarize
+from raysim.types import RunSummary
+
+
+def execute(
+    run: Run, sinks: Iterable[Any] = (), address: str | None = None,
+    launched_at: float | None = None,
+) -> RunSummary:
+    """Run the simulation; returns the summary (also given to every sink's `finish`).
+
+    Checkpoints are written as the rounds come (`checkpoint.every`, the last round) and when
+    the run is interrupted (SIGINT/SIGTERM: the round in flight finishes first) or stopped by
+    `fault_tolerance`; the summary's `status` says which: completed, interrupted or failed.
+    `launched_at` (a `time.perf_counter()` reading, default: now) is where the reported time to
+    the first round starts counting; the CLI passes its own start.
+    """
+    started = time.perf_counter()
+    launched_at = started if launched_at is None else launched_at
+    # where start-up goes: seconds from launch to each point (summary.startup_phases)
+    phases = {"prepared": started - launched_at}
+    config = run.config
+    if config.resources.backend == "ray":
+        import ray  # the local backend runs without it
+
+        # Everything the driver imports later is imported now, before it joins the cluster:
+        # a Ray job's working directory (this code) may be gone from disk once it has.
+        import raysim.engine.remote  # noqa: F401
+
+        # a joined cluster's workers get the run's plug-in packages; local ones import them here
+        connect(address, plugin_packages(config) if cluster_address(address) else ())
+        phases["ray_ready"] = time.perf_counter() - launched_at
+        config, notes = fit_resources(run.config, ray.cluster_resources())
+        for note in notes:
+            print(f"raysim: warning: {note}", file=sys.stderr)
+    run = dataclasses.replace(run, config=config)
+    simulation = Simulation(config, run.task, run_dir=str(run.run_dir), restore=run.restore,
+                            load_checkpoint=lambda: load_restore(run.run_dir, config))
+    sinks = list(sinks)
+    for sink in sinks:
+        sink.start(run)
+    results = list(run.history)
+    saved = CheckpointWriter(run, simulation)
+    status, stop_reason, first_round, workers, memory = "completed", None, None, [], {}
+    try:
+        with Interrupts(simulation, run.run_dir) as interrupts:
+            workers = simulation.start()
+            phases["actors_ready"] = time.perf_counter() - launched_at
+            for note in placement_notes(workers):
+                print(f"raysim: warning: {note}", file=sys.stderr)
+            startup = time.perf_counter() - started
+            try:
+                for result in simulation.rounds():
+                    # the checkpoint's files are written, not kept: a run keeps its records only
+                    results.append(dataclasses.replace(result, checkpoint=None))
+                    if first_round is None:
+                        first_round = phases["first_round"] = time.perf_counter() - launched_at
+                    if result.checkpoint is not None:  # before the sinks: Tune reports it
+                        saved.write(result.round, result.checkpoint, results)
+                    for sink in sinks:
+                        sink.log_round(result)
+            except RunStopped as stop:
+                status, stop_reason = "failed", str(stop)
+                print(f"raysim: error: {stop}", file=sys.stderr)
+                done = [r for r in results if r.round <= stop.round]
+                saved.write_now(stop.round, done)
+            if interrupts.count:
+                status = "interrupted"
+                if results:
+                    saved.write_now(results[-1].round, results)
+            memory = peak_memory(simulation)
+    finally:
+        simulation.shutdown()
+    summary = summarize(
+        run, results, startup, time.perf_counter() - launched_at, status=status,
+        launch_to_first_round_seconds=first_round, workers=workers,
+        checkpoint=str(saved.last) if saved.last else None, checkpoints_written=saved.written,
+        peak_rss_mb=memory, startup_phases=phases, stop_reason=stop_reason)
+    for sink in sinks:
+        sink.finish(summary)
+    return summary
+
+
+def peak_memory(simulation: Any) -> dict[str, Any]:
+    """Peak resident memory (MiB) of the driver, the server actor and each worker so far."""
+    try:
+        *workers, server = simulation.describe()
+    except simulation.backend.errors:  # an actor died at the very end: report what is known
+        return {"driver": peak_rss_mb()}
+    return {"driver": peak_rss_mb(), "server": server["peak_rss_mb"],
+            "workers": [w["peak_rss_mb"] for w in workers]}
