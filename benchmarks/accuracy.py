@@ -22,23 +22,23 @@ from pathlib import Path
 
 import numpy as np
 
-from raysim.config import load_config
 from raysim.results.sinks import CollectRounds
 from raysim.run import execute, prepare
+from raysim.run.validate import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 SETTINGS = ["digits_a0.5", "digits_a0.1", "digits_domains"]
 BASELINES = ["fedavg", "fedprox", "scaffold", "moon", "fedproto", "fpl", "fedtgp"]
 METHODS = [*BASELINES, "fedhpro-official", "fedhpro-paper"]
-# FedHPro ablations: label → overrides on top of the official variant
+# FedHPro ablations: label → overrides on top of the official code's reading (fedhpro)
 ABLATIONS = {
     "fedhpro-official": [],
     "no CReFF branch": ["algorithm.creff=false"],
     "no HPCL, no HPAL (= CReFF)": ["algorithm.hpcl=false", "algorithm.hpal=false"],
     "HP distance cos": ["algorithm.distance=cos"],
     "HP distance mse": ["algorithm.distance=mse"],
-    "fedhpro-paper": ["algorithm.variant=paper"],
+    "fedhpro-paper": ["algorithm.name=fedhpro_paper"],
 }
 
 
@@ -55,7 +55,7 @@ def run_one(setting: str, method: str, seed: int, overrides: list[str]) -> dict:
     config = load_config(path, [f"seed={seed}", *extra, *overrides])
     run = prepare(config, RESULTS / "scratch" / f"{setting}-{method}-{seed}")
     collect = CollectRounds()
-    summary = execute(run, [collect])
+    summary = execute(run, [collect]).to_dict()
     accuracy = [m["test_accuracy"] for m in collect.rounds if "test_accuracy" in m]
     final = collect.rounds[-1]
     return {

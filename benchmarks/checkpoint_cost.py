@@ -18,9 +18,9 @@ import shutil
 import statistics
 from pathlib import Path
 
-from raysim.config import load_config
 from raysim.results.sinks import RunDirectory
 from raysim.run import execute, prepare
+from raysim.run.validate import load_config
 
 RESULTS = Path(__file__).parent / "results"
 CASES = {
@@ -37,7 +37,7 @@ def one_run(overrides: list[str], every: int, rounds: int) -> dict:
                                                   "logging.progress=false"])
     run_dir = RESULTS / "scratch" / f"{config.name}-{every}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    summary = execute(prepare(config, run_dir), [RunDirectory(run_dir)])
+    summary = execute(prepare(config, run_dir), [RunDirectory(run_dir)]).to_dict()
     written = summary["checkpoints_written"]
     return {"loop_seconds": sum(summary["round_seconds"]),
             "checkpoints": len(written),

@@ -90,9 +90,11 @@ def store_at_scale(clients: int) -> list[dict]:
 def real_run(kind: str) -> dict:
     import ray
 
-    from raysim.config import load_config
+    from raysim.engine.cluster import connect as init_ray
+    from raysim.engine.cluster import fit_resources
     from raysim.engine.simulation import Simulation
-    from raysim.run import fit_resources, init_ray, prepare
+    from raysim.run import prepare
+    from raysim.run.validate import load_config
 
     config = load_config("yaml/quickstart.yaml", [
         "name=moon_memory", "algorithm.name=moon", "data.partition.kind=iid",

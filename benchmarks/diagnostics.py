@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from accuracy import RESULTS, config_path
 
-from raysim.config import load_config
 from raysim.results.sinks import CollectRounds
 from raysim.run import execute, prepare
+from raysim.run.validate import load_config
 
 FIGURES = Path(__file__).parent / "figures"
 METHODS = ["fedproto", "fpl", "fedtgp", "fedhpro-official", "fedhpro-paper"]

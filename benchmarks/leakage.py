@@ -22,14 +22,14 @@ import torch
 from accuracy import RESULTS, config_path
 
 from raysim.algorithm import ClientContext
-from raysim.config import load_config
-from raysim.methods.leakage import LeakageProbe, LeakageSettings
+from raysim.methods.leakage import LeakageProbe, LeakageSettings, upload_kind
 from raysim.nn.training import ClientData, Preprocess
-from raysim.results.checkpoint import newest_complete
 from raysim.results.sinks import CollectRounds
-from raysim.results.state_io import unpack
 from raysim.run import execute, prepare
+from raysim.run.checkpoints import newest_complete
+from raysim.run.validate import load_config
 from raysim.seeding import LEAKAGE, client_generator, derive_seed, sample_clients
+from raysim.state_io import unpack
 from raysim.task import make_algorithm, new_model
 
 FIGURES = Path(__file__).parent / "figures"
@@ -63,7 +63,7 @@ def reconstructions(run) -> list:
     update = algorithm.client_update(ctx, model, broadcast, data, None)
     probe_settings = config.diagnostics.leakage
     spec = task.dataset.spec
-    probe = LeakageProbe(model, algorithm.uploads, spec.num_classes, spec.mean, spec.std,
+    probe = LeakageProbe(model, upload_kind(algorithm), spec.num_classes, spec.mean, spec.std,
                          LeakageSettings(probe_settings.inversion_steps, 3, 10**6,
                                          probe_settings.dlg_steps))
     generator = torch.Generator().manual_seed(derive_seed(config.seed, LEAKAGE, rounds, client))
@@ -78,7 +78,7 @@ def run_one(setting: str, method: str, seed: int, overrides: list[str]) -> tuple
                                                        "logging.progress=false", *overrides])
     run = prepare(config, RESULTS / "scratch" / f"leakage-{setting}-{method}-{seed}")
     collect = CollectRounds()
-    summary = execute(run, [collect])
+    summary = execute(run, [collect]).to_dict()
     probed = [r for r in collect.rounds if "leak_presence_exact" in r]
     row = {"setting": setting, "method": method, "seed": seed,
            "test_accuracy": collect.rounds[-1]["test_accuracy"], "status": summary["status"],

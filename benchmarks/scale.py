@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 FIGURES = ROOT / "benchmarks" / "figures"
 SYNTHETIC = ["data.dataset=synthetic_fedprox", "data.partition.kind=natural", "model.name=logreg",
-             "data.synthetic_fedprox.size_sigma=0", "train.local_epochs=1",
+             "data.size_sigma=0", "train.local_epochs=1",
              "train.batch_size=10", "train.lr=0.01", "train.momentum=0"]
 SETTINGS = [  # (label, registered clients, per round, overrides)
     ("synthetic", 100, 100, SYNTHETIC),

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from raysim.config import load_config
 from raysim.results.sinks import CollectRounds
 from raysim.run import execute, prepare
+from raysim.run.validate import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -59,7 +59,7 @@ def run_one(flavour: str, method: str, seed: int, overrides: list[str]) -> dict:
                                                      *extra, *overrides])
     run = prepare(config, RESULTS / "scratch" / f"{flavour}-{method}-{seed}".replace(" ", ""))
     collect = CollectRounds()
-    summary = execute(run, [collect])
+    summary = execute(run, [collect]).to_dict()
     best = summary["best"]
     chosen = collect.rounds[best["round"] - 1]
     return {

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from raysim.config import load_config
 from raysim.nn.training import ClientData, Preprocess
 from raysim.run import prepare
+from raysim.run.validate import load_config
 from raysim.seeding import sample_clients
 from raysim.task import initial_model
 
@@ -77,8 +77,9 @@ def plain_pytorch(config, task, threads: int) -> dict:
 
 
 def raysim_rounds(config, run) -> dict:
+    from raysim.engine.cluster import connect as init_ray
+    from raysim.engine.cluster import fit_resources
     from raysim.engine.simulation import Simulation
-    from raysim.run import fit_resources, init_ray
 
     init_ray()
     import ray
