@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-
-# Worker processes import test-only algorithms (`test_algorithms:Counting`) by module path.
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+ROOT = TESTS.parent
+# Tests are laid out by package (tests/engine/, tests/run/, ...). Test-only methods and sinks are
+# named by module path (`test_algorithms:Counting`) in configs that worker processes and CLI
+# subprocesses resolve, and a few tests share helpers across folders: every folder is on the path.
+FOLDERS = [str(TESTS), *sorted(str(p) for p in TESTS.iterdir()
+                               if p.is_dir() and not p.name.startswith((".", "_")))]
+sys.path[:0] = [f for f in FOLDERS if f not in sys.path]
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [*FOLDERS, os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="session")
@@ -24,15 +30,15 @@ def ray_session():
 
 def small_config(**overrides):
     """A seconds-long digits run: 12 clients, 4 per round, 3 rounds, 1 local epoch."""
-    from raysim.config import config_from_dict
+    from raysim.run.validate import config_from_dict
 
     raw = {
         "name": "test",
         "seed": 3,
         "rounds": 3,
         "clients_per_round": 4,
-        "data": {"dataset": "digits", "partition": {"kind": "dirichlet", "alpha": 0.5,
-                                                      "num_clients": 12}},
+        # dirichlet's default alpha (0.5); left unset so an override may switch the kind
+        "data": {"dataset": "digits", "partition": {"kind": "dirichlet", "num_clients": 12}},
         "train": {"local_epochs": 1, "batch_size": 16, "lr": 0.05, "momentum": 0.9},
         "resources": {"num_workers": 2, "worker": {"num_cpus": 1}},
         "logging": {"progress": False},
@@ -53,8 +59,9 @@ TIMING = {"round_seconds", "samples_per_second"}  # the only metrics that differ
 
 
 def run_rounds(config, tmp_path, num_workers=None, on_round=None):
-    """All rounds of `config` on the session's Ray: results, final weights, client states of
-    clients 0–11. `on_round(simulation, r)` runs after each round (fault tests kill actors)."""
+    """All rounds of `config` (on the session's Ray, or in this process with the local
+    backend): results, final weights, client states of clients 0–11. `on_round(simulation,
+    r)` runs after each round (fault tests kill actors)."""
     from raysim.engine.simulation import Simulation
     from raysim.run import prepare
 

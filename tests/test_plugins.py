@@ -106,3 +106,47 @@ def test_two_plugins_with_one_name_name_both_packages(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(
         "raysim: error: data.dataset: two packages register the dataset 'blobs'")
     assert "first_blobs" in lines[0] and "second_blobs" in lines[0]
+
+
+SIZED_DATASET = '''
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SizedConfig:
+    samples: int = 100
+
+
+class Sized:
+    task = "classification"
+    Config = SizedConfig
+
+    def check(self, request): ...
+
+    def load(self, request): ...
+
+
+class Untyped:
+    task = "classification"
+    Config = dict
+
+    def check(self, request): ...
+
+    def load(self, request): ...
+
+
+sized, untyped = Sized(), Untyped()
+'''
+
+
+def test_a_plugin_config_that_rejects_a_key_names_the_plugin_and_the_key(tmp_path):
+    write_distribution(tmp_path, "sized_plugin", "raysim.datasets",
+                       "sized = sized_module:sized\nuntyped = sized_module:untyped",
+                       SIZED_DATASET)
+    lines = config_error(tmp_path, "data.dataset=sized", "data.sample=5")
+    assert lines == ["raysim: error: unknown key 'data.sample' for dataset 'sized'; did you "
+                     "mean 'data.samples'?"]
+    lines = config_error(tmp_path, "data.dataset=untyped")
+    assert lines == ["raysim: error: data.dataset: the dataset plug-in 'untyped' "
+                     "(sized_module:untyped, from sized_plugin) has a Config that is not a "
+                     "dataclass (its keys must be dataclass fields)"]
