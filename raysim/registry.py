@@ -17,10 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
+import os
 from collections.abc import Iterator, Mapping
 from functools import cached_property
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
+
+# The environment variable naming shipped plug-ins: {group: {name: "module:attr"}} as JSON.
+SHIPPED_ENV = "RAYSIM_SHIPPED_PLUGINS"
 
 
 class RegistryError(KeyError):
@@ -46,7 +51,17 @@ class Registry(Mapping):
                     f"{_package(other)} ({other.value}) and {_package(point)} ({point.value}); "
                     "uninstall one of them")
             found[point.name] = point
+        # plug-ins a driver shipped to this worker of a joined cluster: their packages came
+        # through Ray's runtime_env, their entry points (installed metadata) cannot
+        shipped = json.loads(os.environ.get(SHIPPED_ENV, "{}")).get(self.group, {})
+        for name, value in shipped.items():
+            found.setdefault(name, EntryPoint(name=name, value=value, group=self.group))
         return found
+
+    def entry_point(self, name: str) -> str | None:
+        """The `module:attr` that registers `name` (None: not registered by that name)."""
+        point = self._points.get(name)
+        return point.value if point is not None else None
 
     def names(self) -> list[str]:
         return sorted(self._points)
@@ -72,6 +87,9 @@ class Registry(Mapping):
                 return getattr(importlib.import_module(module), attr), name
             except (ImportError, AttributeError) as error:
                 raise RegistryError(f"cannot import {self.kind} {name!r}: {error}") from None
+            except (Exception, SystemExit) as error:  # the module's own code raised or exited
+                raise RegistryError(f"the {self.kind} {name!r} {_import_failure(error)}"
+                                    ) from None
         points = self._points
         if name not in points:
             if not points:
@@ -82,12 +100,12 @@ class Registry(Mapping):
         point = points[name]
         try:
             return point.load(), f"{point.value}, from {_package(point)}"
-        except Exception as error:  # a plug-in's import error, whatever it is
-            first = str(error).strip().splitlines()
+        # whatever a plug-in's import raises; an import that calls sys.exit() is a failure
+        # too, not the end of raysim with the plug-in's exit code (0: "success")
+        except (Exception, SystemExit) as error:
             raise RegistryError(
                 f"the {self.kind} plug-in {name!r} ({point.value}, from {_package(point)}) "
-                f"failed to import: {type(error).__name__}: {first[0] if first else ''}"
-            ) from None
+                f"{_import_failure(error)}") from None
 
     def _check(self, name: str, obj: Any, origin: str) -> Any:
         missing = [attr for attr in self.contract if not hasattr(obj, attr)]
@@ -99,6 +117,13 @@ class Registry(Mapping):
             raise RegistryError(f"the {self.kind} plug-in {name!r} ({origin}) has a Config "
                                 "that is not a dataclass (its keys must be dataclass fields)")
         return obj
+
+
+def _import_failure(error: BaseException) -> str:
+    if isinstance(error, SystemExit):
+        return f"exited while being imported (SystemExit({error.code!r}))"
+    first = str(error).strip().splitlines()
+    return f"failed to import: {type(error).__name__}: {first[0] if first else ''}"
 
 
 def _package(point: EntryPoint) -> str:

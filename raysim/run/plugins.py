@@ -17,12 +17,28 @@ from raysim.registry import ALGORITHMS, DATASETS, MODELS, PARTITIONERS, SINKS
 BUNDLED = ("raysim", "algorithms")
 
 
+def named_plugins(config: Any) -> list[tuple[Any, str]]:
+    """(registry, name) of every plug-in the config names."""
+    return [(ALGORITHMS, config.algorithm.name), (DATASETS, config.data.dataset),
+            (PARTITIONERS, config.data.partition.kind), (MODELS, config.model.name),
+            *((SINKS, sink.name) for sink in config.logging.sinks)]
+
+
 def plugins_of(config: Any) -> list[Any]:
     """Every plug-in object the config names."""
-    named = [(ALGORITHMS, config.algorithm.name), (DATASETS, config.data.dataset),
-             (PARTITIONERS, config.data.partition.kind), (MODELS, config.model.name),
-             *((SINKS, sink.name) for sink in config.logging.sinks)]
-    return [registry[name] for registry, name in named]
+    return [registry[name] for registry, name in named_plugins(config)]
+
+
+def shipped_entry_points(config: Any) -> dict[str, dict[str, str]]:
+    """{entry-point group: {name: "module:attr"}} of the config's non-bundled plug-ins named by
+    a registered name: the workers of a joined cluster get the packages but not their installed
+    metadata, so they learn the names from this (`raysim.registry.SHIPPED_ENV`)."""
+    shipped: dict[str, dict[str, str]] = {}
+    for registry, name in named_plugins(config):
+        value = registry.entry_point(name)
+        if value is not None and value.split(".")[0].split(":")[0] not in BUNDLED:
+            shipped.setdefault(registry.group, {})[name] = value
+    return shipped
 
 
 def plugin_packages(config: Any) -> list[str]:

@@ -187,3 +187,19 @@ def test_missing_token_is_explained(cluster):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("raysim: error: "), lines
         assert "token authentication" in lines[0] and "RAY_AUTH_MODE=token" in lines[0]
+
+
+@pytest.mark.slow
+def test_a_plugin_installed_only_on_the_driver_reaches_the_cluster_workers(cluster, tmp_path):
+    """The example package is importable by the driver alone (PYTHONPATH), not by the nodes
+    started before it: `raysim launch --address` ships it through Ray's runtime_env."""
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--no-build-isolation", "--target", str(site),
+                    str(ROOT / "examples" / "plugin")], check=True, capture_output=True)
+    env = {**cluster.env, "PYTHONPATH": str(site)}
+    result = raysim("launch", "examples/plugin/example.yaml", "--address", cluster.address,
+                    "--run-dir", str(tmp_path / "run"), "-o", "rounds=2", "--quiet", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["algorithm"] == "fedavgm" and summary["rounds_completed"] == 2
