@@ -13,6 +13,7 @@ import queue
 import secrets
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -119,8 +120,13 @@ class RunDirectory(Sink):
         self.records: list[dict[str, Any]] = []
 
     def start(self, run: Any) -> None:
-        self.results = list(run.history)
-        self.records = [e for r in run.history for e in r.events]
+        self.restart(run.history)
+
+    def restart(self, history: Sequence[RoundResult]) -> None:
+        """The records of `history` (a checkpoint's) and nothing after them: rows a run logged
+        after its checkpoint's round are dropped."""
+        self.results = list(history)
+        self.records = [e for r in history for e in r.events]
         self.write_metrics()
         self.write_failures()
 
@@ -147,6 +153,7 @@ class RunDirectory(Sink):
 def atomic_write(target: Path, write) -> None:
     """Write through a temporary file and rename, so readers never see half a file."""
     tmp = target.with_name(f".{target.name}.tmp")
+    tmp.unlink(missing_ok=True)  # a link left there is removed, not written through
     write(tmp)
     os.replace(tmp, target)
 

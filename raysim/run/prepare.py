@@ -3,6 +3,8 @@ partition feasibility) and the run directory."""
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -16,6 +18,7 @@ from raysim.config import Config, ConfigError, dump_config
 from raysim.data import DatasetFormatError, DatasetNotFoundError
 from raysim.data.domain_split import DomainSelectionError
 from raysim.registry import DATASETS
+from raysim.results.sinks import atomic_write
 from raysim.task import Task, build_task, dataset_request
 
 
@@ -47,13 +50,75 @@ def build_checked_task(config: Config) -> Task:
         raise ConfigError(f"data.partition: {error}") from None
 
 
-def prepare(config: Config, run_dir: str | Path | None = None) -> Run:
-    task = build_checked_task(config)
+def prepare(config: Config, run_dir: str | Path | None = None, *, new: bool = False,
+            overwrite: bool = False) -> Run:
+    """The run of `config` in `run_dir` (default: a new `runs/<name>-<time>/`), its task built
+    and its directory made. `new` (a launch): a directory that holds anything is refused
+    unless `overwrite`, which moves its contents aside (`<dir>.old-<time>/`, nothing deleted),
+    so a new run never mixes with an old one; without `new` the directory is used as it is
+    (a resume's, a trial's)."""
     run_dir = Path(run_dir) if run_dir else default_run_dir(config.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(config))
+    if new:
+        check_new_run_dir(run_dir, overwrite)
+    task = build_checked_task(config)
+    if new and overwrite:
+        moved = move_aside(run_dir)
+        if moved is not None:
+            print(f"raysim: warning: {run_dir} held files: moved to {moved}", file=sys.stderr)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"{run_dir}: cannot create the run directory "
+                          f"({error.strerror or error}); choose another --run-dir") from None
+    # written to a temporary file and renamed (both files): a link left in the run directory
+    # is replaced, never written through (its target may be another run's file)
+    text = dump_config(config)
+    atomic_write(run_dir / "config.yaml", lambda path: Path(path).write_text(text))
     write_label_histograms(task, run_dir / "label_histograms.parquet")
     return Run(config=config, task=task, run_dir=run_dir)
+
+
+def check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """A ConfigError unless a new run may start in `run_dir`: it is missing or an empty
+    directory, or it holds files and `overwrite` moves them aside."""
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"{run_dir}: a file, not a directory; choose another --run-dir")
+        if not run_dir.is_dir() or overwrite or next(run_dir.iterdir(), None) is None:
+            return
+    except OSError as error:  # e.g. a directory this user may not read
+        raise ConfigError(f"{run_dir}: cannot use it as the run directory "
+                          f"({error.strerror or error}); choose another --run-dir") from None
+    if (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: holds a run already; continue it with `raysim resume "
+                          f"{run_dir}`, choose a new --run-dir, or pass --overwrite to move "
+                          "its contents aside")
+    raise ConfigError(f"{run_dir}: not empty; choose a new --run-dir, or pass --overwrite to "
+                      "move its contents aside")
+
+
+def move_aside(run_dir: Path) -> Path | None:
+    """Move the contents of `run_dir` into a new sibling `<name>.old-<time>/` (one rename per
+    entry, so the directory itself, perhaps a mount point or a link, stays); None when it held
+    nothing."""
+    if not run_dir.is_dir():
+        return None
+    entries = sorted(run_dir.iterdir())
+    if not entries:
+        return None
+    real = run_dir.resolve()  # the sibling on the same file system as the entries
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    old, n = real.with_name(f"{real.name}.old-{stamp}"), 1
+    while os.path.lexists(old):
+        old, n = real.with_name(f"{real.name}.old-{stamp}-{n}"), n + 1
+    try:
+        old.mkdir()
+        for entry in entries:
+            os.rename(entry, old / entry.name)
+    except OSError as error:
+        raise ConfigError(f"{run_dir}: cannot move its contents aside to {old} "
+                          f"({error.strerror or error}); choose a new --run-dir") from None
+    return old
 
 
 def default_run_dir(name: str) -> Path:
@@ -75,7 +140,7 @@ def write_label_histograms(task: Task, path: Path) -> None:
         "label": pa.array(counts.label, pa.int32()),
         "count": pa.array(counts.count, pa.int64()),
     })
-    pq.write_table(table, path)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def describe_partition(task: Task) -> str:
