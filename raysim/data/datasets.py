@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from raysim.config import DATASET, config_class, parse_params
+from raysim.config import DATASET, ConfigError, config_class, parse_params
 from raysim.data import safe_pickle
 from raysim.registry import DATASETS, resolve_config
 
@@ -137,6 +137,32 @@ class DatasetNotFoundError(FileNotFoundError):
 
 class DatasetFormatError(ValueError):
     """Dataset files exist but their contents are unusable; the message names the file."""
+
+
+# A generated dataset whose arrays would exceed this, one array at a time, is refused before
+# anything is generated: a size key off by a few zeros would otherwise exhaust the memory of
+# the driver or of a worker partway through a run.
+MAX_GENERATED_BYTES = 16 * 2**30
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if count < 1024 or unit == "PiB":
+            return f"{count:,.0f} {unit}" if unit == "bytes" else f"{count:,.1f} {unit}"
+        count /= 1024
+    raise AssertionError  # unreachable
+
+
+def require_generated_fits(key: str, value: float, bytes_each: int, what: str) -> None:
+    """ConfigError naming `key` when `value` of `what` (`bytes_each` bytes each) exceed
+    MAX_GENERATED_BYTES; the message says what they would need and the most that fit."""
+    need = value * bytes_each
+    if need > MAX_GENERATED_BYTES:
+        most = MAX_GENERATED_BYTES // bytes_each
+        shown = f"{value:,}" if isinstance(value, int) else f"{value:.3g}"
+        raise ConfigError(f"{key}: {shown} {what} would need {format_bytes(need)}; at most "
+                          f"{most:,} fit in the {format_bytes(MAX_GENERATED_BYTES)} raysim "
+                          "generates in one array")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from raysim.data.datasets import (
     DatasetSpec,
     channel_stats,
 )
+from raysim.data.images import open_image
 
 USPS_FILES = ("usps.bz2", "usps.t.bz2")
 SYNTH_SVHN_FORM = ("synth_train_32x32.mat", "synth_test_32x32.mat")
@@ -163,7 +164,7 @@ def _mnist_m_missing(root: Path) -> str | None:
 
 
 def read_mnist_m(folder: Path, part: str) -> ArraySplit:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     listing = folder / f"{part}_labels.txt"
     images, labels = [], []
@@ -175,7 +176,7 @@ def read_mnist_m(folder: Path, part: str) -> ArraySplit:
             raise DatasetFormatError(f"{listing}:{number}: expected `<file> <label 0-9>`")
         path = folder / part / name
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 images.append(np.asarray(image.convert("RGB"), np.uint8).transpose(2, 0, 1))
         except (UnidentifiedImageError, OSError) as error:
             raise DatasetFormatError(f"cannot decode image {path}: {error}") from None

@@ -34,6 +34,7 @@ from raysim.data.datasets import (
     DatasetRequest,
     DatasetSpec,
 )
+from raysim.data.images import open_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 DEFAULT_SIZE = 32
@@ -135,9 +136,11 @@ def decode(root: Path, path: str, size: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(root / path) as image:
+        with open_image(root / path) as image:
             image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+    except DatasetFormatError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise DatasetFormatError(f"cannot decode image {root / path}: "
                                  f"{type(error).__name__}: {error}") from None
@@ -156,13 +159,11 @@ def decoded_images(root: Path, layout: FolderLayout, size: int) -> np.ndarray:
     """Every image of the layout, in layout order, as (N, 3, size, size) uint8: from the cache
     when it matches, else decoded (and cached where the folder is writable)."""
     cache = root / CACHE_DIR / f"image_folder-{size}-{_cache_key(root, layout, size)}.npz"
-    if cache.is_file():
-        try:
-            with np.load(cache, allow_pickle=False) as stored:
-                return stored["x"]
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache is decoded again
     paths = [path for domain in layout.domains for path, _ in layout.files[domain]]
+    if cache.is_file():
+        stored = read_cache(cache, (len(paths), 3, size, size))
+        if stored is not None:
+            return stored
     x = np.stack([decode(root, path, size) for path in paths]) if paths else \
         np.zeros((0, 3, size, size), np.uint8)
     try:
@@ -173,6 +174,32 @@ def decoded_images(root: Path, layout: FolderLayout, size: int) -> np.ndarray:
     except OSError:
         pass  # a read-only data folder: decoded every run
     return x
+
+
+def read_cache(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The (N, 3, size, size) uint8 images cached in `path`, or None (decode them again) when
+    the file is damaged or does not hold exactly `shape` uint8 pixels, as its key says it
+    does. The array's header is checked before anything is read into memory."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            (member,) = archive.infolist()  # ValueError: not the one array a cache holds
+            if member.filename != "x.npy":
+                return None
+            with archive.open(member) as stream:
+                version = np.lib.format.read_magic(stream)
+                header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                          else np.lib.format.read_array_header_2_0)
+                stored_shape, fortran, dtype = header(stream)
+                if (tuple(stored_shape) != shape or fortran or dtype != np.uint8
+                        or member.file_size != stream.tell() + int(np.prod(shape))):
+                    return None
+        with np.load(path, allow_pickle=False) as stored:
+            x = stored["x"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    return x if x.shape == shape and x.dtype == np.uint8 else None
 
 
 def load_image_folder(root: str | Path, *, image_size: int | None = None,

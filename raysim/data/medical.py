@@ -50,6 +50,7 @@ from raysim.data.datasets import (
     channel_stats,
     needs_root,
 )
+from raysim.data.images import open_image
 
 __all__ = [
     "NUCLEI_SITES",
@@ -169,6 +170,28 @@ def prostate_sites(root: Path) -> list[str]:
     return [s for s in PROSTATE_SITES if (root / "MRI" / s).is_dir()]
 
 
+MAX_LISTED_FILES = 1_000_000  # a site's `-dir.npy` lists its volumes: a few dozen in practice
+
+
+def load_npy(path: Path, max_items: int) -> np.ndarray:
+    """The array in the .npy file `path`, read without pickle, once its header declares at
+    most `max_items` items (a forged shape would otherwise be allocated before the read
+    finds the data missing); DatasetFormatError naming the file."""
+    try:
+        with open(path, "rb") as stream:
+            version = np.lib.format.read_magic(stream)
+            header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = header(stream)
+        if dtype.hasobject:
+            raise ValueError("it holds Python objects, which would need pickle")
+        if int(np.prod(shape, dtype=object)) > max_items:
+            raise ValueError(f"its header declares {shape} items, more than {max_items:,}")
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise DatasetFormatError(f"{path}: not a usable numpy array ({error})") from None
+
+
 def prostate_cases(root: Path, site: str) -> list[tuple[Path, Path]]:
     """(image, label) volume paths of one site, in load order: the order of ``<site>-dir.npy``
     when it exists (the official package's list, which its ``<site>-index.npy`` refers to),
@@ -177,12 +200,7 @@ def prostate_cases(root: Path, site: str) -> list[tuple[Path, Path]]:
     site_dir = mri / site
     listing = mri / f"{site}-dir.npy"
     if listing.is_file():
-        try:
-            names = [str(n) for n in np.load(listing, allow_pickle=False).reshape(-1)]
-        except ValueError as error:
-            raise DatasetFormatError(
-                f"{listing}: not a numpy array of file names ({error})"
-            ) from None
+        names = [str(n) for n in load_npy(listing, MAX_LISTED_FILES).reshape(-1)]
         labels = [site_dir / n for n in names if n.lower().endswith(_LABEL_SUFFIX)]
         for label in labels:
             if not label.is_file():
@@ -309,7 +327,7 @@ def load_prostate_mri(root: str | Path, *, image_size: int | None = None, seed: 
         x, y = np.concatenate(xs), np.concatenate(ys)
         index_file = root / "MRI" / f"{site}-index.npy"
         if index_file.is_file():
-            order = np.asarray(np.load(index_file, allow_pickle=False)).reshape(-1)
+            order = np.asarray(load_npy(index_file, len(y))).reshape(-1)
             if not np.array_equal(np.sort(order), np.arange(len(y))):
                 raise DatasetFormatError(
                     f"{index_file} is not a permutation of the site's {len(y)} slices; it "
@@ -385,9 +403,7 @@ def _nuclei_missing(root: Path) -> str | None:
 
 def _read_nuclei_image(path: Path) -> np.ndarray:
     """(H, W, 3) uint8 RGB: the first three channels, grey and palette images expanded."""
-    from PIL import Image
-
-    with Image.open(path) as img:
+    with open_image(path) as img:
         if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
             raise DatasetFormatError(
                 f"{path}: {img.mode} pixels are not supported; save the image as 8-bit RGB"
@@ -398,9 +414,7 @@ def _read_nuclei_image(path: Path) -> np.ndarray:
 
 def _read_nuclei_label(path: Path) -> np.ndarray:
     """(H, W) uint8 mask: any value > 0 is a nucleus, so instance maps are accepted."""
-    from PIL import Image
-
-    with Image.open(path) as img:
+    with open_image(path) as img:
         arr = np.asarray(img)
     if arr.ndim == 3:
         colours = arr[..., :3] if arr.shape[2] >= 3 else arr[..., :1]  # drop an alpha channel

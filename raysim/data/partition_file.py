@@ -54,21 +54,14 @@ def read_partition(path: str | Path | None, num_samples: int, num_clients: int,
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"partition file {str(path)!r} not found")
+    check_metadata(path, num_samples, num_clients, overlap)
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path, columns=list(COLUMNS))
     except (pa.ArrowException, OSError) as error:
         raise ValueError(f"{path}: not a readable Parquet file ({error})") from None
-    missing = [c for c in COLUMNS if c not in table.column_names]
-    if missing:
-        raise ValueError(f"{path}: lacks the column{'s' if len(missing) > 1 else ''} "
-                         f"{', '.join(missing)}; a partition file has columns client, index "
-                         "(one row per client and sample)")
-    meta = table.schema.metadata or {}
-    written_for = meta.get(META_SAMPLES)
-    if written_for is not None and int(written_for) != num_samples:
-        raise ValueError(f"{path}: written for a training split of {int(written_for)} samples "
-                         f"({meta.get(META_DATASET, b'?').decode()}), but this dataset has "
-                         f"{num_samples}")
+    if table.num_rows > max_rows(num_samples, num_clients, overlap):  # the footer lied
+        raise ValueError(f"{path}: holds {table.num_rows} rows, not the number its metadata "
+                         "declares; write the file again")
     client, index = (_integers(table, name, path) for name in COLUMNS)
     if len(client) == 0:
         raise ValueError(f"{path}: has no rows")
@@ -99,6 +92,53 @@ def read_partition(path: str | Path | None, num_samples: int, num_clients: int,
     elif ((np.diff(index) == 0) & (np.diff(client) == 0)).any():
         raise ValueError(f"{path}: a client lists the same sample twice")
     return ClientSplit(offsets_of(counts), index)
+
+
+def max_rows(num_samples: int, num_clients: int, overlap: bool) -> int:
+    """The most rows a valid partition file can have: a row per sample, or with overlap a row
+    per client and sample (a client lists a sample once)."""
+    return num_samples * num_clients if overlap else num_samples
+
+
+def check_metadata(path: Path, num_samples: int, num_clients: int, overlap: bool) -> None:
+    """Refuse, from the Parquet footer alone (before any row is read), a file whose columns,
+    row count or raysim metadata cannot fit this dataset and config; ValueError names the file
+    and the key."""
+    try:
+        metadata = pq.ParquetFile(path).metadata
+        schema = metadata.schema.to_arrow_schema()
+        rows = max(metadata.num_rows, sum(metadata.row_group(i).num_rows
+                                          for i in range(metadata.num_row_groups)))
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(f"{path}: not a readable Parquet file ({error})") from None
+    missing = [c for c in COLUMNS if c not in schema.names]
+    if missing:
+        raise ValueError(f"{path}: lacks the column{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(missing)}; a partition file has columns client, index "
+                         "(one row per client and sample)")
+    for name in COLUMNS:
+        kind = schema.field(name).type
+        if not pa.types.is_integer(kind):
+            raise ValueError(f"{path}: column {name!r} must hold integers, not {kind}")
+    meta = schema.metadata or {}
+    dataset = meta.get(META_DATASET, b"?").decode("utf-8", "replace")[:80]
+    written_for = meta.get(META_SAMPLES)
+    if written_for is not None:
+        text = written_for.decode("utf-8", "replace")
+        if not text.strip().isdigit():
+            raise ValueError(f"{path}: metadata key {META_SAMPLES.decode()} is {text[:40]!r}, "
+                             "not a number of training samples; write the file again with "
+                             "raysim partition (or drop the key)")
+        if int(text) != num_samples:
+            raise ValueError(f"{path}: written for a training split of {int(text)} samples "
+                             f"({dataset}), but this dataset has {num_samples}")
+    limit = max_rows(num_samples, num_clients, overlap)
+    if rows > limit:
+        why = (f"{num_clients} clients × {num_samples} samples" if overlap else
+               f"a row per sample of the {num_samples}-sample training split; with "
+               "data.partition.overlap: true, a row per client and sample")
+        raise ValueError(f"{path}: declares {rows:,} rows, more than a partition of this "
+                         f"dataset can have ({limit:,}: {why}); it belongs to other data")
 
 
 def _integers(table: pa.Table, name: str, path: Path) -> np.ndarray:

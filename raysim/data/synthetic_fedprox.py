@@ -23,12 +23,21 @@ their own.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from raysim.config import require
-from raysim.data.datasets import ArraySplit, Dataset, DatasetRequest, DatasetSpec
+from raysim.config import ConfigError, require
+from raysim.data.datasets import (
+    MAX_GENERATED_BYTES,
+    ArraySplit,
+    Dataset,
+    DatasetRequest,
+    DatasetSpec,
+    format_bytes,
+    require_generated_fits,
+)
 
 FEATURES, CLASSES = 60, 10
 # stream tags: sizes, per-client parameters, train samples, test samples, the IID model
@@ -62,10 +71,12 @@ class FedProxClients:
     def build(cls, num_clients: int, alpha: float, beta: float, iid: bool = False,
               seed: int = 0, size_mu: float = 4.0, size_sigma: float = 2.0,
               size_min: int = 50) -> FedProxClients:
-        rng = np.random.default_rng([seed, _SIZES])
-        # drawn in one sequence: client k's size does not depend on how many follow it
-        sizes = rng.lognormal(size_mu, size_sigma, num_clients).astype(np.int64) + size_min
-        return cls(alpha, beta, iid, seed, sizes)
+        draws = draw_sizes(num_clients, seed, size_mu, size_sigma)
+        largest = float(draws.max()) + size_min
+        if not largest <= MAX_CLIENT_SAMPLES:  # inf or nan would cast to a negative size
+            raise ValueError(f"a client of {largest:.3g} samples (size_mu {size_mu}, "
+                             f"size_sigma {size_sigma}): at most {MAX_CLIENT_SAMPLES:,}")
+        return cls(alpha, beta, iid, seed, draws.astype(np.int64) + size_min)
 
     @property
     def num_clients(self) -> int:
@@ -107,6 +118,49 @@ class FedProxClients:
                           np.concatenate([y for _, y in parts]))
 
 
+def draw_sizes(num_clients: int, seed: int, size_mu: float, size_sigma: float) -> np.ndarray:
+    """The clients' LogNormal(size_mu, size_sigma) draws (float64, before ⌊·⌋ + size_min),
+    in one sequence: client k's size does not depend on how many follow it."""
+    return np.random.default_rng([seed, _SIZES]).lognormal(size_mu, size_sigma, num_clients)
+
+
+# What generating costs, per client registered (its LogNormal draw and its size, the offsets
+# of the partition) and per sample (60 features as float64 while generated).
+BYTES_PER_CLIENT, BYTES_PER_SAMPLE = 24, FEATURES * 8
+MAX_CLIENT_SAMPLES = MAX_GENERATED_BYTES // BYTES_PER_SAMPLE
+
+
+def check_sizes(num_clients: int, own: FedProxSyntheticConfig) -> None:
+    """ConfigError naming the key, before anything is generated, when the registered clients,
+    the test set or the largest client would not fit in memory."""
+    require_generated_fits("data.partition.num_clients", num_clients, BYTES_PER_CLIENT,
+                           "clients × 24 bytes (each one's size, drawn up front)")
+    test_clients = min(own.test_clients, num_clients)
+    if own.test_per_client >= test_clients:
+        require_generated_fits("data.test_per_client", own.test_per_client,
+                               test_clients * BYTES_PER_SAMPLE,
+                               f"samples × {test_clients} test clients × {FEATURES} features")
+    else:
+        require_generated_fits("data.test_clients", test_clients,
+                               own.test_per_client * BYTES_PER_SAMPLE,
+                               f"test clients × {own.test_per_client} samples × {FEATURES} "
+                               "features")
+    require_generated_fits("data.size_min", own.size_min, BYTES_PER_SAMPLE,
+                           f"samples (the smallest client) × {FEATURES} features")
+    draws = draw_sizes(num_clients, own.seed, own.size_mu, own.size_sigma)
+    client = int(np.argmax(draws))  # the draws are finite or inf, never nan
+    largest = float(draws[client]) + own.size_min
+    if largest > MAX_CLIENT_SAMPLES:
+        shown = (f"{largest:.3g} samples × {FEATURES} features "
+                 f"({format_bytes(largest * BYTES_PER_SAMPLE)})" if largest < math.inf
+                 else "more samples than a float can count")
+        raise ConfigError(f"data.size_mu: client {client} would hold {shown}: its size is "
+                          f"⌊LogNormal(size_mu={own.size_mu}, size_sigma={own.size_sigma})⌋ + "
+                          f"{own.size_min}; a client holds at most {MAX_CLIENT_SAMPLES:,} "
+                          f"samples ({format_bytes(MAX_GENERATED_BYTES)}): lower size_mu or "
+                          "size_sigma")
+
+
 @dataclass(frozen=True)
 class FedProxSyntheticConfig:
     """The keys of `synthetic_fedprox` (under `data`)."""
@@ -122,6 +176,7 @@ class FedProxSyntheticConfig:
     test_per_client: int = 100
 
     def __post_init__(self) -> None:
+        require(self.seed >= 0, "seed", f"must be >= 0 (got {self.seed})")
         require(self.alpha >= 0, "alpha", f"must be >= 0 (got {self.alpha})")
         require(self.beta >= 0, "beta", f"must be >= 0 (got {self.beta})")
         require(self.size_sigma >= 0, "size_sigma", f"must be >= 0 (got {self.size_sigma})")
@@ -138,7 +193,7 @@ class SyntheticFedProx:
     Config = FedProxSyntheticConfig
 
     def check(self, request: DatasetRequest) -> None:
-        pass  # generated: nothing to find on disk
+        check_sizes(request.num_clients, request.params)  # nothing on disk: only its sizes
 
     def load(self, request: DatasetRequest) -> Dataset:
         own = request.params

@@ -27,8 +27,17 @@ from typing import NamedTuple
 
 import numpy as np
 
-from raysim.config import require
-from raysim.data.datasets import ArraySplit, Dataset, DatasetRequest, DatasetSpec, channel_stats
+from raysim.config import ConfigError, require
+from raysim.data.datasets import (
+    MAX_GENERATED_BYTES,
+    ArraySplit,
+    Dataset,
+    DatasetRequest,
+    DatasetSpec,
+    channel_stats,
+    format_bytes,
+    require_generated_fits,
+)
 
 __all__ = [
     "FLAVOURS",
@@ -564,6 +573,27 @@ def load_synthetic(
     return Dataset(spec=spec, train=train, test=test, val=val)
 
 
+def check_sizes(own: SitesConfig) -> None:
+    """ConfigError naming the key, before anything is rendered, when a site's images of one
+    split (rendered as float64, 3 channels) or a whole split (uint8 images and masks) would
+    not fit in memory."""
+    size = own.image_size
+    rendered = 3 * size * size * 8  # bytes of one image while it is rendered
+    if rendered > MAX_GENERATED_BYTES:
+        most = math.isqrt(MAX_GENERATED_BYTES // 24) // 16 * 16
+        raise ConfigError(f"data.image_size: one image of {size} × {size} pixels × 3 channels "
+                          f"would need {format_bytes(rendered)} while rendered; at most {most}")
+    for split in ("train", "val", "test"):
+        key = f"{split}_per_site"
+        count = getattr(own, key)
+        require_generated_fits(f"data.{key}", count, rendered,
+                               f"images of {size} × {size} pixels × 3 channels (float64 "
+                               "while rendered)")
+        require_generated_fits("data.sites", own.sites, count * 4 * size * size,
+                               f"sites × {count} {split} images of {size} × {size} pixels "
+                               "(3 channels and a mask, uint8)")
+
+
 @dataclass(frozen=True)
 class SitesConfig:
     """The keys of `synthetic_organ` and `synthetic_nuclei` (under `data`): how many sites and
@@ -593,7 +623,7 @@ class SyntheticSites:
     Config = SitesConfig
 
     def check(self, request: DatasetRequest) -> None:
-        pass  # generated: nothing to find on disk
+        check_sizes(request.params)  # generated: nothing to find on disk, only its sizes
 
     def load(self, request: DatasetRequest) -> Dataset:
         own = request.params

@@ -29,6 +29,7 @@ trial's keys in turn from one generator, which gives each method other learning 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from raysim.algorithm import search_space_of
 from raysim.config import (
     ConfigError,
     deep_copy,
+    override_value,
     parse_yaml,
     read_yaml,
     require,
@@ -151,8 +153,6 @@ class Comparison:
 def load_comparison(path: str | Path, overrides: list[str] = ()) -> Comparison:
     """Read and validate a comparison file; `overrides` are `KEY=VALUE` on its own keys (e.g.
     budget.trials=2, overrides.rounds=3, seeds=[0])."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"comparison file {str(path)!r} not found")
@@ -163,7 +163,7 @@ def load_comparison(path: str | Path, overrides: list[str] = ()) -> Comparison:
         key, sep, text = override.partition("=")
         require(bool(sep and key.strip()), f"override {override!r}",
                 "expected KEY=VALUE, e.g. budget.trials=2")
-        value = yaml.safe_load(text) if text.strip() else None
+        value = override_value(text, f"override {override!r}")
         section = next((s for s in FLAT_SECTIONS if key.startswith(s)), None)
         if section:  # overrides.train.lr=0.1 sets the dotted key `train.lr` of `overrides`
             flat = raw.setdefault(section[:-1], {})
@@ -230,13 +230,20 @@ def parse_comparison(raw: dict, folder: Path, default_name: str = "compare") -> 
     concurrency = raw.get("max_concurrent_trials")
     require(concurrency is None or (isinstance(concurrency, int) and concurrency >= 1),
             "max_concurrent_trials", f"must be an integer >= 1 (got {concurrency!r})")
+    driver_cpus, max_failures = raw.get("trial_driver_cpus", 0.0), raw.get("max_failures", 2)
+    require(isinstance(driver_cpus, int | float) and not isinstance(driver_cpus, bool)
+            and 0 <= driver_cpus < math.inf, "trial_driver_cpus",
+            f"must be a number >= 0 (got {driver_cpus!r})")
+    require(isinstance(max_failures, int) and not isinstance(max_failures, bool)
+            and max_failures >= 0, "max_failures",
+            f"must be an integer >= 0 (got {max_failures!r})")
     seed = raw.get("seed", 0)
-    require(isinstance(seed, int), "seed", f"must be an integer (got {seed!r})")
+    require(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32,
+            "seed", f"must be an integer in [0, 2**32) (got {seed!r})")
     return Comparison(
         name=str(raw.get("name", default_name)), base=base, methods=methods, trials=trials,
         scheduler=scheduler, seeds=tuple(seeds), task=task, max_concurrent_trials=concurrency,
-        trial_driver_cpus=float(raw.get("trial_driver_cpus", 0.0)),
-        max_failures=int(raw.get("max_failures", 2)), seed=seed, draws=draws)
+        trial_driver_cpus=float(driver_cpus), max_failures=max_failures, seed=seed, draws=draws)
 
 
 def _parse_methods(raw: Any, task: str, shared: dict) -> tuple[Method, ...]:

@@ -22,6 +22,7 @@ from typing import Any
 from raysim.config import ConfigError
 from raysim.results.compare_report import write_compare_report
 from raysim.tune.compare import Comparison, Method, tuned_values
+from raysim.tune.records import read_json, read_table, read_yaml_record
 from raysim.tune.trials import run_sweep
 
 COMPARISON_RECORD = "comparison.json"  # what a comparison directory was run with
@@ -141,7 +142,7 @@ def check_directory(comparison: Comparison, out_dir: Path, resume: bool) -> None
     if not record.is_file():
         raise ConfigError(f"compare --resume: {out_dir} holds no {COMPARISON_RECORD}; give the "
                           "directory a comparison wrote with --out")
-    stored, current = json.loads(record.read_text()), comparison_record(comparison)
+    stored, current = _read_record(record), comparison_record(comparison)
     changed = sorted(key for key in stored["shared"].keys() | current["shared"].keys()
                      if stored["shared"].get(key) != current["shared"].get(key))
     if changed:
@@ -155,12 +156,18 @@ def check_directory(comparison: Comparison, out_dir: Path, resume: bool) -> None
                               f"{out_dir / 'methods' / label} to run it again")
 
 
+def _read_record(record: Path) -> dict:
+    return read_json(record, {"shared": dict, "methods": dict},
+                     "remove it to resume with the comparison file given now, or choose another "
+                     "--out")
+
+
 def write_record(comparison: Comparison, out_dir: Path) -> None:
     """The comparison's record, keeping the methods an earlier run of it had."""
     record = out_dir / COMPARISON_RECORD
     current = comparison_record(comparison)
     if record.is_file():
-        current["methods"] = {**json.loads(record.read_text())["methods"], **current["methods"]}
+        current["methods"] = {**_read_record(record)["methods"], **current["methods"]}
     out_dir.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(current, indent=2) + "\n")
 
@@ -178,31 +185,26 @@ def stored_outcome(comparison: Comparison, method: Method, base: Path) -> Method
     tuned values and its seed runs that have a summary (fault tolerance may have stopped one
     early: the report says so). Minutes are the runs' own wall time (start-up of their sweeps
     not included)."""
-    import pandas as pd
-
     trials = base / "tuning" / "trials.csv"
     if not trials.is_file():
         return None
     rank = f"best_{comparison.selection_metric}"
-    table = pd.read_csv(trials).dropna(subset=[rank])
+    fix = f"remove {base} to tune {method.label} again (compare --resume)"
+    table = read_table(trials, (rank, *method.search), fix).dropna(subset=[rank])
     outcome = MethodOutcome(method, tuning_dir=base / "tuning", trials_run=len(table))
     if table.empty:
         outcome.error = f"no trial reported {comparison.selection_metric}"
         return outcome
     outcome.tuned = tuned_values(method, table.sort_values(rank, ascending=False,
                                                            kind="stable").iloc[0])
+    seconds = {"wall_seconds": int | float}
     for summary_path in sorted((base / "tuning" / "trials").glob("*/summary.json")):
-        outcome.tuning_seconds += json.loads(summary_path.read_text())["wall_seconds"]
+        outcome.tuning_seconds += read_json(summary_path, seconds, fix)["wall_seconds"]
     for summary_path in sorted((base / "seeds" / "trials").glob("*/summary.json")):
-        summary = json.loads(summary_path.read_text())
-        config = _read_yaml(summary_path.parent / "config.yaml")
-        outcome.seed_runs.append((int(config["seed"]), summary_path.parent))
+        rerun = f"remove {summary_path.parent} to rerun that seed (compare --resume)"
+        summary = read_json(summary_path, seconds, rerun)
+        config = read_yaml_record(summary_path.parent / "config.yaml", {"seed": int}, rerun)
+        outcome.seed_runs.append((config["seed"], summary_path.parent))
         outcome.seeds_seconds += summary["wall_seconds"]
     outcome.seed_runs.sort()
     return outcome
-
-
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    return yaml.safe_load(path.read_text())

@@ -233,10 +233,13 @@ def parse_sweep(raw: Any, folder: Path, default_name: str = "sweep") -> Sweep:
              and max_failures >= 0, "max_failures",
              f"must be an integer >= 0 (got {max_failures!r})")
     driver_cpus = raw.get("trial_driver_cpus", 0.0)
-    require(isinstance(driver_cpus, (int, float)) and driver_cpus >= 0, "trial_driver_cpus",
+    require(isinstance(driver_cpus, (int, float)) and not isinstance(driver_cpus, bool)
+            and 0 <= driver_cpus < math.inf, "trial_driver_cpus",
              f"must be a number >= 0 (got {driver_cpus!r})")
     seed = raw.get("seed")
-    require(seed is None or isinstance(seed, int), "seed", f"must be an integer (got {seed!r})")
+    require(seed is None or (isinstance(seed, int) and not isinstance(seed, bool)
+                             and 0 <= seed < 2**32), "seed",
+            f"must be an integer in [0, 2**32) (got {seed!r})")
     draws = raw.get("draws", "tune")
     require(draws in DRAWS, "draws", f"must be one of {', '.join(DRAWS)} (got {draws!r})")
     return Sweep(
@@ -279,8 +282,17 @@ def _check_bounds(where: str, kind: str, values: list) -> None:
     require(ok, where, f"{kind}: expected [low, high], two "
              + ("integers" if number is int else "numbers"))
     low, high = values
+    require(all(_finite(v) for v in values), where,
+            f"{kind}: bounds must be finite numbers (got {low}, {high})")
     require(low < high, where, f"{kind}: low must be < high (got {low}, {high})")
     require(kind != "loguniform" or low > 0, where, f"loguniform: low must be > 0 (got {low})")
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any float
+        return False
 
 
 def _parse_algorithm_params(raw: dict) -> dict:
@@ -312,7 +324,8 @@ def parse_scheduler(raw: Any) -> Scheduler:
     require(isinstance(scheduler.grace_period, int) and scheduler.grace_period >= 1,
              "scheduler.grace_period", "must be an integer >= 1 (rounds)")
     factor = scheduler.reduction_factor
-    require(isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 1,
+    require(isinstance(factor, (int, float)) and not isinstance(factor, bool)
+            and 1 < factor < math.inf,
              "scheduler.reduction_factor", f"must be a number > 1 (got {factor!r})")
     return scheduler
 

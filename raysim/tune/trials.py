@@ -27,6 +27,7 @@ from raysim.run.checkpoints import (
     newest_complete,
     results_hash,
 )
+from raysim.tune.records import read_json
 from raysim.tune.sweep import Sweep
 from raysim.tune.sweep_report import write_report
 
@@ -255,7 +256,8 @@ def source_of(sweep_dir: Path) -> Path:
     if not record.is_file():
         raise ConfigError(f"{sweep_dir}: not a sweep directory (no {SWEEP_SOURCE}); pass the "
                           "directory `raysim tune` printed")
-    return Path(json.loads(record.read_text())["path"])
+    fix = "start the sweep again from its file (raysim tune SWEEP.yaml --out DIR)"
+    return Path(read_json(record, {"path": str}, fix)["path"])
 
 
 def run_sweep(sweep: Sweep, sweep_dir: Path, address: str | None = None,
