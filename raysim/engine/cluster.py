@@ -15,13 +15,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from raysim.config import Config, ConfigError
+from raysim.engine import watchdog
 
 PROBE_SECONDS = 5.0
 
@@ -56,11 +59,14 @@ def cluster_address(address: str | None) -> str | None:
     return os.environ.get("RAY_ADDRESS") or address or None
 
 
-def connect(address: str | None = None, py_modules: Sequence[str] = ()) -> None:
+def connect(address: str | None = None, py_modules: Sequence[str] = (),
+            env_vars: dict[str, str] | None = None) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), else start an embedded local Ray. An
     unreachable cluster or rejected token raises ConfigError, quickly. `py_modules`: package
     folders every worker of a joined cluster needs (the run's plug-ins), shipped by Ray's
-    `runtime_env`; an embedded Ray's workers import them from this machine as it does."""
+    `runtime_env` with `env_vars` (what names them); an embedded Ray's workers import them from
+    this machine as it does. An embedded Ray's processes end with this process, however it
+    ends (`raysim.engine.watchdog`)."""
     import ray
 
     if ray.is_initialized():
@@ -68,6 +74,9 @@ def connect(address: str | None = None, py_modules: Sequence[str] = ()) -> None:
     target = cluster_address(address)
     if target is None:
         ray.init(include_dashboard=False, logging_level="WARNING")
+        session_dir = _embedded_node_session()
+        if session_dir is not None:
+            watchdog.start(session_dir)
         return
     check_address(target)
     client = "://" in target
@@ -76,7 +85,8 @@ def connect(address: str | None = None, py_modules: Sequence[str] = ()) -> None:
             warnings.simplefilter("ignore", UserWarning)
             options: dict = {} if client else {"include_dashboard": False}
             if py_modules:
-                options["runtime_env"] = {"py_modules": list(py_modules)}
+                options["runtime_env"] = {"py_modules": list(py_modules),
+                                          "env_vars": dict(env_vars or {})}
             ray.init(address=target, logging_level="WARNING", **options)
     except Exception as error:
         if is_auth_failure(error):
@@ -89,6 +99,48 @@ def connect(address: str | None = None, py_modules: Sequence[str] = ()) -> None:
                 hint = f"; if the cluster uses token authentication, {AUTH_HELP}"
             raise ConfigError(f"cannot join the Ray cluster at {target}: {error}{hint}") from None
         raise
+
+
+def _embedded_node() -> Any:
+    """Ray's record of the head node this process started (None: it joined a cluster)."""
+    import ray
+
+    node = getattr(ray._private.worker.global_worker, "node", None)
+    return node if node is not None and node.all_processes else None
+
+
+def _embedded_node_session() -> str | None:
+    node = _embedded_node()
+    return None if node is None else node.get_session_dir_path()
+
+
+# the processes of a Ray head without which nothing runs, as named in Ray's node record
+SYSTEM_PROCESSES = {"gcs_server": "the GCS server", "raylet": "the raylet"}
+
+
+def embedded_failure() -> str | None:
+    """What died of the Ray this process started, e.g. "the raylet (pid 812) was killed by
+    SIGKILL"; None while its GCS server and raylet run, or when this process joined a cluster
+    (whose failures show up as Ray's errors)."""
+    node = _embedded_node()
+    if node is None:
+        return None
+    for kind, info in list(node.all_processes.items()):
+        if kind not in SYSTEM_PROCESSES:
+            continue
+        for process in [i.process for i in info]:
+            code = process.poll()
+            if code is None:
+                continue
+            if code < 0:
+                try:
+                    how = f"was killed by {signal.Signals(-code).name}"
+                except ValueError:
+                    how = f"was killed by signal {-code}"
+            else:
+                how = f"exited with code {code}"
+            return f"{SYSTEM_PROCESSES[kind]} (pid {process.pid}) {how}"
+    return None
 
 
 def check_address(address: str) -> None:

@@ -9,6 +9,8 @@ draw comes from (seed, round, client id) and aggregation is in client-id order),
 - a dead server actor is recreated from the newest checkpoint and the rounds since are
   replayed before the run goes on.
 Every retry, drop, restart and replay is reported as a failure record of the round it hit.
+A dead GCS server or raylet of the Ray this driver started cannot be survived: the run stops
+(`ClusterFailed`) within seconds, instead of waiting on actors that can no longer be created.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 from raysim.config import Config
 from raysim.data.domain_split import UNSEEN
 from raysim.engine.backends import make_backend
+from raysim.engine.cluster import embedded_failure
 from raysim.engine.evaluation import eval_batches, reduce_domain_eval
 from raysim.engine.server import Restore
 from raysim.nn.training import steps_per_epoch
@@ -39,6 +42,14 @@ class RunStopped(Exception):
     def __init__(self, message: str, round_index: int) -> None:
         super().__init__(message)
         self.round = round_index
+
+
+class ClusterFailed(RunStopped):
+    """A process the Ray cluster cannot run without (GCS server, raylet) died: no actor can be
+    replaced and no checkpoint asked of the server; the run's actors are gone or soon will be."""
+
+
+HEALTH_SECONDS = 1.0  # while waiting for results, how often the cluster is looked at
 
 
 def failure_record(round_index: int, kind: str, reason: str, client: int = -1,
@@ -113,6 +124,9 @@ class Simulation:
         self.shared: Any = None
         self.restarts = 0
         self.stop_requested = False
+        self.cluster_failed = False
+        # only the Ray backend has a cluster to lose (the local one has none)
+        self._watch_cluster = self.backend.name == "ray"
         self._events: list[dict[str, Any]] = []  # records waiting for the next round's result
         self._broadcasts: dict[int, Any] = {}
 
@@ -124,7 +138,7 @@ class Simulation:
                                          (partition.offsets, partition.indices))
         self.workers = [self._new_worker() for _ in range(self.num_workers)]
         self.server = self._new_server(self.restore)
-        return self.backend.get([w.describe.remote() for w in self.workers])
+        return self._get([w.describe.remote() for w in self.workers], self.first_round)
 
     def _new_worker(self) -> Any:
         return self.backend.worker(self.config, self.shared, self.task.info)
@@ -219,7 +233,7 @@ class Simulation:
 
     def _collect(self, work: RoundWork, started: float) -> RoundResult:
         r = work.round
-        report = self.backend.get(work.report_ref)
+        report = self._get(work.report_ref, r)
         events = self._events + [
             failure_record(r, "client_retried", reason, client=cid, attempt=attempt)
             for cid, attempt, reason in report.retries
@@ -234,7 +248,7 @@ class Simulation:
                 f"failure: {first[-1] if first else 'unknown'}", r - 1)
         metrics = dict(report.metrics)
         if work.eval_refs:
-            sums = iter([s for part in self.backend.get(work.eval_refs)
+            sums = iter([s for part in self._get(work.eval_refs, r)
                          for s in part])  # in batch order
             names = self.task.dataset.spec.domains
             for split, split_groups in self.eval_groups.items():
@@ -255,6 +269,7 @@ class Simulation:
         """Replace the actors that died and run again what was lost with them. An error with
         every actor alive is the method's or the engine's own: it is raised."""
         r = inflight[0].round
+        self._check_cluster(r)  # a dead raylet makes every actor look dead: nothing to replace
         dead = [i for i, worker in enumerate(self.workers) if not self.backend.alive(worker)]
         server_dead = not self.backend.alive(self.server)
         if not dead and not server_dead:
@@ -303,7 +318,7 @@ class Simulation:
         self._events.append(failure_record(r, "server_restarted", reason, actor="server"))
         start = restore.round + 1 if restore else 1
         for replayed in range(start, r):
-            report = self.backend.get(self._dispatch(replayed, replay=True).report_ref)
+            report = self._get(self._dispatch(replayed, replay=True).report_ref, r)
             if report.insufficient:
                 raise RunStopped(f"round {replayed}: the replay after a server restart lost "
                                  "too many clients", replayed - 1)
@@ -312,6 +327,29 @@ class Simulation:
                 r, "rounds_replayed", f"rounds {start}-{r - 1} replayed from "
                 f"{'checkpoint ' + str(restore.round) if restore else 'the initial state'}",
                 actor="server"))
+
+    # ------------------------------------------------------------------ the cluster
+    def _check_cluster(self, r: int) -> None:
+        """ClusterFailed (in round `r`) when the GCS server or raylet of the Ray this driver
+        started has died. Its actors may still answer for a while (a minute without a GCS), but
+        none can be replaced, and Ray ends a driver that has lost its GCS for good."""
+        if not self._watch_cluster:
+            return
+        what = embedded_failure()
+        if what is not None:
+            self.cluster_failed = True
+            raise ClusterFailed(f"the Ray cluster failed: {what} (in round {r})", r - 1)
+
+    def _get(self, refs: Any, r: int) -> Any:
+        """`backend.get`, looking at the cluster every HEALTH_SECONDS while it waits."""
+        if not self._watch_cluster:
+            return self.backend.get(refs)
+        while True:
+            self._check_cluster(r)
+            try:
+                return self.backend.get(refs, timeout=HEALTH_SECONDS)
+            except TimeoutError:  # Ray's GetTimeoutError: not ready yet
+                continue
 
     # ------------------------------------------------------------------ state
     def snapshot(self, round_index: int) -> dict[str, bytes]:
@@ -325,7 +363,8 @@ class Simulation:
         return self.backend.get(self.server.weights.remote())
 
     def shutdown(self) -> None:
-        for actor in [*self.workers, self.server]:
+        # after a cluster failure the actors go with the cluster; asking Ray could block
+        for actor in [] if self.cluster_failed else [*self.workers, self.server]:
             if actor is not None:
                 self.backend.kill(actor)
         self.workers, self.server = [], None

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,10 @@ def test_ray_reports_a_killed_actor_and_the_lost_results(ray_session):
     value = backend.put({"w": torch.arange(3)})
     assert torch.equal(backend.get(value)["w"], torch.arange(3))
     backend.kill(worker)
+    # the kill is asynchronous: a ping that times out meanwhile reads as a busy, live actor
+    deadline = time.monotonic() + 60
+    while backend.alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert not backend.alive(worker)
     lost = worker.ping.remote()  # a call to the dead actor: its result never comes
     assert not backend.succeeded(lost)
