@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -33,6 +34,12 @@ import yaml
 
 class ConfigError(ValueError):
     """A user mistake in a config file or override; the message names the key and the fix."""
+
+
+MAX_INT = 2**63 - 1  # integer keys are 64-bit (numpy, torch, Parquet columns)
+# A YAML document's size once its aliases are expanded (every use of `*anchor` copies the
+# anchored value when the config is copied): bounds "billion laughs" documents.
+MAX_YAML_NODES = 1_000_000
 
 
 def require(condition: bool, key: str, message: str) -> None:
@@ -315,7 +322,7 @@ class AlgorithmConfig:
 
 @dataclass(frozen=True)
 class Config:
-    name: str = "experiment"
+    name: str = "experiment"  # runs/<name>-<time>/: letters, digits and . _ - + = , @ only
     seed: int = 0
     rounds: int = 20
     clients_per_round: int = 10
@@ -336,10 +343,31 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
+        check_run_name(self.name)
+        # checked here, not when the partition first draws from it (which would blame it)
+        require(self.seed >= 0, "seed", f"must be >= 0 (got {self.seed})")
         require(self.rounds >= 1, "rounds", "must be >= 1")
         require(self.eval_every >= 1, "eval_every", "must be >= 1")
         require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         require(self.clients_per_round >= 1, "clients_per_round", "must be >= 1")
+
+
+# A run's name becomes one directory name (runs/<name>-<time>): one path component of these
+# characters, so it can neither leave runs/ nor smuggle control characters into a path.
+NAME_PUNCTUATION = "._-+=,@"
+MAX_NAME_BYTES = 200  # the time stamp and the file system's 255-byte limit leave this much
+
+
+def check_run_name(name: str) -> None:
+    """A ConfigError naming the first character of `name` a run directory cannot hold."""
+    require(name != "", "name", "must not be empty")
+    bad = next((c for c in name if not (c.isalnum() or c in NAME_PUNCTUATION)), None)
+    require(bad is None, "name", f"{name!r} contains {bad!r}: a run name is one directory name "
+            f"of letters, digits and {' '.join(NAME_PUNCTUATION)} (choose where the run goes "
+            "with --run-dir)")
+    require(not name.startswith("."), "name", f"{name!r} must not start with '.'")
+    require(len(name.encode()) <= MAX_NAME_BYTES, "name",
+            f"longer than {MAX_NAME_BYTES} bytes ({len(name.encode())})")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -479,15 +507,23 @@ def _coerce(hint: Any, value: Any, key: str, resolve: Resolver | None = None) ->
             return value
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            # numpy and torch take 64-bit integers: a larger one would overflow deep in a run
+            if -MAX_INT - 1 <= value <= MAX_INT:
+                return value
+            raise ConfigError(f"{key}: {value} does not fit in a 64-bit integer")
     elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string
-            try:
-                return float(value)
+        number = None
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:  # YAML 1.1 reads `1e-3` as a string
+                number = float(value)
+            except OverflowError:  # an integer beyond any float
+                number = math.inf
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # .inf, nan, 1e999: every range check passes nan
+                raise ConfigError(f"{key}: must be a finite number (got {value!r})")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -559,8 +595,67 @@ def apply_override(raw: dict, override: str) -> None:
         raise ConfigError(
             f"override {override!r}: expected KEY=VALUE, e.g. data.partition.alpha=0.1"
         )
-    set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else None,
-               where=f"override {override!r}")
+    where = f"override {override!r}"
+    set_dotted(raw, key.strip(), override_value(text, where), where=where)
+
+
+def override_value(text: str, where: str) -> Any:
+    """The VALUE of a KEY=VALUE override read as plain YAML (None when empty); a ConfigError
+    naming the override `where` for text that is not YAML or carries a tag (`!!binary`,
+    `!!python/...`: a value is plain data)."""
+    if not text.strip():
+        return None
+    try:
+        if any(isinstance(token, yaml.TagToken) for token in yaml.scan(text)):
+            raise ConfigError(f"{where}: YAML tags (!...) are not accepted in a value; write "
+                              "the plain value (quote it to pass text starting with !)")
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or "syntax error"
+        raise ConfigError(f"{where}: the value is not valid YAML ({' '.join(problem.split())}); "
+                          "quote it to pass it as text") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: the value is nested too deeply") from None
+    except ConfigError:
+        raise
+    except ValueError as error:  # an integer of more than 4300 digits
+        raise ConfigError(f"{where}: {_value_error(error)}") from None
+    check_expanded_size(value, where)
+    return value
+
+
+def _value_error(error: ValueError) -> str:
+    first = (str(error).splitlines() or [""])[0].partition(";")[0]
+    return f"a value YAML cannot read ({first})"
+
+
+MAX_YAML_DEPTH = 100  # sections and lists nested deeper are no config (or an alias loops)
+
+
+def check_expanded_size(value: Any, where: str) -> None:
+    """A ConfigError naming `where` when YAML data expands (aliases copied out, as
+    `deep_copy` does) to more than MAX_YAML_NODES values or nests deeper than MAX_YAML_DEPTH
+    (an alias inside the value it names never ends)."""
+    sizes: dict[int, int] = {}  # shared (aliased) values are counted once per use, cheaply
+
+    def size(node: Any, depth: int) -> int:
+        if not isinstance(node, dict | list):
+            return 1
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{where}: nested deeper than {MAX_YAML_DEPTH} levels, or an "
+                              "alias (*name) refers to the value that holds it")
+        total = 1
+        for child in (*node.keys(), *node.values()) if isinstance(node, dict) else node:
+            total += size(child, depth + 1)
+            if total > MAX_YAML_NODES:
+                raise ConfigError(f"{where}: expands to more than {MAX_YAML_NODES:,} values "
+                                  "once its aliases (*name) are copied out")
+        sizes[id(node)] = total
+        return total
+
+    size(value, 0)
 
 
 def set_dotted(raw: dict, key: str, value: Any, where: str | None = None) -> None:
@@ -608,9 +703,15 @@ def parse_yaml(path: Path) -> Any:
             f"{error.start}); save it as UTF-8"
         ) from None
     try:
-        return yaml.safe_load(text) or {}
+        value = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         raise ConfigError(_yaml_error_line(path, text, error)) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
+    except ValueError as error:  # an integer of more than 4300 digits
+        raise ConfigError(f"{path}: {_value_error(error)}") from None
+    check_expanded_size(value, str(path))
+    return value
 
 
 def _yaml_error_line(path: Path, text: str, error: yaml.YAMLError) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 
 from raysim.cli.commands import ADDRESS_HELP, add_commands, run_command
@@ -28,11 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raysim", description="Federated-learning simulation on Ray."
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an unexpected error before the rounds "
+                        "start (still one `raysim: error:` line and exit code 2)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     launch = commands.add_parser("launch", help="run one experiment")
     _add_config_args(launch)
-    launch.add_argument("--run-dir", help="where results go (default: runs/<name>-<time>)")
+    launch.add_argument("--run-dir", help="where results go (default: runs/<name>-<time>); "
+                        "a directory that holds anything is refused unless --overwrite")
+    launch.add_argument("--overwrite", action="store_true",
+                        help="launch into a --run-dir that holds files: they are moved to "
+                        "<dir>.old-<time>/ first (nothing is deleted)")
     launch.add_argument("--address", help=ADDRESS_HELP)
     launch.add_argument("--quiet", action="store_true", help="no per-round progress output")
     launch.add_argument("--local", action="store_true",
@@ -75,30 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     launched_at = time.perf_counter()
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "resume":
-            from raysim.run import prepare_resume
-
-            run = prepare_resume(args.run_dir, args.override)
-            check_cluster(args.address)
-            return _launch(run, args, launched_at)
-        if args.command == "plot":
-            return _plot(args)
-        if args.command not in ("launch", "config", "partition"):
-            return run_command(args)
-        overrides = [*args.override, *(["resources.backend=local"]
-                                       if getattr(args, "local", False) else [])]
-        from raysim.run.validate import load_config
-
-        config = load_config(args.config, overrides)
-        if args.command == "config":
-            print(dump_config(config), end="")
-            return 0
-        if args.command == "partition":
-            return _write_partition(config, args.out)
-        check_cluster(args.address)
-        from raysim.run import prepare
-
-        return _launch(prepare(config, args.run_dir), args, launched_at)
+        return _command(args, launched_at)
     except ConfigError as error:
         print(f"raysim: error: {error}", file=sys.stderr)
         return 2
@@ -106,6 +91,94 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nraysim: interrupted during start-up, before any new round",
               file=sys.stderr)
         return 130
+    # Anything else before the rounds start (validation, preparation, a plug-in's code, a
+    # plug-in calling sys.exit) is one error line naming the input, exit 2: never a traceback,
+    # never exit 0 having run nothing. Once the rounds run, the run's own failure path stands.
+    except (Exception, SystemExit) as error:
+        if _rounds_started(args):
+            raise
+        if args.debug:
+            traceback.print_exc()
+        first = str(error).strip().splitlines()
+        print(f"raysim: error: {_input_of(args)}{_plugin_of(error)}: {type(error).__name__}: "
+              f"{first[0] if first else ''} "
+              f"(raysim --debug {args.command} ... for the traceback)", file=sys.stderr)
+        return 2
+
+
+def _command(args: argparse.Namespace, launched_at: float) -> int:
+    if args.command == "resume":
+        from raysim.run import prepare_resume
+
+        run = prepare_resume(args.run_dir, args.override)
+        check_cluster(args.address)
+        return _launch(run, args, launched_at)
+    if args.command == "plot":
+        return _plot(args)
+    if args.command not in ("launch", "config", "partition"):
+        return run_command(args)
+    overrides = [*args.override, *(["resources.backend=local"]
+                                   if getattr(args, "local", False) else [])]
+    from raysim.run.validate import load_config
+
+    config = load_config(args.config, overrides)
+    if args.command == "config":
+        print(dump_config(config), end="")
+        return 0
+    if args.command == "partition":
+        return _write_partition(config, args.out)
+    check_cluster(args.address)
+    from raysim.run import prepare
+
+    run = prepare(config, args.run_dir, new=True, overwrite=args.overwrite)
+    return _launch(run, args, launched_at)
+
+
+def _rounds_started(args: argparse.Namespace) -> bool:
+    """Whether the command got past preparation: a run's rounds started (`_launch` says so),
+    or a sweep's or comparison's trials did (they start Ray)."""
+    if getattr(args, "rounds_started", False):
+        return True
+    ray = sys.modules.get("ray") if args.command in ("tune", "compare") else None
+    return ray is not None and ray.is_initialized()
+
+
+def _input_of(args: argparse.Namespace) -> str:
+    """The input a command was given, for its error line."""
+    if args.command == "resume":
+        return f"run directory {args.run_dir}"
+    if args.command == "plot":
+        return f"run director{'ies' if len(args.run_dirs) > 1 else 'y'} " \
+            f"{', '.join(args.run_dirs)}"
+    if args.command == "tune":
+        return f"sweep directory {args.resume}" if args.resume else str(args.sweep)
+    if args.command == "compare":
+        return str(args.comparison)
+    if args.command in ("logs", "status"):
+        return f"job {args.job}"
+    return str(args.config)
+
+
+def _plugin_of(error: BaseException) -> str:
+    """`, in the plug-in package P (file:line)` when the innermost frame of the error that is
+    installed plug-in code (another distribution registering raysim entry points) is known."""
+    from importlib.metadata import distribution, packages_distributions
+
+    try:
+        owners = packages_distributions()
+    except Exception:  # unreadable metadata of some installed package: no name, still a line
+        return ""
+    found = ""
+    for frame, line in traceback.walk_tb(error.__traceback__):
+        module = str(frame.f_globals.get("__name__", "")).partition(".")[0]
+        for name in owners.get(module, ()):
+            try:
+                groups = {point.group for point in distribution(name).entry_points}
+            except Exception:
+                continue
+            if name != "raysim" and any(g.startswith("raysim.") for g in groups):
+                found = f", in the plug-in package {name} ({frame.f_code.co_filename}:{line})"
+    return found
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -144,6 +217,7 @@ def _launch(run, args: argparse.Namespace, launched_at: float) -> int:
     from raysim.results.plots import write_curves, write_partition_figure
     from raysim.results.sinks import ConsoleProgress, RunDirectory, extra_sinks
     from raysim.run import describe_partition, execute
+    from raysim.run.interrupts import resume_hint
 
     config = run.config
     start = f"resuming after round {run.restore.round}, " if run.restore is not None else ""
@@ -153,6 +227,7 @@ def _launch(run, args: argparse.Namespace, launched_at: float) -> int:
     sinks = [RunDirectory(run.run_dir), *extra_sinks(config, run.run_dir)]
     if config.logging.progress and not args.quiet:
         sinks.append(ConsoleProgress())
+    args.rounds_started = True  # from here on a failure is the run's own (summary.json)
     summary = execute(run, sinks, address=args.address, launched_at=launched_at)
     if config.logging.curves:
         write_curves(run.run_dir)
@@ -161,7 +236,7 @@ def _launch(run, args: argparse.Namespace, launched_at: float) -> int:
     if summary.status != "completed":
         where = f"checkpoint {summary.checkpoint}" if summary.checkpoint else "no checkpoint"
         print(f"raysim: {summary.status} after round {summary.rounds_completed} ({where}); "
-              f"continue with: raysim resume {run.run_dir}", file=sys.stderr)
+              f"{resume_hint(run.run_dir)}", file=sys.stderr)
         return 130 if summary.status == "interrupted" else 1
     final, best, headline = summary.final, summary.best, summary.headline
     name = headline.removeprefix("test_")

@@ -4,17 +4,19 @@ checkpoints as they come, and summarise."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from collections.abc import Iterable
 from typing import Any
 
 from raysim.engine.cluster import cluster_address, connect, fit_resources, placement_notes
-from raysim.engine.simulation import RunStopped, Simulation
+from raysim.engine.simulation import ClusterFailed, RunStopped, Simulation
 from raysim.engine.worker import peak_rss_mb
+from raysim.registry import SHIPPED_ENV
 from raysim.run.checkpoints import CheckpointWriter, load_restore
 from raysim.run.interrupts import Interrupts
-from raysim.run.plugins import plugin_packages
+from raysim.run.plugins import plugin_packages, shipped_entry_points
 from raysim.run.prepare import Run
 from raysim.run.summary import summarize
 from raysim.types import RunSummary
@@ -45,7 +47,11 @@ def execute(
         import raysim.engine.remote  # noqa: F401
 
         # a joined cluster's workers get the run's plug-in packages; local ones import them here
-        connect(address, plugin_packages(config) if cluster_address(address) else ())
+        if cluster_address(address):
+            shipped = json.dumps(shipped_entry_points(config))
+            connect(address, plugin_packages(config), {SHIPPED_ENV: shipped})
+        else:
+            connect(address)
         phases["ray_ready"] = time.perf_counter() - launched_at
         config, notes = fit_resources(run.config, ray.cluster_resources())
         for note in notes:
@@ -72,7 +78,10 @@ def execute(
                     results.append(dataclasses.replace(result, checkpoint=None))
                     if first_round is None:
                         first_round = phases["first_round"] = time.perf_counter() - launched_at
-                    if result.checkpoint is not None:  # before the sinks: Tune reports it
+                    # before the sinks (Tune reports it); once in place it does not raise,
+                    # so the round's rows follow, and a resume restores them from it if the
+                    # driver dies in between
+                    if result.checkpoint is not None:
                         saved.write(result.round, result.checkpoint, results)
                     for sink in sinks:
                         sink.log_round(result)
@@ -80,8 +89,9 @@ def execute(
                 status, stop_reason = "failed", str(stop)
                 print(f"raysim: error: {stop}", file=sys.stderr)
                 done = [r for r in results if r.round <= stop.round]
-                saved.write_now(stop.round, done)
-            if interrupts.count:
+                if not isinstance(stop, ClusterFailed):  # else no server is left to ask
+                    saved.write_now(stop.round, done)
+            if interrupts.count and not simulation.cluster_failed:
                 status = "interrupted"
                 if results:
                     saved.write_now(results[-1].round, results)
@@ -100,6 +110,8 @@ def execute(
 
 def peak_memory(simulation: Any) -> dict[str, Any]:
     """Peak resident memory (MiB) of the driver, the server actor and each worker so far."""
+    if getattr(simulation, "cluster_failed", False):  # the actors went with the cluster
+        return {"driver": peak_rss_mb()}
     try:
         *workers, server = simulation.describe()
     except simulation.backend.errors:  # an actor died at the very end: report what is known

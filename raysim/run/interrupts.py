@@ -9,6 +9,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from raysim.run.checkpoints import MANIFEST, checkpoint_rounds
+
 
 class Interrupts:
     """SIGINT / SIGTERM during a run: the first lets the round in flight finish, then the run
@@ -40,6 +42,15 @@ class Interrupts:
             print(f"\nraysim: {name}: finishing the round in flight, then writing a checkpoint "
                   "(again to stop at once)", file=sys.stderr, flush=True)
             return
-        print(f"\nraysim: {name} again: stopped at once; continue from the last complete "
-              f"checkpoint with: raysim resume {self.run_dir}", file=sys.stderr, flush=True)
+        print(f"\nraysim: {name} again: stopped at once; {resume_hint(self.run_dir)}",
+              file=sys.stderr, flush=True)
         os._exit(130)
+
+
+def resume_hint(run_dir: Path) -> str:
+    """How to go on with a run that stopped: `raysim resume` only if it has a complete checkpoint
+    (one is renamed into place once written; its manifest is not hashed here: this runs in a
+    signal handler)."""
+    if any((path / MANIFEST).is_file() for _, path in checkpoint_rounds(run_dir)):
+        return f"continue with: raysim resume {run_dir}"
+    return "it has no checkpoint yet, so there is nothing to resume: launch it again"
