@@ -224,7 +224,7 @@ def after_round(run_dir: Path, driver: subprocess.Popen, r: int = 1) -> set[tupl
 @pytest.mark.slow
 @pytest.mark.parametrize("ending", ["kill -9", "interrupted twice", "completed"])
 def test_no_ray_process_outlives_the_driver(tmp_path, ending):
-    driver, run_dir = launch(tmp_path, rounds=5 if ending == "completed" else 40,
+    driver, run_dir = launch(tmp_path, rounds=2 if ending == "completed" else 40,
                              local_epochs=8 if ending == "interrupted twice" else 1)
     processes: set[tuple[int, int]] = set()
     try:

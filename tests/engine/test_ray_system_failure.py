@@ -23,8 +23,9 @@ from raysim.run.checkpoints import newest_complete
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("victim, named", [("raylet", "the raylet"),
-                                           ("gcs_server", "the GCS server")])
+# The raylet only: a dead GCS server takes the same path (raysim.engine.cluster's
+# embedded_failure) but holds the driver 7-12 s longer in Ray's own shutdown.
+@pytest.mark.parametrize("victim, named", [("raylet", "the raylet")])
 def test_a_dead_ray_system_process_fails_the_run_with_a_summary(tmp_path, victim, named):
     driver, run_dir = launch(tmp_path, rounds=40)
     processes: set[tuple[int, int]] = set()
