@@ -31,24 +31,24 @@ def summarize(run: Any, results: list, startup: float, wall: float, *, status: s
         final.update(result.metrics)
     metric = HEADLINE_METRIC[run.task.info.kind]
     kinds = [e["kind"] for r in results for e in r.events]
-    return RunSummary(**{
-        "name": run.config.name,
-        "algorithm": run.config.algorithm.name,
-        "run_dir": str(run.run_dir),
-        "rounds_completed": len(results),
-        "headline": f"test_{metric}",
-        "final": final,
-        "best": select_best(results, metric, run.config.evaluation.protocol),
-        "protocol": run.config.evaluation.protocol,
-        "wall_seconds": wall,
-        "startup_seconds": startup,
-        "round_seconds": [r.seconds for r in results],
+    return RunSummary(
+        name=run.config.name,
+        algorithm=run.config.algorithm.name,
+        run_dir=str(run.run_dir),
+        rounds_completed=len(results),
+        headline=f"test_{metric}",
+        final=final,
+        best=select_best(results, metric, run.config.evaluation.protocol),
+        protocol=run.config.evaluation.protocol,
+        wall_seconds=wall,
+        startup_seconds=startup,
+        round_seconds=[r.seconds for r in results],
         # per round: seconds the clients spent in the method's step (the rest is the engine's)
-        "client_train_seconds": [r.train_seconds for r in results],
-        "clients_dropped": sum(len(r.failures) for r in results),
-        "failures": {kind: kinds.count(kind) for kind in sorted(set(kinds))},
-        "actor_restarts": sum(kind.endswith("_restarted") for kind in kinds),
-        "num_workers": run.config.resources.num_workers,
-        "status": status,
+        client_train_seconds=[r.train_seconds for r in results],
+        clients_dropped=sum(len(r.failures) for r in results),
+        failures={kind: kinds.count(kind) for kind in sorted(set(kinds))},
+        actor_restarts=sum(kind.endswith("_restarted") for kind in kinds),
+        num_workers=run.config.resources.num_workers,
+        status=status,
         **measured,
-    })
+    )

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from raysim.algorithm import task_kind
 from raysim.config import (
     Config,
     ConfigError,
@@ -22,7 +23,7 @@ from raysim.config import (
     read_yaml,
     require,
 )
-from raysim.methods.leakage import SUPPORTED_UPLOADS
+from raysim.methods.leakage import SUPPORTED_UPLOADS, upload_kind
 from raysim.registry import (
     DATASETS,
     MODELS,
@@ -59,11 +60,6 @@ def validate(config: Config) -> Config:
     return config
 
 
-def task_of(config: Config) -> str:
-    """The task kind of the config's dataset: classification | segmentation."""
-    return DATASETS[config.data.dataset].task
-
-
 def check_data(config: Config) -> None:
     """A dataset that generates each client's samples brings its own partition and test set."""
     data = config.data
@@ -80,7 +76,7 @@ def check_data(config: Config) -> None:
 def check_model_and_method(config: Config) -> None:
     algorithm = algorithm_class(config.algorithm.name)
     model = MODELS[config.model.name]
-    task = task_of(config)
+    task = task_kind(config)
     if model.task != task:
         fitting = [name for name in MODELS if MODELS[name].task == task]
         raise ConfigError(
@@ -97,9 +93,6 @@ def check_model_and_method(config: Config) -> None:
     check_config = getattr(algorithm, "check_config", None)
     if check_config is not None:
         check_config(config)
-    check_task = getattr(algorithm, "check_task", None)  # the older hook, where a method has it
-    if check_task is not None:
-        check_task(config.algorithm.params, task)
     # on segmentation the features are the U-Net's stage maps (raysim.methods.features)
     if algorithm.needs_features and task == "classification" and not model.has_feature_head:
         with_heads = [name for name in MODELS if MODELS[name].has_feature_head]
@@ -112,7 +105,7 @@ def check_model_and_method(config: Config) -> None:
 def check_protocol(config: Config) -> None:
     """`evaluation.protocol: official` is FedBCS's segmentation protocol; what it implies for
     the data (area-resized labels, nuclei's whole train list) the datasets compute from it."""
-    if config.evaluation.protocol == "official" and task_of(config) != "segmentation":
+    if config.evaluation.protocol == "official" and task_kind(config) != "segmentation":
         raise ConfigError("evaluation.protocol: official is FedBCS's segmentation protocol; "
                           f"dataset {config.data.dataset!r} is not a segmentation task (use "
                           "the default protocol)")
@@ -122,14 +115,14 @@ def check_leakage_probe(config: Config) -> None:
     probe = config.diagnostics.leakage
     if not probe.clients_per_round:
         return
-    uploads = getattr(algorithm_class(config.algorithm.name), "uploads", "weights")
+    uploads = upload_kind(algorithm_class(config.algorithm.name))
     if uploads not in SUPPORTED_UPLOADS:
         known = [n for n in algorithm_names()
-                 if getattr(algorithm_class(n), "uploads", "weights") in SUPPORTED_UPLOADS]
+                 if upload_kind(algorithm_class(n)) in SUPPORTED_UPLOADS]
         raise ConfigError(f"diagnostics.leakage: the probe reads "
                           f"{', '.join(SUPPORTED_UPLOADS)} uploads, and {config.algorithm.name} "
                           f"uploads {uploads}; methods it supports: {', '.join(known)}")
-    require(task_of(config) == "classification" and MODELS[config.model.name].has_feature_head,
+    require(task_kind(config) == "classification" and MODELS[config.model.name].has_feature_head,
             "diagnostics.leakage",
             "the probe needs a classification task and a model with a feature head")
     require(probe.clients_per_round <= config.clients_per_round,
