@@ -6,7 +6,7 @@ in every process that hosts it (the server actor and each client worker), and it
 hooks; the engine only calls `client_update`, `server_round` and `evaluate_batch`, and the first
 two are fixed here (a method that overrides them is refused when its class is created):
 
-    client_update:  load the broadcast weights
+    client_update:  load_weights(step)                     the broadcast (and a personal part)
                     prepared  = before_training(step)      e.g. FedHPro's real-sample gradients
                     objective = local_objective(step)      the per-batch loss
                     optimizer = client_optimizer(step)
@@ -54,9 +54,10 @@ from raysim.types import Weights
 BatchLoss = Callable[[Tensor, Tensor], Tensor]
 
 __all__ = [
-    "LEARNING_RATE_SPACE", "Algorithm", "BatchLoss", "Broadcast", "ClassAnchors", "ClientContext",
-    "ClientUpdate", "LocalRound", "ServerContext", "ServerState", "SummedWeights", "TaskInfo",
-    "Weights", "copy_tensors", "copy_weights", "extend", "search_space_of", "task_kind",
+    "Algorithm", "BatchLoss", "Broadcast", "ClassAnchors", "ClientContext", "ClientUpdate",
+    "LEARNING_RATE_SPACE", "LocalRound", "PersonalModel", "SHARED_PARTS", "ServerContext",
+    "ServerState", "SummedWeights", "TaskInfo", "Weights", "copy_tensors", "copy_weights",
+    "extend", "fine_tune", "search_space_of", "task_kind", "weights_part",
 ]
 
 
@@ -72,6 +73,7 @@ class TaskInfo:
     kind: str = "classification"  # or "segmentation": labels are (H, W) masks
     num_clients: int = 0  # registered clients (SCAFFOLD scales its control update by it)
     protocol: str = "default"  # the evaluation protocol (evaluation.protocol): its metrics
+    finetune_epochs: int = 0  # evaluation.personal.finetune_epochs (personalised evaluation)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ class ClientContext:
     generator: torch.Generator  # seeded from (seed, round, client id): use it for every draw
     device: torch.device
     train: TrainConfig
+    # the round-0 weights of this client's architecture: where a personal model starts
+    initial_weights: Weights | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,24 @@ def copy_weights(model: nn.Module) -> Weights:
     return copy_tensors(model.state_dict())
 
 
+HEAD = "classifier."  # the bundled models' (and every group member's) last layer
+
+
+def weights_part(weights: Weights, part: str) -> Weights:
+    """The entries of `weights` that `part` names (an `Algorithm.shares` value): `model` all,
+    `head` the classifier's, `body` all but the classifier's, `none` nothing."""
+    if part == "model":
+        return dict(weights)
+    if part == "none":
+        return {}
+    head = part == "head"
+    return {k: v for k, v in weights.items() if k.startswith(HEAD) == head}
+
+
+SHARED_PARTS = ("model", "head", "body", "none")
+_KEPT = {"model": "none", "head": "body", "body": "head", "none": "model"}
+
+
 def task_kind(config: ExperimentConfig) -> str:
     """The task kind of an experiment config's dataset: classification | segmentation."""
     return DATASETS[config.data.dataset].task
@@ -212,6 +234,10 @@ class Algorithm:
     # the aggregate is the sample-weighted mean, so the workers sum their clients' weights
     # before sending; derived (False where `aggregate` is overridden), see __init_subclass__
     weighted_mean: ClassVar[bool] = True
+    # which of the model's weights clients send and the server averages: `model` (all of them,
+    # so every client has one architecture), `head` or `body` (the rest stays personal, see
+    # `PersonalModel`), or `none` (only what the method's messages add: prototypes, gradients)
+    shares: ClassVar[str] = "model"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Refuses a method whose declarations contradict its hooks, and derives
@@ -231,6 +257,12 @@ class Algorithm:
                                 "so the workers would pre-sum the weights and its aggregate "
                                 "would see none; delete the weighted_mean line")
             cls.weighted_mean = False
+        if cls.shares not in SHARED_PARTS:
+            raise TypeError(f"{name}.shares = {cls.shares!r}: choose one of "
+                            f"{', '.join(SHARED_PARTS)}")
+        if cls.shares != "model" and not issubclass(cls, PersonalModel):
+            raise TypeError(f"{name} shares only {cls.shares!r} of the model, so its clients "
+                            "must keep the rest: inherit raysim.algorithm.PersonalModel")
 
     def __init__(
         self, config: Any = None, task: TaskInfo | None = None,
@@ -287,14 +319,18 @@ class Algorithm:
         state: Any,
     ) -> ClientUpdate:
         """The engine's client step (not a hook): the hooks in order, see the module doc."""
-        model.load_state_dict(broadcast.weights)
         step = LocalRound(ctx, model, broadcast, data, state)
+        self.load_weights(step)
         step.prepared = self.before_training(step)
         step.objective = self.local_objective(step)
         step.optimizer = self.client_optimizer(step)
         step.metrics = self.train_locally(step)
         step.trained = self.after_training(step)
         return self.upload(step)
+
+    def load_weights(self, step: LocalRound) -> None:
+        """Put the weights the client starts from into `step.model`: the broadcast's."""
+        step.model.load_state_dict(step.broadcast.weights)
 
     def before_training(self, step: LocalRound) -> Any:
         """Computed on the received model before any local step (None: nothing)."""
@@ -356,6 +392,16 @@ class Algorithm:
         return {"optimizer": copy_tensors(step.optimizer.state_dict())}
 
     # ---------------------------------------------------------------- evaluation
+    def deployed_model(self, step: LocalRound) -> nn.Module | None:
+        """The model this client would deploy, which personalised evaluation scores on its
+        own test part (`step.data` is its training part, `step.state` its stored state). A
+        method with one global model has none (None), unless `evaluation.personal` asks for
+        `finetune_epochs` of local fine-tuning of the global model (FL-bench's finetune)."""
+        if not self.task or not self.task.finetune_epochs:
+            return None
+        self.load_weights(step)
+        return fine_tune(self, step, self.task.finetune_epochs)
+
     @torch.no_grad()
     def evaluate_batch(
         self, model: nn.Module, broadcast: Broadcast, x: Tensor, y: Tensor
@@ -363,6 +409,56 @@ class Algorithm:
         """Metric sums over the batch (the task's); the engine adds them up and divides by
         `count`."""
         return self.objectives.evaluate(model(x).logits, y)
+
+
+def fine_tune(method: Algorithm, step: LocalRound, epochs: int) -> nn.Module:
+    """`epochs` of the task's loss (not the method's objective) with a fresh optimiser on the
+    client's training part, from the weights in `step.model`; returns the model in eval mode."""
+    train = dataclasses.replace(step.ctx.train, local_epochs=epochs)
+    step.ctx = dataclasses.replace(step.ctx, train=train)
+    step.objective = Algorithm.local_objective(method, step)
+    step.optimizer = make_optimizer(step.model, train)
+    Algorithm.train_locally(method, step)
+    return step.model.eval()
+
+
+class PersonalModel:
+    """A mix-in (listed before the method's base) for methods whose clients keep the part of
+    their model that `shares` does not name (FedProto and Local: all of it; FedPer and FedRep:
+    the head; LG-FedAvg: the body) as client state, in the engine's client-state store. A
+    client starts from the broadcast's shared part and its own kept part (its architecture's
+    round-0 weights the first time), sends only the shared part, and deploys the model it
+    trained (`deployed_model`), fine-tuned first where `evaluation.personal` asks for it."""
+
+    stateful: ClassVar[bool] = True
+    shares: ClassVar[str] = "none"
+
+    def kept_part(self, weights: Weights) -> Weights:
+        return weights_part(weights, _KEPT[self.shares])
+
+    def init_server(self, model: nn.Module) -> ServerState:
+        state = super().init_server(model)
+        return dataclasses.replace(state, weights=weights_part(state.weights, self.shares))
+
+    def load_weights(self, step: LocalRound) -> None:
+        kept = (step.state or {}).get("personal")
+        if kept is None:
+            kept = self.kept_part(step.ctx.initial_weights or step.model.state_dict())
+        step.model.load_state_dict({**kept, **step.broadcast.weights})
+
+    def upload(self, step: LocalRound) -> ClientUpdate:
+        update = super().upload(step)
+        return dataclasses.replace(update, weights=weights_part(update.weights, self.shares))
+
+    def next_state(self, step: LocalRound) -> Any:
+        return {**(super().next_state(step) or {}),
+                "personal": self.kept_part(copy_weights(step.model))}
+
+    def deployed_model(self, step: LocalRound) -> nn.Module | None:
+        self.load_weights(step)
+        if self.task is not None and self.task.finetune_epochs:
+            return fine_tune(self, step, self.task.finetune_epochs)
+        return step.model.eval()
 
 
 # ------------------------------------------------------------------------------------------

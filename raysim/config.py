@@ -133,12 +133,36 @@ class DataConfig:
                 "must be in [0, 1) (0: no validation split)")
 
 
+ASSIGNMENTS = ("by_client_id", "blocks")
+
+
+@dataclass(frozen=True)
+class HeterogeneousConfig:
+    """Clients of different architectures (`model.heterogeneous`): `models` lists registered
+    model names, or names one group (`htfe2`, `htfe4`, `htfe5`: see `raysim.nn.heterogeneous`);
+    `assign` gives client k the member k mod M (`by_client_id`) or the k·M // N-th
+    (`blocks`: contiguous id ranges). With `feature_dim` every member's features are
+    projected to that width (a linear layer, as HtFLlib does), so prototypes and a shared head
+    have one dimension; without it the members must already agree."""
+
+    models: tuple[str, ...] = ()
+    assign: str = "by_client_id"
+    feature_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        require(len(self.models) >= 1, "models", "name at least one model, or a group (htfe4)")
+        require(self.assign in ASSIGNMENTS, "assign", f"choose one of {', '.join(ASSIGNMENTS)}")
+        require(self.feature_dim is None or self.feature_dim >= 1, "feature_dim", "must be >= 1")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """`name` picks a registered model; its own keys (e.g. `width`) sit beside it."""
+    """`name` picks a registered model; its own keys (e.g. `width`) sit beside it.
+    `heterogeneous` gives clients different architectures instead (`name` is then unused)."""
 
     name: str = "cnn"
     params: Any = plugin_params(MODEL, "name")
+    heterogeneous: HeterogeneousConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -266,6 +290,40 @@ class ClientStateConfig:
 
 
 PROTOCOLS = ("default", "official")
+PERSONAL_SPLITS = ("fraction", "test_set")
+
+
+@dataclass(frozen=True)
+class PersonalConfig:
+    """Personalised evaluation (`evaluation.personal`): each client's model as it would deploy
+    it (its personal model, or the global one after `finetune_epochs` of local fine-tuning) is
+    scored on that client's own test part, and on its validation part for model selection.
+
+    `split`: `fraction` (PFLlib/HtFLlib) splits each client's samples, per class and seeded per
+    client, into train/val/test parts of `val_fraction`/`test_fraction`; `test_set` (FedProto)
+    keeps every training sample and draws each client's test part from the dataset's test
+    split with the client's own label distribution (`test_fraction`/(1 − `test_fraction`) test
+    samples per training sample; validation, where asked, from the dataset's validation split).
+    `every`: evaluated rounds (and the last); `clients`: 0 evaluates every registered client,
+    N a seeded sample of N each evaluated round (for large federations)."""
+
+    split: str = "fraction"
+    test_fraction: float = 0.25
+    val_fraction: float = 0.0
+    every: int = 1
+    clients: int = 0
+    finetune_epochs: int = 0  # FL-bench's finetune: local epochs on the global model first
+
+    def __post_init__(self) -> None:
+        require(self.split in PERSONAL_SPLITS, "split",
+                f"choose one of {', '.join(PERSONAL_SPLITS)}")
+        require(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)")
+        require(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")
+        require(self.test_fraction + self.val_fraction < 1, "val_fraction",
+                "test_fraction + val_fraction must leave training samples (< 1)")
+        require(self.every >= 1, "every", "must be >= 1")
+        require(self.clients >= 0, "clients", "must be >= 0 (0: every client)")
+        require(self.finetune_epochs >= 0, "finetune_epochs", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -276,6 +334,7 @@ class EvaluationConfig:
     default), area-resized labels and, on nuclei, training on the whole train list."""
 
     protocol: str = "default"  # default | official
+    personal: PersonalConfig | None = None  # per-client test parts and personalised metrics
 
     def __post_init__(self) -> None:
         require(self.protocol in PROTOCOLS, "protocol",

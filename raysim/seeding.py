@@ -9,6 +9,8 @@ import torch
 
 # purpose tags keep streams for different uses independent
 SAMPLING, CLIENT, MODEL_INIT, SERVER, LEAKAGE = 0x5A, 0xC1, 0x1D, 0x5E, 0x1E
+# personalised evaluation: each client's train/val/test parts; who is evaluated; fine-tuning
+PERSONAL_SPLIT, PERSONAL_SAMPLE, PERSONAL_EVAL = 0x95, 0x9A, 0x9E
 
 
 def derive_seed(*parts: int) -> int:

@@ -33,6 +33,9 @@ class RoundResult:
     # seconds the clients spent in the method's client step, summed (the rest of
     # round_seconds × workers is the engine's: dispatch, data, weights, aggregation)
     train_seconds: float = field(default=0.0, compare=False)
+    # personalised evaluation: (client id, metric, value) of every evaluated client, e.g.
+    # (7, "personal_test_accuracy", 0.93); the round's summaries are in `metrics`
+    client_metrics: tuple[tuple[int, str, float], ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True)
