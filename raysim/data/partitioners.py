@@ -208,6 +208,61 @@ def shards(r: PartitionRequest) -> list[np.ndarray]:
     return _finish([np.concatenate(p) for p in parts])
 
 
+# --------------------------------------------------------------------------- n_way_k_shot
+
+
+@dataclass(frozen=True)
+class NWayKShotConfig:
+    """FedProto's client setting (Tan et al. 2022, §5.1): client k holds n_k classes with
+    about `shots` samples of each, n_k uniform in [ways − ways_stdev, ways + ways_stdev]."""
+
+    ways: int = 4
+    ways_stdev: int = 1
+    shots: int = 30
+    shots_stdev: int = 0  # each client's shots uniform in [shots − stdev, shots + stdev]
+
+    def __post_init__(self) -> None:
+        require(self.ways >= 1, "ways", "must be >= 1")
+        require(0 <= self.ways_stdev < self.ways, "ways_stdev", "must be in [0, ways)")
+        require(self.shots >= 1, "shots", "must be >= 1")
+        require(0 <= self.shots_stdev < self.shots, "shots_stdev", "must be in [0, shots)")
+
+
+@partitioner(NWayKShotConfig)
+def n_way_k_shot(r: PartitionRequest) -> list[np.ndarray]:
+    """n_k classes per client (least-used classes first, ties broken at random, so every class
+    has about the same number of holders), k_k samples of each, no sample held twice. Samples
+    left over stay unused, as in FedProto's setting."""
+    p, rng = r.params, r.rng
+    y = _as_labels(r.labels)
+    _check_clients(r.num_clients, len(y))
+    classes = np.unique(y)
+    ways = rng.integers(max(1, p.ways - p.ways_stdev),
+                        min(len(classes), p.ways + p.ways_stdev) + 1, r.num_clients)
+    shots = rng.integers(p.shots - p.shots_stdev, p.shots + p.shots_stdev + 1, r.num_clients)
+    usage = np.zeros(len(classes), dtype=np.int64)
+    wanted = np.zeros(len(classes), dtype=np.int64)
+    holders: list[list[int]] = [[] for _ in classes]
+    for client in range(r.num_clients):
+        for pos in np.lexsort((rng.random(len(classes)), usage))[:ways[client]]:
+            holders[pos].append(client)
+            usage[pos] += 1
+            wanted[pos] += shots[client]
+    parts: list[list[np.ndarray]] = [[] for _ in range(r.num_clients)]
+    for pos, cls in enumerate(classes):
+        pool = rng.permutation(np.flatnonzero(y == cls))
+        if wanted[pos] > len(pool):
+            raise ValueError(
+                f"n_way_k_shot: class {int(cls)} has {len(pool)} samples but its "
+                f"{len(holders[pos])} clients want {int(wanted[pos])}: lower shots or "
+                "num_clients")
+        start = 0
+        for owner in holders[pos]:
+            parts[owner].append(pool[start:start + shots[owner]])
+            start += shots[owner]
+    return _finish([np.concatenate(p) for p in parts])
+
+
 # --------------------------------------------------------------------------- quantity
 
 

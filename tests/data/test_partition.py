@@ -13,8 +13,9 @@ from raysim.data import Partition, PartitionRequest, long_tail_indices, make_par
 from raysim.data.partitioners import partitioner
 from raysim.registry import PARTITIONERS
 
-BUNDLED_KINDS = ("iid", "dirichlet", "shards", "quantity", "dirichlet_equal", "domains",
-                 "natural", "file")
+BUNDLED_KINDS = ("iid", "dirichlet", "shards", "n_way_k_shot", "quantity", "dirichlet_equal",
+                 "domains", "natural", "file")
+SUBSET_KINDS = ("n_way_k_shot",)  # use k samples of each of a client's classes, not all
 DRAWN_KINDS = [kind for kind in BUNDLED_KINDS if PARTITIONERS[kind].draws]
 
 NUM_CLASSES = 10
@@ -55,7 +56,8 @@ def _domains(n: int, num_domains: int = 4, seed: int = 0) -> np.ndarray:
 
 # each kind's keys of the partitions `_make` draws
 KEYS = {"dirichlet": {"alpha": 0.5}, "quantity": {"alpha": 0.5}, "dirichlet_equal": {"alpha": 0.5},
-        "domains": {"alpha": 0.5}, "shards": {"classes_per_client": 3}}
+        "domains": {"alpha": 0.5}, "shards": {"classes_per_client": 3},
+        "n_way_k_shot": {"shots": 5}}
 
 
 def _make(labels: np.ndarray, kind: str, seed: int, rho: float = 1.0) -> Partition:
@@ -91,7 +93,9 @@ def test_every_sample_in_exactly_one_client(labels: np.ndarray, kind: str, rho: 
         assert np.all(np.diff(idx) > 0), "indices must be sorted and unique within a client"
     flat = np.concatenate(part.client_indices)
     assert len(np.unique(flat)) == len(flat), "a sample is held by two clients"
-    if rho == 1.0:
+    if kind in SUBSET_KINDS:  # leaves samples unused by design
+        assert set(flat.tolist()) <= set(range(len(labels)))
+    elif rho == 1.0:
         np.testing.assert_array_equal(np.sort(flat), np.arange(len(labels)))
     else:
         # The pool is the long-tailed subset: the class profile follows the formula exactly.
@@ -177,6 +181,31 @@ def test_shards_errors(labels: np.ndarray) -> None:
     tiny = np.array([0, 0, 0, 1, 1, 1, 2])  # class 2 has a single sample
     with pytest.raises(ValueError, match=r"class 2 has 1 samples but would be split among 2"):
         split("shards", tiny, 3, rng, classes_per_client=2)
+
+
+# --- n_way_k_shot ----------------------------------------------------------------------------
+
+
+def test_n_way_k_shot_ways_shots_and_no_sample_twice(labels: np.ndarray) -> None:
+    parts = split("n_way_k_shot", labels, 12, np.random.default_rng(0), ways=4, ways_stdev=1,
+                  shots=5, shots_stdev=2)
+    used = np.concatenate(parts)
+    assert len(np.unique(used)) == len(used)  # no sample held by two clients
+    ways = [len(np.unique(labels[idx])) for idx in parts]
+    assert set(ways) <= {3, 4, 5} and len(set(ways)) > 1  # n_k varies around `ways`
+    for idx in parts:
+        per_class = np.bincount(labels[idx])
+        shots = set(per_class[per_class > 0].tolist())
+        assert len(shots) == 1 and 3 <= shots.pop() <= 7  # one k_k per client, every class
+    again = split("n_way_k_shot", labels, 12, np.random.default_rng(0), ways=4, ways_stdev=1,
+                  shots=5, shots_stdev=2)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+
+
+def test_n_way_k_shot_too_many_shots(labels: np.ndarray) -> None:
+    with pytest.raises(ValueError, match=r"n_way_k_shot: class \d+ has \d+ samples but its "
+                                         r"\d+ clients want \d+: lower shots or num_clients"):
+        split("n_way_k_shot", labels, 40, np.random.default_rng(0), ways=5, shots=500)
 
 
 # --- long tail -------------------------------------------------------------------------------
