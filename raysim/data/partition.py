@@ -21,6 +21,7 @@ __all__ = [
     "LabelCounts",
     "Partition",
     "PartitionRequest",
+    "PersonalParts",
     "long_tail_indices",
     "make_partition",
 ]
@@ -120,12 +121,42 @@ class LabelCounts:
 
 
 @dataclass(frozen=True)
+class PersonalParts:
+    """Each client's own test (and validation) samples for personalised evaluation
+    (`raysim.data.personal`), in `ClientSplit`'s flat layout: client k's test samples are
+    `test_indices[test_offsets[k]:test_offsets[k + 1]]` (sorted), positions in the dataset
+    split `test_source` ("train" for split: fraction, "test" for split: test_set); validation
+    likewise ("train" or "val"; None without validation parts)."""
+
+    test_source: str
+    test_offsets: np.ndarray  # (num_clients + 1,) int64
+    test_indices: np.ndarray  # int64
+    val_source: str | None = None
+    val_offsets: np.ndarray | None = None
+    val_indices: np.ndarray | None = None
+
+    @property
+    def has_val(self) -> bool:
+        return self.val_offsets is not None
+
+    def test_of(self, client: int) -> np.ndarray:
+        return self.test_indices[self.test_offsets[client]:self.test_offsets[client + 1]]
+
+    def val_of(self, client: int) -> np.ndarray:
+        if self.val_offsets is None or self.val_indices is None:
+            raise ValueError("these personal parts have no validation parts")
+        return self.val_indices[self.val_offsets[client]:self.val_offsets[client + 1]]
+
+
+@dataclass(frozen=True)
 class ClientSplit:
     """Client k's samples are `indices[offsets[k]:offsets[k + 1]]`, each client's sorted: one
-    flat array for any number of clients (no Python object per client)."""
+    flat array for any number of clients (no Python object per client). A partition file may
+    also give each client's test and validation parts (`personal`)."""
 
     offsets: np.ndarray  # (num_clients + 1,) int64
     indices: np.ndarray  # int64
+    personal: PersonalParts | None = None
 
     @classmethod
     def from_lists(cls, parts: list[np.ndarray]) -> ClientSplit:
@@ -155,6 +186,9 @@ class Partition:
     # (num_clients,) int64 domain id per client (its majority domain unless the partition is
     # by domain); None when the dataset has no domains.
     client_domains: np.ndarray | None = None
+    # each client's own test/validation parts (evaluation.personal; raysim.data.personal):
+    # then offsets/indices are the clients' training parts
+    personal: PersonalParts | None = None
 
     @property
     def sizes(self) -> np.ndarray:
@@ -206,7 +240,7 @@ class Partition:
             client_domains[per_domain.client[order][first]] = per_domain.label[order][first]
         return cls(offsets=split.offsets, indices=split.indices, num_classes=num_classes,
                    label_counts=LabelCounts.of(owner, labels[split.indices], num_classes),
-                   client_domains=client_domains)
+                   client_domains=client_domains, personal=split.personal)
 
     @classmethod
     def of_sizes(cls, sizes: np.ndarray, num_classes: int) -> Partition:
@@ -263,6 +297,7 @@ def make_partition(
         labels=sub, domains=None if dom is None else dom[pool], num_classes=num_classes,
         num_clients=num_clients, rng=rng, params=params, clients=clients))
     split = parts if isinstance(parts, ClientSplit) else ClientSplit.from_lists(parts)
-    # pool is sorted, so mapping sorted local indices keeps each client's indices sorted.
-    split = ClientSplit(split.offsets, pool[split.indices])
+    # pool is sorted, so mapping sorted local indices keeps each client's indices sorted. The
+    # parts a file gives come only from partitioners that draw nothing (pool is every sample).
+    split = ClientSplit(split.offsets, pool[split.indices], split.personal)
     return Partition.of_split(split, y, num_classes, dom)
