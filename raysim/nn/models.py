@@ -227,6 +227,70 @@ class UNet(nn.Module):
         return SegmentationOutput(self.head(x), tuple(encoder), tuple(reversed(decoder)))
 
 
+
+class WideCNN(nn.Module):
+    """`SmallCNN`'s depth at `width`/2·`width` channels (default 64/128, twice SmallCNN's):
+    conv3×3 w → ReLU → conv3×3 2w → ReLU → avg-pool 4×4 → linear 256 → ReLU → classifier, with
+    SmallCNN's 2×2 max-pool after the first ReLU on inputs of 16 pixels or more. A wider member
+    of the heterogeneous groups (`raysim.nn.heterogeneous`)."""
+
+    has_feature_head = True
+    task = "classification"
+    width_argument = "width"
+    Config = WidthConfig
+
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int,
+                 width: int = 64) -> None:
+        super().__init__()
+        self.feature_dim = 256
+        downsample = [nn.MaxPool2d(2)] if min(input_shape[1:]) >= 16 else []
+        self.encoder = nn.Sequential(
+            nn.Conv2d(input_shape[0], width, 3, padding=1), nn.ReLU(), *downsample,
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+            nn.Linear(2 * width * 4 * 4, self.feature_dim), nn.ReLU(),
+        )
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        features = self.encoder(x)
+        return ModelOutput(features, self.classifier(features))
+
+
+class DeepCNN(nn.Module):
+    """Four conv3×3 layers (`width`, `width`, 2·`width`, 2·`width`; default 32/32/64/64), each
+    followed by ReLU, with a 2×2 max-pool after the second and after the fourth (each only while
+    the side is at least 4: 28×28 → 14 → 7, 8×8 → 4 → 2) → avg-pool 2×2 → linear 128 → ReLU →
+    classifier. A deeper member of the heterogeneous groups (`raysim.nn.heterogeneous`)."""
+
+    has_feature_head = True
+    task = "classification"
+    width_argument = "width"
+    Config = WidthConfig
+
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int,
+                 width: int = 32) -> None:
+        super().__init__()
+        self.feature_dim = 128
+        side = min(input_shape[1:])
+        layers: list[nn.Module] = []
+        channels = [input_shape[0], width, width, 2 * width, 2 * width]
+        for i, (c_in, c_out) in enumerate(zip(channels, channels[1:])):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU()]
+            if i % 2 == 1 and side >= 4:
+                layers.append(nn.MaxPool2d(2))
+                side //= 2
+        self.encoder = nn.Sequential(
+            *layers, nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Linear(2 * width * 2 * 2, self.feature_dim), nn.ReLU(),
+        )
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        features = self.encoder(x)
+        return ModelOutput(features, self.classifier(features))
+
+
 def model_task(name: str) -> str:
     return MODELS[name].task
 
@@ -234,10 +298,10 @@ def model_task(name: str) -> str:
 def build_model(
     name: str, input_shape: tuple[int, int, int], num_classes: int, params: Any = None
 ) -> nn.Module:
-    """The registered model `name` (`raysim.models` entry points: cnn, resnet10, logreg, unet,
-    and plug-ins) with its own keys `params` (its Config; None: the defaults), passed to
-    `cls(input_shape, num_classes, **keys)` as keywords, those set to None left out; `width`
-    goes to the keyword a model's `width_argument` names."""
+    """The registered model `name` (`raysim.models` entry points: cnn, cnn_wide, cnn_deep,
+    resnet10, logreg, mlp, unet, and plug-ins) with its own keys `params` (its Config; None: the
+    defaults), passed to `cls(input_shape, num_classes, **keys)` as keywords, those set to None
+    left out; `width` goes to the keyword a model's `width_argument` names."""
     cls = MODELS[name]
     keys = dataclasses.asdict(params) if dataclasses.is_dataclass(params) else {}
     renamed = {"width": getattr(cls, "width_argument", None) or "width"}
