@@ -1,4 +1,10 @@
-"""A Task is everything a run needs besides the engine: data, partition, model factory."""
+"""A Task is everything a run needs besides the engine: data, partition, model factory.
+
+With `evaluation.personal` the partition holds the clients' training parts (its
+`personal` field their test and validation parts, `raysim.data.personal`). With
+`model.heterogeneous` clients train different architectures, the members of a group: client k
+trains member `member_index(config, k)`, built by `new_model(..., member=i)` and initialised
+from its own seed (member 0 from the seed of every homogeneous run)."""
 
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ from raysim.config import Config
 from raysim.data import Dataset, DatasetRequest, Partition, make_partition
 from raysim.data.datasets import with_validation
 from raysim.data.domain_split import hold_out_domains
+from raysim.data.personal import split_personal
+from raysim.nn.heterogeneous import build_member, common_feature_dim, group_members, member_of
 from raysim.nn.models import build_model
 from raysim.registry import DATASETS, MODELS, algorithm_class
 from raysim.seeding import MODEL_INIT, derive_seed
@@ -23,6 +31,14 @@ class Task:
     dataset: Dataset
     partition: Partition
     info: TaskInfo
+    members: tuple[str, ...] = ()  # the clients' architectures by member index (one: same model)
+    assign: str = "by_client_id"  # model.heterogeneous.assign: which client trains which
+
+    def member_of(self, client_id: int) -> int:
+        """The member (index into `members`) client `client_id` trains."""
+        if len(self.members) <= 1:
+            return 0
+        return member_of(client_id, self.info.num_clients, len(self.members), self.assign)
 
 
 # What the driver holds per registered client of an in-memory dataset while partitioning (the
@@ -57,22 +73,48 @@ def build_task(config: Config) -> Task:
             long_tail_rho=data.long_tail.rho, domains=dataset.train.domain,
             clients=dataset.train.client,
         )
+    personal = config.evaluation.personal
+    if personal is not None:
+        partition = personal_partition(config, dataset, partition)
     spec = dataset.spec
-    feature_dim = None  # models without a feature head are not built just to say so
-    if MODELS[config.model.name].has_feature_head:
-        feature_dim = build_model(config.model.name, spec.input_shape, spec.num_classes,
-                                  config.model.params).feature_dim
     info = TaskInfo(
         num_classes=spec.num_classes,
         input_shape=tuple(spec.input_shape),
-        feature_dim=feature_dim,
+        feature_dim=task_feature_dim(config, spec.input_shape, spec.num_classes),
         train=config.train,
         seed=config.seed,
         kind=spec.task,
         num_clients=part.num_clients,
         protocol=config.evaluation.protocol,
+        finetune_epochs=personal.finetune_epochs if personal is not None else 0,
     )
-    return Task(dataset=dataset, partition=partition, info=info)
+    het = config.model.heterogeneous
+    return Task(dataset=dataset, partition=partition, info=info, members=model_members(config),
+                assign=het.assign if het is not None else "by_client_id")
+
+
+def personal_partition(config: Config, dataset: Dataset, partition: Partition) -> Partition:
+    """The partition whose clients hold their training parts, their test (and validation)
+    parts beside them (`evaluation.personal`); a ConfigError where a client gets no sample of
+    a part it needs. A dataset that generates its clients is split on the workers."""
+    train = partition_labels(dataset) if dataset.train is not None else np.empty(0, np.int64)
+    test, val = (sample_labels(split.y) if split is not None else None
+                 for split in (dataset.test, dataset.val))
+    return split_personal(partition, train, config.evaluation.personal, config.seed,
+                          test_labels=test, val_labels=val)
+
+
+def task_feature_dim(config: Config, input_shape, num_classes: int) -> int | None:
+    """The width of the models' features: the group's common one (None where its members
+    differ), or the model's (None: it has no feature head; such models are not built just to
+    say so)."""
+    het = config.model.heterogeneous
+    if het is not None:
+        return common_feature_dim(het, tuple(input_shape), num_classes)
+    if not MODELS[config.model.name].has_feature_head:
+        return None
+    return build_model(config.model.name, input_shape, num_classes,
+                       config.model.params).feature_dim
 
 
 def check_driver_memory(num_clients: int) -> None:
@@ -101,29 +143,66 @@ def _available_memory() -> int | None:
 def partition_labels(dataset: Dataset) -> np.ndarray:
     """One label per training sample for the partitioners and label histograms: the class, or
     for segmentation masks whether the image shows any foreground (0/1)."""
-    y = dataset.train.y
+    return sample_labels(dataset.train.y)
+
+
+def sample_labels(y: np.ndarray) -> np.ndarray:
+    """One label per sample of a split's targets `y` (see `partition_labels`)."""
     if y.ndim == 1:
         return y
     return (y.reshape(len(y), -1).max(axis=1) > 0).astype(np.int64)
 
 
-def new_model(config: Config, info: TaskInfo, algorithm=None) -> nn.Module:
-    """The model of `config.model`, with the modules `algorithm` adds to it (FedBCS: style
-    recalibration and fusion layers)."""
-    model = build_model(config.model.name, info.input_shape, info.num_classes,
-                        config.model.params)
+def model_members(config: Config) -> tuple[str, ...]:
+    """The clients' architectures by member index: the members of `model.heterogeneous`'s
+    group, or the one model of `model.name`."""
+    het = config.model.heterogeneous
+    if het is None:
+        return (config.model.name,)
+    return group_members(het)
+
+
+def member_index(config: Config, client_id: int) -> int:
+    """The member (index into `model_members`) client `client_id` trains: 0 in a homogeneous
+    run, else by `model.heterogeneous.assign`."""
+    het = config.model.heterogeneous
+    if het is None:
+        return 0
+    return member_of(client_id, config.data.partition.num_clients, len(group_members(het)),
+                     het.assign)
+
+
+def new_model(config: Config, info: TaskInfo, algorithm=None, member: int = 0) -> nn.Module:
+    """The model of `config.model` (of its group's `member` in a heterogeneous run), with the
+    modules `algorithm` adds to it (FedBCS: style recalibration and fusion layers)."""
+    het = config.model.heterogeneous
+    if het is None:
+        model = build_model(config.model.name, info.input_shape, info.num_classes,
+                            config.model.params)
+    else:
+        model = build_member(model_members(config)[member], info.input_shape, info.num_classes,
+                             het.feature_dim)
     return algorithm.prepare_model(model) if algorithm is not None else model
 
 
-def initial_model(config: Config, info: TaskInfo, algorithm=None) -> nn.Module:
-    """The round-0 global model, initialised from the run seed without touching global RNG state."""
+def initial_model(config: Config, info: TaskInfo, algorithm=None, member: int = 0) -> nn.Module:
+    """The round-0 model (of `member`), initialised from the run seed without touching global
+    RNG state. Member 0 keeps the seed of every homogeneous run, so their results stay the
+    same; each other member has its own."""
+    seed = derive_seed(config.seed, MODEL_INIT, *([member] if member else []))
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(config.seed, MODEL_INIT))
-        return new_model(config, info, algorithm)
+        torch.manual_seed(seed)
+        return new_model(config, info, algorithm, member)
 
 
 def make_algorithm(config: Config, info: TaskInfo, device: torch.device):
     return algorithm_class(config.algorithm.name)(config.algorithm.params, info, device)
+
+
+def has_global_model(config: Config) -> bool:
+    """Whether the method's clients share one whole model, which global evaluation scores
+    (`Algorithm.shares`); the others keep all or part of theirs (personalised evaluation)."""
+    return algorithm_class(config.algorithm.name).shares == "model"
 
 
 def keeps_client_state(config: Config) -> bool:

@@ -79,7 +79,10 @@ class Server:
         self.stateful = keeps_client_state(config)
         self.store = make_store(config.client_state.store, Path(run_dir) if run_dir else None)
         if restore is None:
-            initial = self.algorithm.init_server(initial_model(config, info, self.algorithm))
+            # a heterogeneous group's shared part (a head, of one shape in every member by
+            # construction) starts as member 0's; a method sharing no weights keeps none
+            initial = self.algorithm.init_server(
+                initial_model(config, info, self.algorithm, member=0))
             self.states = {0: initial}
         else:
             self.states = {restore.round: unpack(restore.files[SERVER_FILE])}

@@ -2,6 +2,11 @@
 actor, evaluates, and yields one `RoundResult` per round. It stays thin: no model weights or
 client updates pass through it (object refs go straight from workers to the server).
 
+Evaluation after a round scores the global model on the test (and validation) split, for
+methods whose clients share one whole model, and with `evaluation.personal` each evaluated
+client's deployed model on its own parts (`raysim.engine.personal_eval`): its stored state is
+asked of the server right after the round's server step, so it is the state after that round.
+
 It also keeps the run alive. A round is a pure function of the server state before it (every
 draw comes from (seed, round, client id) and aggregation is in client-id order), so:
 - a dead worker actor is replaced and the groups of clients whose results were lost are run
@@ -18,7 +23,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,10 +33,11 @@ from raysim.data.domain_split import UNSEEN
 from raysim.engine.backends import make_backend
 from raysim.engine.cluster import embedded_failure
 from raysim.engine.evaluation import eval_batches, reduce_domain_eval
+from raysim.engine.personal_eval import contiguous_chunks, evaluated_clients, summarize
 from raysim.engine.server import Restore
 from raysim.nn.training import steps_per_epoch
 from raysim.seeding import sample_clients
-from raysim.task import Task, keeps_client_state
+from raysim.task import Task, has_global_model, keeps_client_state
 from raysim.types import RoundResult
 
 
@@ -82,6 +88,11 @@ class RoundWork:
     eval_refs: list[Any]
     evaluate: bool
     checkpoint: bool
+    personal: bool = False  # evaluate the clients' deployed models after the round
+    # per worker slot: the clients it scores personally, their states' ref, its result's ref
+    personal_groups: list[list[int]] = field(default_factory=list)
+    personal_states: list[Any] = field(default_factory=list)
+    personal_refs: list[Any] = field(default_factory=list)
 
 
 class Simulation:
@@ -101,6 +112,8 @@ class Simulation:
         self.task = task
         self.num_workers = num_workers or config.resources.num_workers
         self.stateful = keeps_client_state(config)
+        self.global_model = has_global_model(config)  # else no global evaluation
+        self.personal = config.evaluation.personal
         self.sizes = task.partition.sizes
         self.costs = steps_per_epoch(self.sizes, config.train.batch_size)  # for balancing
         self.run_dir = str(run_dir) if run_dir is not None else None
@@ -134,8 +147,8 @@ class Simulation:
     def start(self) -> list[dict[str, Any]]:
         """Create the server and the worker pool; return once every worker is ready."""
         partition = self.task.partition
-        self.shared = self.backend.share(self.task.dataset,
-                                         (partition.offsets, partition.indices))
+        self.shared = self.backend.share(self.task.dataset, (
+            partition.offsets, partition.indices, partition.personal))
         self.workers = [self._new_worker() for _ in range(self.num_workers)]
         self.server = self._new_server(self.restore)
         return self._get([w.describe.remote() for w in self.workers], self.first_round)
@@ -202,8 +215,11 @@ class Simulation:
             round=r, sampled=len(sampled), groups=groups,
             train_refs=[self._train(i, r, g) if g else None for i, g in enumerate(groups)],
             report_ref=None, eval_refs=[],
-            evaluate=not replay and (r % cfg.eval_every == 0 or r == cfg.rounds),
+            evaluate=not replay and self.global_model and (r % cfg.eval_every == 0
+                                                           or r == cfg.rounds),
             checkpoint=not replay and self._checkpoint_due(r),
+            personal=not replay and self.personal is not None and (
+                r % self.personal.every == 0 or r == cfg.rounds),
         )
         self._aggregate(work)
         return work
@@ -219,6 +235,8 @@ class Simulation:
         # evaluation of the model after round r: round r+1's broadcast
         work.eval_refs = self._dispatch_evaluation(self._broadcast(work.round + 1)) \
             if work.evaluate else []
+        if work.personal:
+            self._dispatch_personal(work)
 
     def _dispatch_evaluation(self, broadcast: Any) -> list[Any]:
         """Fixed test batches spread evenly, so evaluation adds the same load to every worker
@@ -230,6 +248,23 @@ class Simulation:
             worker.evaluate.remote(broadcast, [batches[i] for i in shard])
             for worker, shard in zip(self.workers, shards)
         ]
+
+    def _dispatch_personal(self, work: RoundWork) -> None:
+        """Personalised evaluation after round r: the evaluated clients in contiguous runs,
+        one per worker, each with its clients' states as the server holds them after round
+        r's step (asked now, before any later step is submitted)."""
+        cfg = self.config
+        ids = evaluated_clients(cfg.seed, work.round, len(self.sizes), self.personal.clients)
+        work.personal_groups = contiguous_chunks(ids, self.num_workers)
+        work.personal_states = [self.server.states_for.remote(group) if self.stateful
+                                else [None] * len(group) for group in work.personal_groups]
+        work.personal_refs = [self._evaluate_personal(work, slot)
+                              for slot in range(len(work.personal_groups))]
+
+    def _evaluate_personal(self, work: RoundWork, slot: int) -> Any:
+        return self.workers[slot].evaluate_personal.remote(
+            self._broadcast(work.round + 1), work.round, work.personal_groups[slot],
+            work.personal_states[slot])
 
     def _collect(self, work: RoundWork, started: float) -> RoundResult:
         r = work.round
@@ -255,6 +290,12 @@ class Simulation:
                 groups = [(names[d] if d >= 0 else "", [next(sums) for _ in batches])
                           for d, batches in split_groups]
                 metrics.update(reduce_domain_eval(groups, split))
+        client_metrics: list[tuple[int, str, float]] = []
+        if work.personal_refs:
+            # in client-id order: the runs are contiguous and each worker's result sorted
+            scored = [c for part in self._get(work.personal_refs, r) for c in part]
+            client_metrics, summaries = summarize(scored)
+            metrics.update(summaries)
         self._events = []
         seconds = time.perf_counter() - started
         metrics["round_seconds"] = seconds
@@ -262,7 +303,8 @@ class Simulation:
             self.config.train.local_epochs / seconds
         return RoundResult(round=r, metrics=metrics, failures=report.failures, seconds=seconds,
                            events=tuple(events), checkpoint=report.checkpoint,
-                           train_seconds=report.train_seconds)
+                           train_seconds=report.train_seconds,
+                           client_metrics=tuple(client_metrics))
 
     # ------------------------------------------------------------------ recovery
     def _recover(self, error: Exception, inflight: deque[RoundWork]) -> None:
@@ -298,14 +340,19 @@ class Simulation:
                              f"fault_tolerance.max_actor_restarts={limit} actors", r - 1)
 
     def _repair(self, work: RoundWork) -> None:
-        """Run again the groups whose results were lost; evaluate again if that was lost."""
+        """Run again the groups whose results were lost; evaluate again what was lost (a
+        personal evaluation with the states it was given, which stay the round's)."""
         if not self.backend.succeeded(work.report_ref):
             for slot, ref in enumerate(work.train_refs):
                 if ref is not None and not self.backend.succeeded(ref):
                     work.train_refs[slot] = self._train(slot, work.round, work.groups[slot])
             self._aggregate(work)
-        elif not all(self.backend.succeeded(ref) for ref in work.eval_refs):
+            return
+        if not all(self.backend.succeeded(ref) for ref in work.eval_refs):
             work.eval_refs = self._dispatch_evaluation(self._broadcast(work.round + 1))
+        for slot, ref in enumerate(work.personal_refs):
+            if not self.backend.succeeded(ref):
+                work.personal_refs[slot] = self._evaluate_personal(work, slot)
 
     def _restart_server(self, r: int, reason: str) -> None:
         """A new server from the newest checkpoint, then the rounds since it replayed (no

@@ -1,11 +1,13 @@
 """A client worker: one long-lived process that hosts many virtual clients, one at a time.
 
-It receives the dataset once (zero-copy from the object store), builds the model and the
-algorithm once, and per client only loads the broadcast weights and swaps the index set (or,
-for a dataset that generates its clients, generates the client's samples). For a method whose
-weights are averaged by sample count, it sums its clients' weights itself (exactly, see
-`raysim.methods.aggregation`), so one payload per worker reaches the server, not one per
-client. The class is plain Python; the engine wraps it with `ray.remote`.
+It receives the dataset once (zero-copy from the object store), builds the model (one per
+architecture of a heterogeneous group) and the algorithm once, and per client only loads the
+broadcast weights and swaps the index set (or, for a dataset that generates its clients,
+generates the client's samples). For a method whose weights are averaged by sample count,
+it sums its clients' weights itself (exactly, see `raysim.methods.aggregation`), so one
+payload per worker reaches the server, not one per client. With `evaluation.personal` it also
+scores the model each client would deploy on that client's own test and validation parts
+(`evaluate_personal`). The class is plain Python; the engine wraps it with `ray.remote`.
 """
 
 from __future__ import annotations
@@ -28,19 +30,38 @@ from raysim.algorithm import (
     ClassAnchors,
     ClientContext,
     ClientUpdate,
+    LocalRound,
+    PersonalModel,
     SummedWeights,
     TaskInfo,
+    Weights,
+    copy_weights,
 )
 from raysim.config import Config
 from raysim.data import Dataset
 from raysim.data.domain_split import UNSEEN
+from raysim.data.personal import split_client
+from raysim.engine.personal_eval import ClientSums
 from raysim.methods.aggregation import WeightSum
 from raysim.methods.diagnostics import anchor_alignment
 from raysim.methods.leakage import LeakageProbe, LeakageSettings, probed_clients, upload_kind
 from raysim.methods.prototypes import local_prototypes
 from raysim.nn.training import ClientData, Preprocess, make_optimizer
-from raysim.seeding import LEAKAGE, client_generator, derive_seed, sample_clients
-from raysim.task import make_algorithm, new_model
+from raysim.seeding import (
+    LEAKAGE,
+    PERSONAL_EVAL,
+    client_generator,
+    derive_seed,
+    sample_clients,
+)
+from raysim.task import (
+    initial_model,
+    make_algorithm,
+    member_index,
+    model_members,
+    new_model,
+    sample_labels,
+)
 
 
 @dataclass(frozen=True)
@@ -93,17 +114,22 @@ def check_finite(update: ClientUpdate) -> str | None:
 
 class ClientWorker:
     def __init__(
-        self, config: Config, dataset: Dataset,
-        client_split: tuple[np.ndarray, np.ndarray | None], info: TaskInfo,
+        self, config: Config, dataset: Dataset, client_split: tuple, info: TaskInfo,
     ) -> None:
-        """`client_split`: the partition's (offsets, indices), client k's samples being
-        indices[offsets[k]:offsets[k+1]]; indices is None for a dataset that generates its
-        clients (`dataset.clients`)."""
+        """`client_split`: the partition's (offsets, indices), client k's (training) samples
+        being indices[offsets[k]:offsets[k+1]], and optionally its `personal` parts
+        (`raysim.data.personal.PersonalParts`, None without); indices is None for a dataset
+        that generates its clients (`dataset.clients`)."""
         torch.set_num_threads(max(1, math.floor(config.resources.worker.num_cpus)))
         self.config = config
+        self.info = info
         self.device = assigned_device(config.resources.worker.num_gpus)
         self.algorithm = make_algorithm(config, info, self.device)
-        self.model = new_model(config, info, self.algorithm).to(self.device)
+        # one model per architecture, built once; a client trains its member's
+        self.models = [new_model(config, info, self.algorithm, member).to(self.device)
+                       for member in range(len(model_members(config)))]
+        self.model = self.models[0]
+        self._initial: dict[int, Weights] = {}  # member → its round-0 weights, made once
         self.preprocess = Preprocess(dataset.spec, self.device)
         self.generated = dataset.clients
         if dataset.train is not None:
@@ -115,7 +141,12 @@ class ClientWorker:
                                 (UNSEEN, dataset.unseen))
             if split is not None
         }
-        self.offsets, self.indices = client_split
+        self.offsets, self.indices, *rest = client_split
+        self.personal = rest[0] if rest else None
+        self.personal_config = config.evaluation.personal
+        # the splits clients' parts index: train, and test / val (personalised evaluation)
+        self.parts = {**self.eval_splits, **({"train": (self.train_x, self.train_y)}
+                                             if dataset.train is not None else {})}
         self.presum = self.algorithm.weighted_mean
         self.max_retries = config.fault_tolerance.max_client_retries
         self.diagnose_anchors = config.diagnostics.anchors and isinstance(self.algorithm,
@@ -154,15 +185,61 @@ class ClientWorker:
                     result, update=dataclasses.replace(result.update, weights=SummedWeights()))
         return GroupResult(results, total)
 
-    def client_data(self, client_id: int) -> ClientData:
-        """Client `client_id`'s samples: an index view of the worker's dataset, or generated."""
+    def client_data(self, client_id: int, part: str = "train") -> ClientData:
+        """Client `client_id`'s samples of one part (`train`; `test` and `val` with
+        `evaluation.personal`): an index view of the worker's dataset, or generated (and then
+        split here, as the driver splits in-memory data)."""
         if self.generated is not None:
             x, y = self.generated.client(client_id)
-            return ClientData(as_tensor(x, self.device), as_tensor(y, self.device),
-                              torch.arange(len(y), device=self.device), self.preprocess)
-        lo, hi = int(self.offsets[client_id]), int(self.offsets[client_id + 1])
-        indices = as_tensor(self.indices[lo:hi], self.device)
-        return ClientData(self.train_x, self.train_y, indices, self.preprocess)
+            x, y = as_tensor(x, self.device), as_tensor(y, self.device)
+            positions = self._generated_part(y, client_id, part)
+            return ClientData(x, y, positions, self.preprocess)
+        if part == "train":
+            offsets, indices, source = self.offsets, self.indices, "train"
+        else:
+            parts = self.personal
+            offsets, indices, source = (
+                (parts.test_offsets, parts.test_indices, parts.test_source) if part == "test"
+                else (parts.val_offsets, parts.val_indices, parts.val_source))
+        lo, hi = int(offsets[client_id]), int(offsets[client_id + 1])
+        x, y = self.parts[source]
+        return ClientData(x, y, as_tensor(indices[lo:hi], self.device), self.preprocess)
+
+    def _generated_part(self, y: torch.Tensor, client_id: int, part: str) -> torch.Tensor:
+        if self.personal_config is None:
+            return torch.arange(len(y), device=self.device)
+        personal = self.personal_config
+        train, val, test = split_client(sample_labels(y.cpu().numpy()), personal.test_fraction,
+                                        personal.val_fraction, self.config.seed, client_id)
+        chosen = {"train": train, "val": val, "test": test}[part]
+        return as_tensor(np.ascontiguousarray(chosen, dtype=np.int64), self.device)
+
+    def personal_parts(self) -> tuple[str, ...]:
+        """The parts each client's deployed model is scored on: test, and val where asked."""
+        if self.personal_config is None:
+            return ()
+        if self.generated is not None:
+            return ("test", "val") if self.personal_config.val_fraction else ("test",)
+        return ("test", "val") if self.personal.val_offsets is not None else ("test",)
+
+    def model_for(self, client_id: int) -> torch.nn.Module:
+        """The model of client `client_id`'s architecture (the one model, homogeneous)."""
+        return self.models[member_index(self.config, client_id)]
+
+    def context(self, client_id: int, round_index: int,
+                generator: torch.Generator) -> ClientContext:
+        """A client step's context; methods with personal models get the round-0 weights of
+        the client's architecture (where its kept part starts)."""
+        initial = None
+        if isinstance(self.algorithm, PersonalModel):
+            member = member_index(self.config, client_id)
+            if member not in self._initial:
+                self._initial[member] = copy_weights(
+                    initial_model(self.config, self.info, self.algorithm, member))
+            initial = self._initial[member]
+        return ClientContext(client_id=client_id, round=round_index, generator=generator,
+                             device=self.device, train=self.config.train,
+                             initial_weights=initial)
 
     def _train_one(
         self, broadcast: Broadcast, round_index: int, client_id: int, state: Any
@@ -172,18 +249,14 @@ class ClientWorker:
         times, then dropped with its reason; non-finite weights are dropped at once."""
         start = time.perf_counter()
         data = self.client_data(client_id)
+        model = self.model_for(client_id)
         failed: list[str] = []
         while True:
-            ctx = ClientContext(
-                client_id=client_id,
-                round=round_index,
-                generator=client_generator(self.config.seed, round_index, client_id),
-                device=self.device,
-                train=self.config.train,
-            )
+            ctx = self.context(client_id, round_index,
+                               client_generator(self.config.seed, round_index, client_id))
             try:
                 began = time.perf_counter()
-                update = self.algorithm.client_update(ctx, self.model, broadcast, data, state)
+                update = self.algorithm.client_update(ctx, model, broadcast, data, state)
                 trained = time.perf_counter() - began
                 break
             except Exception:  # retried, then reported and dropped; the round goes on
@@ -195,7 +268,7 @@ class ClientWorker:
         if problem:
             return ClientResult(client_id, None, problem, retries=retries)
         if self.diagnose_anchors:
-            update = self._with_anchor_alignment(update, broadcast, data)
+            update = self._with_anchor_alignment(update, broadcast, data, model)
         if self.probe is not None and self._probes(round_index, client_id):
             leaked = self.probe.measure(update, broadcast.weights, data, torch.Generator(
                 ).manual_seed(derive_seed(self.config.seed, LEAKAGE, round_index, client_id)))
@@ -212,7 +285,8 @@ class ClientWorker:
         return client_id in probed_clients(sampled, probe.clients_per_round)
 
     def _with_anchor_alignment(
-        self, update: ClientUpdate, broadcast: Broadcast, data: ClientData
+        self, update: ClientUpdate, broadcast: Broadcast, data: ClientData,
+        model: torch.nn.Module,
     ) -> ClientUpdate:
         """Diagnostic `anchor_cosine`: how well the trained local class means line up with the
         global anchors this client was pulled towards (`diagnostics.anchors`)."""
@@ -221,7 +295,7 @@ class ClientWorker:
             return update
         # the class means the method sends, else one pass over the client's data for them
         means, counts = self.algorithm.local_means(update) or \
-            local_prototypes(self.model, data, len(anchors[0]))
+            local_prototypes(model, data, len(anchors[0]))
         cosine = anchor_alignment(means, counts, anchors[0].float(), anchors[1])
         if cosine is None:
             return update
@@ -239,6 +313,39 @@ class ClientWorker:
             x, y = self.preprocess.batch(xs[start:stop], ys[start:stop])
             sums.append(self.algorithm.evaluate_batch(self.model, broadcast, x, y))
         return sums
+
+    def evaluate_personal(
+        self, broadcast: Broadcast, round_index: int, client_ids: list[int], states: list[Any]
+    ) -> list[ClientSums]:
+        """Per client (in id order): the metric sums, on each of its parts (test, and val
+        where it has one), of the model it would deploy after the round whose server state
+        `broadcast` is built from (`Algorithm.deployed_model`, given its training part and
+        stored state; fine-tuning draws from its own generator)."""
+        return [(cid, self._evaluate_client(broadcast, round_index, cid, state))
+                for cid, state in sorted(zip(client_ids, states), key=lambda pair: pair[0])]
+
+    def _evaluate_client(
+        self, broadcast: Broadcast, round_index: int, client_id: int, state: Any
+    ) -> dict[str, dict[str, float]]:
+        generator = torch.Generator().manual_seed(
+            derive_seed(self.config.seed, PERSONAL_EVAL, round_index, client_id))
+        step = LocalRound(self.context(client_id, round_index, generator),
+                          self.model_for(client_id), broadcast, self.client_data(client_id),
+                          state)
+        model = self.algorithm.deployed_model(step)
+        if model is None:
+            raise RuntimeError(f"{type(self.algorithm).__name__}.deployed_model gave no model "
+                               "to score personally")
+        model.eval()
+        scores = {}
+        for part in self.personal_parts():
+            totals: dict[str, float] = {}
+            for x, y in self.client_data(client_id, part).ordered_batches(
+                    self.config.eval_batch_size):
+                for key, value in self.algorithm.evaluate_batch(model, broadcast, x, y).items():
+                    totals[key] = totals.get(key, 0.0) + float(value)
+            scores[part] = totals
+        return scores
 
 
 def leakage_probe(config: Config, model: Any, algorithm: Any, spec: Any) -> Any:

@@ -46,6 +46,8 @@ def build_checked_task(config: Config) -> Task:
         raise ConfigError(f"data.{error}") from None
     except DatasetFormatError as error:  # unusable file contents, named in the message
         raise ConfigError(f"data: {error}") from None
+    except ConfigError:  # already names its key (personal parts, model groups)
+        raise
     except ValueError as error:  # an infeasible partition, e.g. too many clients for alpha
         raise ConfigError(f"data.partition: {error}") from None
 

@@ -4,7 +4,8 @@ Parsing (`raysim.config`) checks each section on its own, plug-in sections with 
 of the plug-in they name, resolved through the registries. What spans plug-ins is checked here,
 once, before any Ray work: a method on a task it does not run, a model of the wrong task, a
 method needing features on a model without a feature head, a dataset that brings its own
-clients, the evaluation protocol's implied settings, the leakage probe, and the method's own
+clients, the evaluation protocol's implied settings, personalised evaluation and heterogeneous
+clients against what the method shares and keeps, the leakage probe, and the method's own
 `check_config`.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from raysim.algorithm import task_kind
+from raysim.algorithm import Algorithm, PersonalModel, task_kind
 from raysim.config import (
     Config,
     ConfigError,
@@ -23,7 +24,9 @@ from raysim.config import (
     read_yaml,
     require,
 )
+from raysim.data.personal import check_personal_config
 from raysim.methods.leakage import SUPPORTED_UPLOADS, upload_kind
+from raysim.nn.heterogeneous import check_heterogeneous
 from raysim.registry import (
     DATASETS,
     MODELS,
@@ -51,7 +54,10 @@ def validate(config: Config) -> Config:
     """`config` itself, once every check across its plug-ins passes (else a ConfigError)."""
     check_data(config)
     check_model_and_method(config)
+    check_heterogeneous(config)
     check_protocol(config)
+    check_personal(config)
+    check_personal_config(config)
     check_leakage_probe(config)
     num_clients = config.data.partition.num_clients
     require(config.clients_per_round <= num_clients, "clients_per_round",
@@ -77,7 +83,9 @@ def check_model_and_method(config: Config) -> None:
     algorithm = algorithm_class(config.algorithm.name)
     model = MODELS[config.model.name]
     task = task_kind(config)
-    if model.task != task:
+    # a heterogeneous group's members are checked as a group (raysim.nn.heterogeneous)
+    heterogeneous = config.model.heterogeneous is not None
+    if model.task != task and not heterogeneous:
         fitting = [name for name in MODELS if MODELS[name].task == task]
         raise ConfigError(
             f"model.name: {config.model.name!r} is not a {task} model, but dataset "
@@ -94,7 +102,8 @@ def check_model_and_method(config: Config) -> None:
     if check_config is not None:
         check_config(config)
     # on segmentation the features are the U-Net's stage maps (raysim.methods.features)
-    if algorithm.needs_features and task == "classification" and not model.has_feature_head:
+    if (algorithm.needs_features and task == "classification" and not model.has_feature_head
+            and not heterogeneous):
         with_heads = [name for name in MODELS if MODELS[name].has_feature_head]
         raise ConfigError(
             f"algorithm.name: {config.algorithm.name} works on the model's features, but "
@@ -111,14 +120,52 @@ def check_protocol(config: Config) -> None:
                           "the default protocol)")
 
 
+def check_personal(config: Config) -> None:
+    """Personalised evaluation needs a model each client deploys (its own, or the global one
+    fine-tuned); a personal model is scored only that way; a group of architectures cannot
+    share weights of one architecture."""
+    name, personal = config.algorithm.name, config.evaluation.personal
+    algorithm = algorithm_class(name)
+    keeps_model = issubclass(algorithm, PersonalModel)
+    if config.model.heterogeneous is not None and algorithm.shares in ("model", "body"):
+        what = "whole model" if algorithm.shares == "model" else "body (all but the head)"
+        fitting = [n for n in algorithm_names() if algorithm_class(n).shares in ("head", "none")]
+        raise ConfigError(
+            f"model.heterogeneous: {name} averages its clients' {what}, which needs one "
+            "architecture for every client; methods that run on a group of architectures: "
+            f"{', '.join(fitting) or 'none registered'}")
+    if personal is None:
+        require(not keeps_model, "evaluation.personal",
+                f"{name} keeps a personal model per client, which only personalised "
+                "evaluation scores: add evaluation.personal (e.g. -o "
+                "evaluation.personal.split=fraction)")
+        return
+    deploys = keeps_model or algorithm.deployed_model is not Algorithm.deployed_model
+    if not deploys and not personal.finetune_epochs:
+        raise ConfigError(
+            f"evaluation.personal: {name} keeps no personal model and does not fine-tune: use "
+            "fedavg_ft, evaluation.personal.finetune_epochs: 1, or a personalised method "
+            "such as fedper/fedproto_personal")
+    num_clients = config.data.partition.num_clients
+    require(personal.clients <= num_clients, "evaluation.personal.clients",
+            f"{personal.clients} > data.partition.num_clients ({num_clients}); use 0 to "
+            "evaluate every client")
+
+
 def check_leakage_probe(config: Config) -> None:
     probe = config.diagnostics.leakage
     if not probe.clients_per_round:
         return
+    shares = algorithm_class(config.algorithm.name).shares
+    sent = "no weights" if shares == "none" else f"only its {shares}"
+    require(shares == "model", "diagnostics.leakage",
+            f"{config.algorithm.name} sends {sent} (its clients keep the rest), and the probe "
+            "reads a whole model's upload; set diagnostics.leakage.clients_per_round: 0 or use "
+            "a method that shares its model")
     uploads = upload_kind(algorithm_class(config.algorithm.name))
     if uploads not in SUPPORTED_UPLOADS:
-        known = [n for n in algorithm_names()
-                 if upload_kind(algorithm_class(n)) in SUPPORTED_UPLOADS]
+        known = [n for n in algorithm_names() if algorithm_class(n).shares == "model"
+                 and upload_kind(algorithm_class(n)) in SUPPORTED_UPLOADS]
         raise ConfigError(f"diagnostics.leakage: the probe reads "
                           f"{', '.join(SUPPORTED_UPLOADS)} uploads, and {config.algorithm.name} "
                           f"uploads {uploads}; methods it supports: {', '.join(known)}")
