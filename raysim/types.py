@@ -17,6 +17,20 @@ Weights = dict[str, Tensor]
 
 # The metric each task kind is judged by (higher is better); the run's headline is its test value.
 HEADLINE_METRIC = {"classification": "accuracy", "segmentation": "dice"}
+# Personalised evaluation's metrics: each client's deployed model on its own parts
+PERSONAL_PREFIX = "personal_"
+
+
+def metric_prefix(personal: bool) -> str:
+    """`personal_` where the run evaluates personally (`evaluation.personal`), else ``."""
+    return PERSONAL_PREFIX if personal else ""
+
+
+def headline_metric(kind: str, personal: bool = False, split: str = "test") -> str:
+    """The metric a run of task `kind` is judged by: `test_accuracy`, `test_dice`, or with
+    personalised evaluation `personal_test_accuracy` (the mean over evaluated clients);
+    `split="val"` names its validation counterpart, which selects the reported round."""
+    return f"{metric_prefix(personal)}{split}_{HEADLINE_METRIC[kind]}"
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,8 @@ def write_compare_report(comparison: Any, outcomes: list, out_dir: Path) -> Comp
                    title=f"{comparison.name}: {test}, mean ± std over seeds")
     summary = {
         "name": comparison.name, "task": comparison.task, "selected_by": selection,
-        "reported": test, "trials_per_method": comparison.trials,
+        "reported": test, "selected_on_test": selection == test,
+        "trials_per_method": comparison.trials,
         "draws": comparison.draws,
         "scheduler": vars(comparison.scheduler), "seeds": list(comparison.seeds),
         "methods": methods,
@@ -106,7 +107,8 @@ def write_compare_report(comparison: Any, outcomes: list, out_dir: Path) -> Comp
 def markdown_table(summary: dict[str, Any]) -> str:
     """Methods as rows: test mean ± std (%) at the validation-selected round, each part's mean,
     the tuned values, trials, minutes spent and the seed runs fault tolerance stopped early
-    (they count, at their best validation round)."""
+    (they count, at their best validation round); a line below says so where the selection
+    was made on the test split instead."""
     test = summary["reported"]
     parts = sorted({p for m in summary["methods"].values() for p in m["parts"]})
     head = ["method", f"{test} (%)", *parts, "tuned", "trials", "minutes", "runs stopped"]
@@ -124,6 +126,10 @@ def markdown_table(summary: dict[str, Any]) -> str:
                            for p in parts),
             tuned or "-", str(m["trials"]), f"{minutes:.1f}",
             "; ".join(m.get("stopped", [])) or "-"]) + " |")
+    if summary.get("selected_on_test"):
+        lines += ["", f"Trials and rounds were selected on the test split ({test}): the "
+                      "clients have no validation parts (set evaluation.personal.val_fraction "
+                      "to select on validation)."]
     return "\n".join(lines)
 
 

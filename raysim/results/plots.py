@@ -32,7 +32,8 @@ def headline(run_dir: Path, metrics: dict) -> str:
         name = json.loads(summary.read_text()).get("headline")
         if name in metrics:
             return name
-    for name in ("test_accuracy", "test_dice", "train_loss"):
+    for name in ("test_accuracy", "test_dice", "personal_test_accuracy", "personal_test_dice",
+                 "train_loss"):
         if name in metrics:
             return name
     return sorted(metrics)[0]

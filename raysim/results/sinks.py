@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import queue
+import re
 import secrets
 import sys
 import threading
@@ -21,8 +22,8 @@ import pyarrow.parquet as pq
 
 from raysim.config import config_to_dict
 from raysim.registry import SINKS
-from raysim.results.records import failures_table, metrics_table
-from raysim.types import HEADLINE_METRIC, RoundResult, RunSummary
+from raysim.results.records import client_metrics_table, failures_table, metrics_table
+from raysim.types import HEADLINE_METRIC, RoundResult, RunSummary, headline_metric
 
 
 def extra_sinks(config: Any, run_dir: Path) -> list[Sink]:
@@ -58,33 +59,38 @@ class CollectRounds(Sink):
 
 
 class ConsoleProgress(Sink):
-    """A live progress line on a terminal (one line per round when output is not a TTY)."""
+    """A live progress line on a terminal (one line per round when output is not a TTY): the
+    run's headline as of its last evaluated round (`acc`, `dice`; with personalised evaluation
+    the mean over clients of their own models, `pacc`, `pdice`)."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stdout
         self.live = self.stream.isatty()
         self.total = 0
-        self.last_test: dict[str, float] = {}
-        self.headline = "accuracy"
+        self.headline = headline_metric("classification")
+        self.label = "acc"
+        self.value: float | None = None  # the headline of the last evaluated round
         self.restarts = 0
 
     def start(self, run: Any) -> None:
         self.total = run.config.rounds
-        self.headline = HEADLINE_METRIC[run.task.info.kind]
+        kind, personal = run.task.info.kind, run.config.evaluation.personal is not None
+        self.headline = headline_metric(kind, personal)
+        metric = HEADLINE_METRIC[kind]
+        self.label = ("p" if personal else "") + ("acc" if metric == "accuracy" else metric)
         self.restarts = sum(e["kind"].endswith("_restarted") for r in run.history
                             for e in r.events)
 
     def log_round(self, result: RoundResult) -> None:
         m = result.metrics
-        self.last_test.update({k: v for k, v in m.items() if k.startswith("test_")})
+        self.value = m.get(self.headline, self.value)
         width = 20
         filled = round(width * result.round / max(self.total, 1))
         bar = "#" * filled + "-" * (width - filled)
-        value = self.last_test.get(f"test_{self.headline}")
-        value_text = f"{value:.4f}" if value is not None else "  n/a "
+        value_text = f"{self.value:.4f}" if self.value is not None else "  n/a "
         text = (
             f"round {result.round:>{len(str(self.total))}}/{self.total} [{bar}] "
-            f"{'acc' if self.headline == 'accuracy' else self.headline} {value_text} "
+            f"{self.label} {value_text} "
             f"loss {m.get('train_loss', float('nan')):.4f} | "
             f"{result.seconds:.2f} s/round, {m.get('samples_per_second', 0):,.0f} samples/s"
         )
@@ -109,10 +115,20 @@ class ConsoleProgress(Sink):
         self.stream.flush()
 
 
+CLIENT_METRICS = "client_metrics.parquet"  # a folder of one part file per evaluated round
+
+
 class RunDirectory(Sink):
     """`metrics.parquet` (one row per round and metric), `failures.parquet` (one row per
     retry, dropped client, actor restart and replay) and `summary.json` in the run dir. A
-    resumed run starts from the rows its checkpoint recorded."""
+    resumed run starts from the rows its checkpoint recorded.
+
+    With personalised evaluation, `client_metrics.parquet/` holds every evaluated client's
+    values (`round`, `client`, `metric`, `value`, e.g. 12, 7, personal_test_accuracy, 0.93):
+    one file per evaluated round, `round-000012.parquet`, written once when the round ends
+    (a long run never rewrites its history), which `pyarrow.parquet.read_table` and
+    `pandas.read_parquet` read as one table. A resumed run drops the files of rounds after its
+    checkpoint and writes that checkpoint's own round again from its records."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
@@ -125,13 +141,18 @@ class RunDirectory(Sink):
     def restart(self, history: Sequence[RoundResult]) -> None:
         """The records of `history` (a checkpoint's) and nothing after them: rows a run logged
         after its checkpoint's round are dropped."""
-        self.results = list(history)
+        self.results = [dataclasses.replace(r, client_metrics=()) for r in history]
         self.records = [e for r in history for e in r.events]
         self.write_metrics()
         self.write_failures()
+        self.drop_client_metrics(after=history[-1].round if history else 0)
+        for result in history:
+            self.write_client_metrics(result)
 
     def log_round(self, result: RoundResult) -> None:
-        self.results.append(dataclasses.replace(result, checkpoint=None))  # records, not files
+        # records, not files; the per-client rows go to their own file, not into memory
+        self.results.append(dataclasses.replace(result, checkpoint=None, client_metrics=()))
+        self.write_client_metrics(result)
         self.write_metrics()  # small; rewritten each round so an interrupted run keeps its data
         if result.events:
             self.records.extend(result.events)
@@ -145,9 +166,40 @@ class RunDirectory(Sink):
         table = failures_table(self.records)
         atomic_write(self.run_dir / "failures.parquet", lambda path: pq.write_table(table, path))
 
+    def write_client_metrics(self, result: RoundResult) -> None:
+        """The round's per-client rows as its own part file (none for a round without)."""
+        if not result.client_metrics:
+            return
+        table = client_metrics_table([result])
+        folder = self.run_dir / CLIENT_METRICS
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(client_metrics_part(self.run_dir, result.round),
+                     lambda path: pq.write_table(table, path))
+
+    def drop_client_metrics(self, after: int) -> None:
+        """Remove the part files of rounds after `after` (and a folder left empty)."""
+        folder = self.run_dir / CLIENT_METRICS
+        if not folder.is_dir() or folder.is_symlink():
+            return
+        for path in folder.iterdir():
+            found = PART_NAME.fullmatch(path.name)
+            cut_short = path.name.startswith(".round-") and path.name.endswith(".tmp")
+            if cut_short or (found is not None and int(found.group(1)) > after):
+                path.unlink()  # a write cut short, or a round the run goes back before
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
     def finish(self, summary: RunSummary) -> None:
         text = json.dumps(summary.to_dict(), indent=2)
         atomic_write(self.run_dir / "summary.json", lambda path: Path(path).write_text(text))
+
+
+PART_NAME = re.compile(r"round-(\d{6,})\.parquet")
+
+
+def client_metrics_part(run_dir: Path, round_index: int) -> Path:
+    """The file of one round's per-client rows in a run directory."""
+    return Path(run_dir) / CLIENT_METRICS / f"round-{round_index:06d}.parquet"
 
 
 def atomic_write(target: Path, write) -> None:

@@ -2,7 +2,8 @@
 written atomically, verified on load, pruned to the newest `keep`; resuming from them.
 
 `<run dir>/checkpoints/round-000040/` holds the server state and the client-state store (as the
-server actor packed them: safetensors), the metric rows and failure records so far (Parquet),
+server actor packed them: safetensors), the metric rows and failure records so far and the
+per-client rows of its own round where personalised evaluation scored it (Parquet),
 `meta.json` (round, the resolved config, a hash of the keys that change results, the raysim
 version) and, written last, `MANIFEST.json` with the size and SHA-256 of every file. A
 checkpoint is written under a temporary name, flushed and renamed, so a crash mid-write never
@@ -38,13 +39,14 @@ from raysim.config import Config, ConfigError, config_to_dict
 from raysim.engine.client_store import INDEX_FILE
 from raysim.engine.server import Restore
 from raysim.results.records import (
+    client_metrics_table,
     failures_table,
     from_parquet_bytes,
     metrics_table,
     results_from_tables,
     to_parquet_bytes,
 )
-from raysim.results.sinks import RunDirectory
+from raysim.results.sinks import CLIENT_METRICS, RunDirectory, client_metrics_part
 from raysim.run.prepare import Run, prepare
 from raysim.run.validate import load_config
 from raysim.state_io import StateFormatError, unpack
@@ -417,6 +419,11 @@ class CheckpointWriter:
                  "failures.parquet": to_parquet_bytes(failures_table(
                      [e for r in done for e in r.events])),
                  META: json.dumps(meta_for(self.run.config, round_index), indent=1).encode()}
+        # the rows of this round's client_metrics.parquet part, which the driver writes only
+        # after the checkpoint is in place (earlier rounds' parts are written by then)
+        own = [r for r in done if r.round == round_index and r.client_metrics]
+        if own:
+            files[CLIENT_METRICS] = to_parquet_bytes(client_metrics_table(own))
         start = time.perf_counter()
         self.last, pruned = write_checkpoint(self.run.run_dir, round_index, files,
                                              self.run.config.checkpoint.keep, self.trusted)
@@ -471,10 +478,13 @@ def load_restore(run_dir: Path, config: Config) -> Any:
 
 
 def checkpoint_history(found: Any) -> list:
-    """The round results a checkpoint recorded (its metrics and failures tables)."""
+    """The round results a checkpoint recorded (its metrics and failures tables, and its own
+    round's per-client rows where it has them)."""
 
+    clients = from_parquet_bytes(found.read(CLIENT_METRICS)) \
+        if CLIENT_METRICS in found.names() else None
     return results_from_tables(from_parquet_bytes(found.read("metrics.parquet")),
-                               from_parquet_bytes(found.read("failures.parquet")))
+                               from_parquet_bytes(found.read("failures.parquet")), clients)
 
 
 def check_contents(found: Any) -> None:
@@ -484,18 +494,24 @@ def check_contents(found: Any) -> None:
     try:
         checkpoint_history(found)
     except Exception as error:  # pyarrow's own error types on a damaged or foreign table
-        raise ValueError(f"its records (metrics.parquet, failures.parquet) do not decode "
+        raise ValueError(f"its records (metrics.parquet, failures.parquet"
+                         f"{', ' + CLIENT_METRICS if CLIENT_METRICS in found.names() else ''})"
+                         f" do not decode "
                          f"({type(error).__name__}: {error})") from None
 
 
 def records_agree(found: Any, run_dir: Path) -> bool:
     """Whether the run directory's records are the checkpoint's (else a resume rewrites them:
-    the driver may have died after the checkpoint and before the rows of its round)."""
+    the driver may have died after the checkpoint and before the rows of its round), its
+    round's client_metrics.parquet part included."""
     import pyarrow.parquet as pq
 
     history = checkpoint_history(found)
     expected = {"metrics.parquet": metrics_table(history),
                 "failures.parquet": failures_table([e for r in history for e in r.events])}
+    own = [r for r in history if r.client_metrics]  # the checkpoint's round, if evaluated
+    if own:
+        expected[str(client_metrics_part(Path(), own[-1].round))] = client_metrics_table(own)
     try:
         # compared as text: a NaN metric equals itself there
         return all(repr(pq.read_table(Path(run_dir) / name).to_pylist())

@@ -1,24 +1,33 @@
-"""A run's summary: the round it reports (selected on validation) and what it cost."""
+"""A run's summary: the round it reports (selected on validation) and what it cost. With
+`evaluation.personal` the run is judged by its clients' own models on their own test parts
+(`personal_test_<m>`), selected on their validation parts where they have them."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from raysim.types import HEADLINE_METRIC, RunSummary
+from raysim.results.metric_names import PERSONAL_SUMMARIES
+from raysim.types import HEADLINE_METRIC, RunSummary, headline_metric, metric_prefix
 
 
-def select_best(results: list, metric: str, protocol: str = "default") -> dict[str, Any]:
-    """The round to report: the best `val_<metric>` where the dataset has a validation split,
-    else (or under the official protocol, which reports the maximum over rounds) the best
-    `test_<metric>`, which then is selection on the test set, and says so."""
-    has_val = any(f"val_{metric}" in r.metrics for r in results)
-    selected_by = f"val_{metric}" if has_val and protocol != "official" else f"test_{metric}"
-    best: dict[str, Any] = {"selected_by": selected_by, "round": None, f"test_{metric}": None}
+def select_best(results: list, metric: str, protocol: str = "default",
+                prefix: str = "") -> dict[str, Any]:
+    """The round to report: the best `<prefix>val_<metric>` where there is a validation split
+    (or, with `prefix="personal_"`, validation parts), else (or under the official protocol,
+    which reports the maximum over rounds) the best `<prefix>test_<metric>`, which then is
+    selection on the test set, and says so. Personalised summaries of the selected round
+    (`_weighted`, `_std`, `_p10`) come with its test value."""
+    test, val = f"{prefix}test_{metric}", f"{prefix}val_{metric}"
+    has_val = any(val in r.metrics for r in results)
+    selected_by = val if has_val and protocol != "official" else test
+    best: dict[str, Any] = {"selected_by": selected_by, "round": None, test: None}
     for result in results:
         value = result.metrics.get(selected_by)
         if value is not None and (best["round"] is None or value > best[selected_by]):
             best = {"selected_by": selected_by, "round": result.round, selected_by: value,
-                    f"test_{metric}": result.metrics.get(f"test_{metric}")}
+                    test: result.metrics.get(test),
+                    **{test + s: result.metrics[test + s] for s in PERSONAL_SUMMARIES
+                       if test + s in result.metrics}}
     return best
 
 
@@ -30,15 +39,17 @@ def summarize(run: Any, results: list, startup: float, wall: float, *, status: s
     for result in results:
         final.update(result.metrics)
     metric = HEADLINE_METRIC[run.task.info.kind]
+    personal = run.config.evaluation.personal is not None
     kinds = [e["kind"] for r in results for e in r.events]
     return RunSummary(
         name=run.config.name,
         algorithm=run.config.algorithm.name,
         run_dir=str(run.run_dir),
         rounds_completed=len(results),
-        headline=f"test_{metric}",
+        headline=headline_metric(run.task.info.kind, personal),
         final=final,
-        best=select_best(results, metric, run.config.evaluation.protocol),
+        best=select_best(results, metric, run.config.evaluation.protocol,
+                         metric_prefix(personal)),
         protocol=run.config.evaluation.protocol,
         wall_seconds=wall,
         startup_seconds=startup,

@@ -25,6 +25,10 @@ rate. Trials are ranked by the best validation value of the task's headline metr
 key draws from a generator of its own, so trial k of every method tries the same learning rate
 and a ranking does not hang on which method drew the lucky one; `draws: tune` lets Tune draw a
 trial's keys in turn from one generator, which gives each method other learning rates.
+
+A setting with `evaluation.personal` compares the clients' own models: `personal_val_<m>` ranks
+and `personal_test_<m>` is reported; where clients have no validation parts (`val_fraction: 0`,
+FedProto's protocol) `personal_test_<m>` ranks too, and the report says it selected on test.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from raysim.tune.sweep import (
     parse_scheduler,
     parse_search,
 )
+from raysim.types import headline_metric
 
 COMPARE_KEYS = ("name", "setting", "overrides", "methods", "budget", "search_overrides",
                 "seeds", "max_concurrent_trials", "trial_driver_cpus", "max_failures", "seed")
@@ -92,6 +97,8 @@ class Comparison:
     max_failures: int = 2
     seed: int = 0  # seeds the draws of every method's trials
     draws: str = "per_key"  # per_key | tune (see `Sweep.draws`)
+    personal: bool = False  # the setting evaluates personally (evaluation.personal)
+    personal_val: bool = False  # ... and its clients have validation parts
 
     @property
     def headline(self) -> str:
@@ -99,11 +106,15 @@ class Comparison:
 
     @property
     def selection_metric(self) -> str:
-        return f"val_{self.headline}"
+        """`val_<m>`; with personalised evaluation `personal_val_<m>`, or `personal_test_<m>`
+        where clients have no validation parts (selection on the test parts: the report
+        says so)."""
+        split = "test" if self.personal and not self.personal_val else "val"
+        return headline_metric(self.task, self.personal, split)
 
     @property
     def test_metric(self) -> str:
-        return f"test_{self.headline}"
+        return headline_metric(self.task, self.personal)
 
     def method_base(self, method: Method) -> dict:
         raw = deep_copy(self.base)
@@ -136,7 +147,7 @@ class Comparison:
 
     def validate(self) -> None:
         """Every method's tuning sweep and its seed reruns at the corners of its space."""
-        rounds = config_from_dict(self.base).rounds
+        rounds = config_from_dict(self.method_base(self.methods[0])).rounds
         require(self.scheduler.name != "asha" or self.scheduler.grace_period <= rounds,
                 "budget.scheduler.grace_period",
                 f"{self.scheduler.grace_period} > rounds ({rounds})")
@@ -190,7 +201,9 @@ def parse_comparison(raw: dict, folder: Path, default_name: str = "compare") -> 
         set_dotted(base, str(key), value)
     base.pop("algorithm", None)  # each method brings its own
     try:
-        setting = config_from_dict(base)
+        # checked with the first method: a personalised or model-heterogeneous setting is
+        # refused with the default method (fedavg); every method is checked on it later
+        setting = config_from_dict({**base, "algorithm": _first_algorithm(raw.get("methods"))})
     except ConfigError as error:
         raise ConfigError(f"setting: {error}") from None
     task = DATASETS[setting.data.dataset].task
@@ -198,7 +211,8 @@ def parse_comparison(raw: dict, folder: Path, default_name: str = "compare") -> 
         raise ConfigError("setting: evaluation.protocol: official selects rounds on the test "
                           "set, and a comparison selects on validation; use the default "
                           "protocol (compare official numbers with `raysim launch`)")
-    if task == "classification" and setting.data.val_fraction is None:
+    personal = setting.evaluation.personal
+    if task == "classification" and setting.data.val_fraction is None and personal is None:
         raise ConfigError("setting: it has no validation split, and a comparison selects on "
                           "validation; add overrides: {data.val_fraction: 0.15}")
     budget = raw.get("budget")
@@ -243,7 +257,19 @@ def parse_comparison(raw: dict, folder: Path, default_name: str = "compare") -> 
     return Comparison(
         name=str(raw.get("name", default_name)), base=base, methods=methods, trials=trials,
         scheduler=scheduler, seeds=tuple(seeds), task=task, max_concurrent_trials=concurrency,
-        trial_driver_cpus=float(driver_cpus), max_failures=max_failures, seed=seed, draws=draws)
+        trial_driver_cpus=float(driver_cpus), max_failures=max_failures, seed=seed, draws=draws,
+        personal=personal is not None, personal_val=personal is not None
+        and personal.val_fraction > 0)
+
+
+def _first_algorithm(methods: Any) -> dict:
+    """The algorithm keys of the first listed method ({} where there is none to read yet)."""
+    first = methods[0] if isinstance(methods, list) and methods else None
+    if isinstance(first, str):
+        return {"name": first}
+    chosen = first.get("algorithm") if isinstance(first, dict) else None
+    return deep_copy(chosen) if isinstance(chosen, dict) and isinstance(
+        chosen.get("name"), str) else {}
 
 
 def _parse_methods(raw: Any, task: str, shared: dict) -> tuple[Method, ...]:
