@@ -49,6 +49,21 @@ S2 always uses CReFF's layer-wise distance; a margin m_k ≤ 0 is ignored like m
 computes the real gradients with a separately initialised Linear, here with the initial model's
 classifier (from round 2 on both are the broadcast classifier); every random draw (sample choice,
 DSA, shuffles, fresh classifier init) comes from the seeded client or server generator.
+
+Personalised and heterogeneous settings (`evaluation.personal`, `model.heterogeneous`): the
+server averages the whole model FedAvg-style (backbone and BatchNorm statistics, spec §1) and,
+with CReFF, replaces the averaged classifier by the one it re-trains (S3) and broadcasts that
+one model; `shares = "model"`. So both methods run personalised on one architecture with
+fine-tuning: each client is scored on its own test part with the broadcast model after
+`evaluation.personal.finetune_epochs` local epochs of the task's loss (without fine-tuning there
+is no personal model to score, and the run is refused). A heterogeneous group is refused: the
+backbone is averaged, which needs every client to have the same one. The rest would carry
+over, and why it is not registered: H, F and the uploaded u_{k,c}, v_{k,c} live in the feature
+space D and the classifier's (C, D) (one shape given a common `feature_dim`), and S2–S4 never
+touch a backbone (spec §7.2); but with personal backbones the real-sample gradients of
+different clients would be taken through different feature extractors, and the re-trained
+classifier would be shared by extractors that were never averaged: a FedGH-like method that
+neither the paper nor the code evaluates.
 """
 
 from __future__ import annotations

@@ -17,6 +17,16 @@ in `algorithms/fedproto.py`: pixel features of one U-Net stage (`feature_level`)
 prototypes of pixels, both terms averaged over the batch's pixels whose class has prototypes.
 That is FedBCS's contrastive and consistency terms at a single level, without its feature
 fusion, style recalibration or foreground-only restriction (FPL aligns every class).
+
+Personalised and heterogeneous settings (`evaluation.personal`, `model.heterogeneous`): FPL is
+a domain-shift method whose result is one global model, and its weights are averaged
+(`shares = "model"`). Under personalised evaluation it runs as FedAvg + FT does: each client is
+scored on its own test part with the global model after `evaluation.personal.finetune_epochs`
+of local fine-tuning (with no fine-tuning it deploys no model of its own and is refused). A
+heterogeneous group is refused, because averaging every weight needs one architecture. What
+would carry over is the prototype side alone: the FINCH clusters, L_CPCL and L_UPCR need only
+features of one width (a common `feature_dim`); a prototype-only FPL with personal models
+(as `fedproto_personal` is to FedProto) is not registered, as the paper never runs one.
 """
 
 from __future__ import annotations
