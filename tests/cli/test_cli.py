@@ -36,7 +36,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["clients_per_round=51"], "clients_per_round: 51 > data.partition.num_clients (50)"),
         (["data.dataset=imagenet"],
          "unknown dataset 'imagenet'; choose one of cifar10, cifar100, digits,"),
-        (["model.name=vit"], "unknown model 'vit'; choose one of cnn, logreg, mlp, resnet10, unet"),
+        (["model.name=vit"],
+         "unknown model 'vit'; choose one of cnn, cnn_deep, cnn_wide, logreg, mlp, resnet10, unet"),
         (["algorithm.name=fedfoo"],
          "unknown algorithm 'fedfoo'; choose one of fedavg, fedbcs, fedhpro, fedhpro_paper, "
          "fedproto, fedprox, fedtgp, fpl, moon, scaffold"),

@@ -103,9 +103,11 @@ def test_scientific_notation_string_is_accepted_for_floats():
         ({"data": {"dataset": "imagenet"}},
          "data.dataset: unknown dataset 'imagenet'; choose one of cifar10, cifar100, digits,"),
         ({"model": {"name": "vit"}},
-         "model.name: unknown model 'vit'; choose one of cnn, logreg, mlp, resnet10, unet"),
+         "model.name: unknown model 'vit'; choose one of cnn, cnn_deep, cnn_wide, logreg, mlp, "
+         "resnet10, unet"),
         ({"algorithm": {"name": "fedsomething"}},
-         "algorithm.name: unknown algorithm 'fedsomething'; choose one of fedavg, fedbcs, fedhpro"),
+         "algorithm.name: unknown algorithm 'fedsomething'; choose one of fedavg, fedavg_ft, "
+         "fedbcs, fedgh, fedhpro"),
         ({"algorithm": {"name": "fedprox", "mu": -1}}, "algorithm.mu: must be >= 0"),
         ({"algorithm": {"name": "fedavg", "mu": 0.1}},
          "unknown key 'algorithm.mu' for algorithm 'fedavg'; valid keys here: name"),

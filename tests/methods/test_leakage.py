@@ -121,7 +121,7 @@ def test_probe_mistakes_are_one_line():
     with pytest.raises(ConfigError, match="diagnostics.leakage: the probe reads weights, "
                                           "prototypes, class_gradients uploads, and fedbcs "
                                           "uploads pixel_prototypes; methods it supports: "
-                                          "fedavg, fedhpro, fedhpro_paper, fedproto"):
+                                          "fedavg, fedavg_ft, fedhpro, fedhpro_paper, fedproto"):
         config_from_dict({"algorithm": {"name": "fedbcs"}, "model": {"name": "unet"},
                           "clients_per_round": 4, "data": {
                               "dataset": "synthetic_organ",

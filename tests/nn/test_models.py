@@ -36,7 +36,8 @@ def test_small_cnn_layout():
 
 
 def test_unknown_model_lists_the_valid_ones():
-    with pytest.raises(KeyError, match="choose one of cnn, logreg, mlp, resnet10, unet"):
+    with pytest.raises(KeyError, match="choose one of cnn, cnn_deep, cnn_wide, logreg, mlp, "
+                                       "resnet10, unet"):
         build_model("vit", (3, 32, 32), 10)
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from raysim.algorithm import search_space_of
+from raysim.algorithm import PersonalModel, search_space_of
 from raysim.cli.main import main
 from raysim.config import read_yaml, set_dotted
 from raysim.registry import algorithm_class, algorithm_names
@@ -51,6 +51,8 @@ def test_every_method_declares_a_valid_search_space(name):
         for value in dim.corners():
             raw = read_yaml(SETTING[task])
             raw["algorithm"] = {"name": name}
+            if issubclass(cls, PersonalModel):  # scored only on the clients' own test parts
+                raw["evaluation"] = {"personal": {}}
             set_dotted(raw, dim.key, value)
             config = config_from_dict(raw)
             section, _, leaf = dim.key.partition(".")
@@ -136,7 +138,7 @@ def test_comparison_mistakes_are_one_line_before_ray(tmp_path, capsys):
         path, capsys, "methods=[fedavg,fedfoo]")
     error = compare_error(path, capsys, "methods=[fedavg,fedbcs]")
     assert "methods[1]: fedbcs does not run classification tasks" in error
-    assert "methods that do: fedavg, fedhpro, fedhpro_paper, fedproto" in error
+    assert "methods that do: fedavg, fedavg_ft, fedgh, fedhpro, fedhpro_paper, fedper" in error
     assert "budget.trials: must be an integer >= 1" in compare_error(
         path, capsys, "budget.trials=0")
     assert "budget.draws: must be one of tune, per_key (got 'paired')" in compare_error(
