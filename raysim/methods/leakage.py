@@ -42,6 +42,19 @@ SUPPORTED_UPLOADS = ("weights", "prototypes", "class_gradients")
 TV_WEIGHT = 1e-3  # total-variation prior of the feature inversion
 
 
+def unreadable(method: Any) -> str | None:
+    """Why the probe cannot read what `method` (a class) uploads, or None. Weights are read
+    through the classifier, so a method must send its head; prototypes are read as sent,
+    whatever a method keeps (without its model, the server cannot invert the means)."""
+    kind = upload_kind(method)
+    if kind not in SUPPORTED_UPLOADS:
+        return f"it uploads {kind}"
+    if kind != "prototypes" and getattr(method, "shares", "model") not in ("model", "head"):
+        sent = "no weights" if method.shares == "none" else f"only its {method.shares}"
+        return f"it sends {sent}, and the probe reads the classifier of what is sent"
+    return None
+
+
 def upload_kind(method: Any) -> str:
     """What a method (class or instance) uploads besides its weights, as it declares in its
     optional `uploads` class attribute: weights | prototypes | class_gradients | another name
@@ -74,8 +87,10 @@ def read_weights(update: Any, received: dict) -> Inferred:
 
 
 def read_prototypes(update: Any, received: dict) -> Inferred:
+    """Counts as sent; the class means are features of the uploaded model, which a method
+    with personal models does not send (the server then has means it cannot invert)."""
     return Inferred(present=update.counts > 0, counts=update.counts.double(),
-                    means=update.prototypes.double(), feature_weights=update.weights)
+                    means=update.prototypes.double(), feature_weights=update.weights or None)
 
 
 def read_class_gradients(update: Any, received: dict) -> Inferred:
@@ -197,7 +212,7 @@ class LeakageProbe:
             "leak_counts_exact": float(torch.equal(inferred.counts.round(), true_counts)),
             "leak_counts_mae": (inferred.counts - true_counts).abs().mean().item(),
         }
-        if inferred.means is not None:
+        if inferred.means is not None and inferred.feature_weights is not None:
             self.model.load_state_dict(inferred.feature_weights)
             true_means, _ = local_prototypes(self.model, data, self.num_classes)
             held = true_present.nonzero().squeeze(1)
@@ -222,11 +237,14 @@ class LeakageProbe:
         shape = tuple(x_all.shape[1:])
         classes = labels.unique()[: self.settings.inversion_classes].tolist()
         if inferred.means is not None:
+            if inferred.feature_weights is None:  # no model to invert the means through
+                return []
             self.model.load_state_dict(inferred.feature_weights)
             return [(c, x_all[labels == c].mean(0),
                      invert_feature(self.model, inferred.means[c], shape,
                                     self.settings.inversion_steps, generator)) for c in classes]
-        if len(data) > self.settings.dlg_max_samples:
+        if len(data) > self.settings.dlg_max_samples or \
+                set(received) != set(self.model.state_dict()):  # a shared head only
             return []
         delta = {k: update.weights[k].float() - received[k].float() for k in received
                  if k in update.weights}

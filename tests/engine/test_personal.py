@@ -415,12 +415,24 @@ def test_settings_a_method_cannot_run_are_refused_with_one_line():
     message = refused(**{"algorithm.name": "fedper", "evaluation.personal.clients": 13})
     assert message == ("evaluation.personal.clients: 13 > data.partition.num_clients (12); use "
                        "0 to evaluate every client")
-    message = refused(**{"algorithm.name": "fedproto_personal",
-                         "evaluation.personal.test_fraction": 0.25,
+    message = refused(**{"algorithm.name": "fedper", "evaluation.personal.test_fraction": 0.25,
                          "diagnostics.leakage.clients_per_round": 1})
-    assert message.startswith("diagnostics.leakage: fedproto_personal sends no weights")
+    assert message.startswith("diagnostics.leakage: the probe reads weights, prototypes, "
+                              "class_gradients uploads, and fedper cannot be read: it sends "
+                              "only its body, and the probe reads the classifier of what is sent")
     # what stays allowed: the probe on a method that shares its whole model, fine-tuned
     config = small_config(**{"algorithm.name": "fedavg_ft",
                              "evaluation.personal.test_fraction": 0.25,
                              "diagnostics.leakage.clients_per_round": 1})
     assert config.diagnostics.leakage.clients_per_round == 1
+
+
+def test_the_probe_reads_personal_prototypes_on_a_group(tmp_path):
+    """An honest-but-curious server of FedProto's own setting holds no client model: it still
+    learns every probed client's label set and exact counts, and has no images to score."""
+    config = personal_config(**{"algorithm.name": "fedproto_personal", **GROUP, "rounds": 1,
+                                "diagnostics.leakage.clients_per_round": 2})
+    results, _, _ = run(config, tmp_path)
+    metrics = results[0].metrics
+    assert metrics["leak_presence_exact"] == 1.0 and metrics["leak_counts_exact"] == 1.0
+    assert "leak_mean_cosine" not in metrics and "leak_image_psnr" not in metrics

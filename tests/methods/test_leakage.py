@@ -120,8 +120,9 @@ def test_the_probe_never_changes_training(tmp_path, method):
 def test_probe_mistakes_are_one_line():
     with pytest.raises(ConfigError, match="diagnostics.leakage: the probe reads weights, "
                                           "prototypes, class_gradients uploads, and fedbcs "
-                                          "uploads pixel_prototypes; methods it supports: "
-                                          "fedavg, fedavg_ft, fedhpro, fedhpro_paper, fedproto"):
+                                          "cannot be read: it uploads pixel_prototypes; "
+                                          "methods it supports: fedavg, fedavg_ft, fedgh, "
+                                          "fedhpro"):
         config_from_dict({"algorithm": {"name": "fedbcs"}, "model": {"name": "unet"},
                           "clients_per_round": 4, "data": {
                               "dataset": "synthetic_organ",
