@@ -1,19 +1,38 @@
 """`raysim` command line. User mistakes exit with code 2 and one `raysim: error:` line, before
-Ray starts.
+any round runs.
 
 Each command imports what it runs inside its own function: the run (torch), Tune and Ray load
-only for the commands that use them, so `raysim --help` or a config mistake answers at once."""
+only for the commands that use them, so `raysim --help` or a config mistake answers at once.
+
+The `raysim` command itself (`main()` without arguments) is quick at both ends
+(docs/guide/startup.md): a launch or resume on an embedded Ray starts it on a thread at once,
+while the config is validated and the data prepared (a mistake still ends the command with its
+one line, and Ray with the process); once the results are on disk the last line is printed,
+the figures are drawn by a child process of their own, and the process ends without waiting
+on Ray's or Python's teardown.
+"""
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
 import sys
 import time
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 from raysim.cli.commands import ADDRESS_HELP, add_commands, run_command
-from raysim.config import ConfigError, dump_config
+from raysim.config import (
+    ConfigError,
+    ResourcesConfig,
+    apply_override,
+    dump_config,
+    parse_dataclass,
+    read_yaml,
+)
+from raysim.engine import cluster
 from raysim.engine.cluster import check_cluster
 
 
@@ -46,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--local", action="store_true",
                         help="run in this process without Ray, one client after another "
                         "(for pdb; same results): resources.backend=local")
+    launch.add_argument("--dashboard", action="store_true",
+                        help="start the embedded Ray with its dashboard (about 1-2 s more): "
+                        "resources.dashboard=true")
 
     resume = commands.add_parser(
         "resume", help="continue a run from its newest complete checkpoint, into the same "
@@ -80,8 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; returns its exit code. Without `argv` (the `raysim` command itself) the
+    process ends here, as soon as the command is done (`_end_process`)."""
     launched_at = time.perf_counter()
     args = build_parser().parse_args(argv)
+    if argv is None:
+        args.ends_process = True
+        _start_ray_early(args)
+    code = _guarded(args, launched_at)
+    if argv is None:
+        _end_process(code)
+    return code
+
+
+def _guarded(args: argparse.Namespace, launched_at: float) -> int:
     try:
         return _command(args, launched_at)
     except ConfigError as error:
@@ -106,6 +140,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The command's `-o` overrides with those its flags stand for."""
+    flags = {"local": "resources.backend=local", "dashboard": "resources.dashboard=true"}
+    return [*args.override, *(o for flag, o in flags.items() if getattr(args, flag, False))]
+
+
+def _start_ray_early(args: argparse.Namespace) -> None:
+    """Start the embedded Ray of a launch or resume now, on a thread, while the driver
+    validates the config and prepares the data (`cluster.start_early`). Only the resources
+    section is read here (no torch): what the run will ask of Ray. Anything unclear (a run on
+    another backend or cluster, a config that does not parse) starts nothing: the command
+    goes on as usual and reports what is wrong."""
+    if args.command not in ("launch", "resume") or cluster.cluster_address(args.address):
+        return
+    try:
+        if args.command == "launch":
+            raw = read_yaml(Path(args.config))
+        else:
+            raw = read_yaml(Path(args.run_dir) / "config.yaml")
+        for override in _overrides(args):
+            apply_override(raw, override)
+        resources = parse_dataclass(ResourcesConfig, raw.get("resources", {}), "resources")
+    except Exception:  # reported by the validation proper, with its one line
+        return
+    if resources.backend == "ray":
+        cluster.start_early(resources)
+
+
+def _end_process(code: int) -> None:
+    """End the `raysim` process now: what it printed is flushed and its files are written
+    (each by a rename), so only teardown is left, which takes seconds and saves nothing: an
+    embedded Ray's processes end with this one (`raysim.engine.watchdog`), a joined cluster is
+    left properly, the exit handlers of everything else run, Python's own teardown is skipped."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        cluster.leave()
+        atexit._run_exitfuncs()
+    finally:
+        os._exit(code)
+
+
 def _command(args: argparse.Namespace, launched_at: float) -> int:
     if args.command == "resume":
         from raysim.run import prepare_resume
@@ -117,11 +196,9 @@ def _command(args: argparse.Namespace, launched_at: float) -> int:
         return _plot(args)
     if args.command not in ("launch", "config", "partition"):
         return run_command(args)
-    overrides = [*args.override, *(["resources.backend=local"]
-                                   if getattr(args, "local", False) else [])]
     from raysim.run.validate import load_config
 
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, _overrides(args))
     if args.command == "config":
         print(dump_config(config), end="")
         return 0
@@ -202,9 +279,18 @@ def _write_partition(config, out: str) -> int:
     if task.partition.generated:
         raise ConfigError(f"data.dataset: {config.data.dataset} generates each client's "
                           "samples: there is no sample index to write")
-    path = write_partition(task.partition, out, len(task.dataset.train.y), config.data.dataset)
+    dataset, parts = task.dataset, task.partition.personal
+    path = write_partition(task.partition, out, len(dataset.train.y), config.data.dataset,
+                           test_samples=len(dataset.test.y),
+                           val_samples=None if dataset.val is None else len(dataset.val.y))
+    rows = len(task.partition.indices)
+    columns = "client, index"
+    if parts is not None:  # evaluation.personal: each client's test/validation parts too
+        rows += len(parts.test_indices) + (0 if parts.val_indices is None else
+                                           len(parts.val_indices))
+        columns += ", part"
     print(f"raysim: {describe_partition(task)}")
-    print(f"raysim: wrote {path} ({len(task.partition.indices)} rows: client, index); use it "
+    print(f"raysim: wrote {path} ({rows} rows: {columns}); use it "
           f"with data.partition: {{kind: file, path: {path}, "
           f"num_clients: {task.partition.num_clients}}}")
     return 0
@@ -229,10 +315,20 @@ def _launch(run, args: argparse.Namespace, launched_at: float) -> int:
         sinks.append(ConsoleProgress())
     args.rounds_started = True  # from here on a failure is the run's own (summary.json)
     summary = execute(run, sinks, address=args.address, launched_at=launched_at)
+    figures, pending = [], False
     if config.logging.curves:
-        write_curves(run.run_dir)
-        if run.restore is None:
-            write_partition_figure(run.task, run.run_dir / "partition.png")
+        new_run = run.restore is None and run.task.partition.label_counts is not None
+        figures = ["curves.png", *(["partition.png"] if new_run else [])]
+
+        def draw() -> None:
+            write_curves(run.run_dir)
+            if new_run:
+                write_partition_figure(run.task, run.run_dir / "partition.png")
+
+        # the `raysim` process does not wait for matplotlib (seconds): a child draws them
+        pending = getattr(args, "ends_process", False) and in_child_process(draw)
+        if not pending:
+            draw()
     if summary.status != "completed":
         where = f"checkpoint {summary.checkpoint}" if summary.checkpoint else "no checkpoint"
         print(f"raysim: {summary.status} after round {summary.rounds_completed} ({where}); "
@@ -253,11 +349,38 @@ def _launch(run, args: argparse.Namespace, launched_at: float) -> int:
     if summary.actor_restarts or summary.clients_dropped:
         print(f"raysim: survived {summary.actor_restarts} actor restart(s); "
               f"{summary.clients_dropped} client result(s) dropped (failures.parquet)")
-    curves = "".join(f", {name}" for name in ("curves.png", "partition.png")
-                     if (run.run_dir / name).is_file())
+    if pending:
+        curves = f"; {', '.join(figures)} in a moment"
+    else:
+        curves = "".join(f", {name}" for name in figures if (run.run_dir / name).is_file())
     print(f"raysim: results in {run.run_dir}/ (summary.json, metrics.parquet, config.yaml"
           f"{curves})")
     return 0
+
+
+def in_child_process(work) -> bool:
+    """Run `work` in a forked child process that finishes it even after this process has
+    ended; False (nothing run) where processes cannot fork. The child holds none of this
+    process's files (its output goes nowhere; nothing of a Ray session's stays open, so that
+    session's watchdog leaves it alone) and ends without any exit handler of this process."""
+    try:
+        if os.fork():
+            return True
+    except (AttributeError, OSError):  # no fork here, or no memory for one: draw in place
+        return False
+    code = 1
+    try:
+        os.setsid()  # a Ctrl-C at the terminal after the command is not for it
+        quiet = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(quiet, fd)
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        # what sys.stdout and sys.stderr wrapped may be closed now
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+        work()
+        code = 0
+    finally:
+        os._exit(code)
 
 
 if __name__ == "__main__":

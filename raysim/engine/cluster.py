@@ -8,22 +8,32 @@ local Ray and `ray start --head` on a machine that already has a token file (~/.
 turn it on; a process that joins with an explicit address only sends its token when
 `RAY_AUTH_MODE=token` is set in its environment (the token itself comes from `RAY_AUTH_TOKEN`,
 the file named by `RAY_AUTH_TOKEN_PATH`, or ~/.ray/auth_token, in that order).
+
+An embedded Ray is lean (docs/guide/startup.md has what each part costs): no dashboard unless
+`resources.dashboard`, no usage reporting, and not even the API server Ray would start without
+the dashboard (it would serve usage reporting only). For a launch it is sized to the run, and
+its worker processes import torch and raysim's actor modules as they start, so the actors find
+them loaded; `start_early` starts it on a thread while the driver still validates and prepares.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
+import logging
 import math
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from raysim.config import Config, ConfigError
+from raysim.config import Config, ConfigError, ResourcesConfig
 from raysim.engine import watchdog
 
 PROBE_SECONDS = 5.0
@@ -60,24 +70,25 @@ def cluster_address(address: str | None) -> str | None:
 
 
 def connect(address: str | None = None, py_modules: Sequence[str] = (),
-            env_vars: dict[str, str] | None = None) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS), else start an embedded local Ray. An
-    unreachable cluster or rejected token raises ConfigError, quickly. `py_modules`: package
-    folders every worker of a joined cluster needs (the run's plug-ins), shipped by Ray's
-    `runtime_env` with `env_vars` (what names them); an embedded Ray's workers import them from
-    this machine as it does. An embedded Ray's processes end with this process, however it
-    ends (`raysim.engine.watchdog`)."""
+            env_vars: dict[str, str] | None = None,
+            resources: ResourcesConfig | None = None) -> str | None:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start an embedded local Ray (or
+    finish starting the one `start_early` began). An unreachable cluster or rejected token
+    raises ConfigError, quickly. `py_modules`: package folders every worker of a joined cluster
+    needs (the run's plug-ins), shipped by Ray's `runtime_env` with `env_vars` (what names
+    them); an embedded Ray's workers import them from this machine as it does. `resources`:
+    one run's, which sizes an embedded Ray to it (`embedded_options`). An embedded Ray's
+    processes end with this process, however it ends (`raysim.engine.watchdog`). Returns the
+    embedded Ray's dashboard address when it has one."""
     import ray
 
-    if ray.is_initialized():
-        return
     target = cluster_address(address)
+    if target is None and _early.thread is not None:
+        return _early.join()
+    if ray.is_initialized():
+        return None
     if target is None:
-        ray.init(include_dashboard=False, logging_level="WARNING")
-        session_dir = _embedded_node_session()
-        if session_dir is not None:
-            watchdog.start(session_dir)
-        return
+        return start_embedded(resources)
     check_address(target)
     client = "://" in target
     try:
@@ -99,6 +110,191 @@ def connect(address: str | None = None, py_modules: Sequence[str] = (),
                 hint = f"; if the cluster uses token authentication, {AUTH_HELP}"
             raise ConfigError(f"cannot join the Ray cluster at {target}: {error}{hint}") from None
         raise
+    return None
+
+
+# what each worker process of an embedded Ray imports as it starts, before it takes an actor:
+# torch and everything the worker and server actors run
+PRELOAD = ("raysim.engine.remote",)
+
+
+def embedded_options(resources: ResourcesConfig | None = None) -> dict[str, Any]:
+    """`ray.init` options of an embedded Ray. With one run's `resources`: as many CPUs as its
+    worker pool and server ask, plus one (never more than the machine has), so Ray's
+    pre-started worker processes, one per CPU, are the run's actors-to-be; they import
+    `PRELOAD` as they start, while the driver prepares. Without: the machine's CPUs and
+    nothing preloaded (a sweep's trials share the cluster)."""
+    options: dict[str, Any] = {
+        "include_dashboard": bool(resources is not None and resources.dashboard),
+        "logging_level": "WARNING",
+    }
+    if resources is not None:
+        pool = resources.num_workers * resources.worker.num_cpus + resources.server.num_cpus
+        # the extra CPU keeps fit_resources' floor((cpus - server) / worker) clear of rounding
+        options["num_cpus"] = min(os.cpu_count() or 1, math.ceil(pool) + 1)
+        options["_system_config"] = {"preload_python_modules": list(PRELOAD)}
+    return options
+
+
+def start_embedded(resources: ResourcesConfig | None = None) -> str | None:
+    """Start an embedded local Ray (`embedded_options`) and its watchdog; returns the
+    dashboard's address when it has one."""
+    import ray
+
+    # Ray reports usage to its developers unless told not to; an embedded Ray never does
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    options = embedded_options(resources)
+    with contextlib.ExitStack() as stack:
+        if not options["include_dashboard"]:
+            stack.enter_context(_without_api_server())
+        if threading.current_thread() is not threading.main_thread():
+            # Ray's SIGTERM handler only exits; the run installs its own (run/interrupts.py)
+            stack.enter_context(_quiet(logging.getLogger("ray._private.worker"),
+                                       "SIGTERM handler is not set"))
+        context = ray.init(**options)
+    session_dir = _embedded_node_session()
+    if session_dir is not None:
+        watchdog.start(session_dir)
+    url = getattr(context, "dashboard_url", None)
+    return f"http://{url}" if url else None
+
+
+@contextlib.contextmanager
+def _without_api_server() -> Iterator[None]:
+    """Ray starts its API server (the dashboard's process) even without the dashboard, to run
+    its usage-stats module only, and `ray.init` waits until it is up: about 1 s of a 2-core
+    machine's start. With usage reporting off it would serve nothing, so it is not started.
+    A Ray without this hook of its node record starts it as usual."""
+    try:
+        from ray._private.node import Node
+    except ImportError:
+        yield
+        return
+    original = Node.__dict__.get("start_api_server")
+    if original is None:
+        yield
+        return
+
+    def skip(node: Any, **_: Any) -> None:
+        node._webui_url = ""  # what Ray records when it runs without a dashboard
+
+    Node.start_api_server = skip
+    try:
+        yield
+    finally:
+        Node.start_api_server = original
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger, message: str) -> Iterator[None]:
+    """`logger` without its records that start with `message`."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(message)
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+class _HeldLogs:
+    """Holds the records that reach the handlers of Ray's logger (its start-up warnings) until
+    `release` prints them: a mistake found while Ray starts early stays the command's one
+    line."""
+
+    class _Hold(logging.Filter):
+        def __init__(self, handler: logging.Handler, held: list) -> None:
+            super().__init__()
+            self.handler, self.held = handler, held
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            self.held.append((self.handler, record))
+            return False
+
+    def __init__(self) -> None:
+        self.held: list[tuple[logging.Handler, logging.LogRecord]] = []
+        self.holds = [self._Hold(h, self.held) for h in logging.getLogger("ray").handlers]
+        for hold in self.holds:
+            hold.handler.addFilter(hold)
+
+    def release(self) -> None:
+        for hold in self.holds:
+            hold.handler.removeFilter(hold)
+        for handler, record in self.held:
+            handler.handle(record)
+        self.held.clear()
+
+
+class _EarlyStart:
+    """An embedded Ray starting on a thread (`start_early`), joined by `connect`.
+
+    The thread outlives the start: the kernel signals the head's processes when the thread
+    that started them ends (Ray binds them with PR_SET_PDEATHSIG, which follows the thread),
+    so it waits, idle, until the process ends."""
+
+    def __init__(self) -> None:
+        self.thread: threading.Thread | None = None
+        self.ready = threading.Event()
+        self.logs: _HeldLogs | None = None
+        self.url: str | None = None
+        self.error: BaseException | None = None
+
+    def begin(self, resources: ResourcesConfig) -> None:
+        self.ready, self.logs, self.url, self.error = threading.Event(), None, None, None
+
+        def run() -> None:
+            try:
+                import ray  # noqa: F401  (it sets up the logger whose records are held)
+
+                self.logs = _HeldLogs()
+                self.url = start_embedded(resources)
+            except BaseException as error:  # re-raised in the driver's thread by join
+                self.error = error
+            self.ready.set()
+            if self.error is None:
+                threading.Event().wait()  # the head's processes live as long as this thread
+
+        self.thread = threading.Thread(target=run, name="raysim-ray-start", daemon=True)
+        self.thread.start()
+
+    def join(self) -> str | None:
+        if self.thread is None:
+            return None
+        self.ready.wait()
+        self.thread = None
+        if self.logs is not None:
+            self.logs.release()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        return self.url
+
+
+_early = _EarlyStart()
+
+
+def start_early(resources: ResourcesConfig) -> None:
+    """Start the embedded Ray of a run with `resources` on a thread, now: the driver goes on
+    validating and preparing, and `connect` waits for it. For a process that ends with its
+    command (the `raysim` command line): a mistake found meanwhile ends the process, and the
+    Ray with it."""
+    if _early.thread is None:
+        _early.begin(resources)
+
+
+def leave() -> None:
+    """Before this process ends at once (`os._exit`): a joined cluster is left properly (a
+    Ray Client session would otherwise wait for it), an embedded Ray is not shut down (its
+    head's processes end with this process, the watchdog ends the rest): Ray's own shutdown
+    would take seconds to stop what goes anyway."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    if _embedded_node() is None:
+        ray.shutdown()
+    else:
+        atexit.unregister(ray.shutdown)
 
 
 def _embedded_node() -> Any:

@@ -51,7 +51,9 @@ def execute(
             shipped = json.dumps(shipped_entry_points(config))
             connect(address, plugin_packages(config), {SHIPPED_ENV: shipped})
         else:
-            connect(address)
+            dashboard = connect(address, resources=config.resources)
+            if dashboard:
+                print(f"raysim: Ray dashboard at {dashboard}", file=sys.stderr)
         phases["ray_ready"] = time.perf_counter() - launched_at
         config, notes = fit_resources(run.config, ray.cluster_resources())
         for note in notes:
@@ -74,7 +76,10 @@ def execute(
             startup = time.perf_counter() - started
             try:
                 for result in simulation.rounds():
-                    # the checkpoint's files are written, not kept: a run keeps its records only
+                    # the checkpoint's files are written, not kept: a run keeps its records only;
+                    # per-client rows only for the newest round (the sinks wrote the others)
+                    if results and results[-1].client_metrics:
+                        results[-1] = dataclasses.replace(results[-1], client_metrics=())
                     results.append(dataclasses.replace(result, checkpoint=None))
                     if first_round is None:
                         first_round = phases["first_round"] = time.perf_counter() - launched_at
