@@ -194,6 +194,11 @@ def leakage(rows: list[dict]) -> str:
     return _benchmark("leakage").table(rows)
 
 
+def privacy(report: dict) -> str:
+    """The privacy benchmark's own table (benchmarks/privacy.py renders what it writes)."""
+    return _benchmark("privacy").table(report)
+
+
 def _benchmark(name: str) -> Any:
     """The script benchmarks/<name>.py as a module (imported, not run); the scripts import
     each other by name."""
@@ -233,6 +238,7 @@ RENDERERS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "segmentation": ("segmentation.json", segmentation),
     "segmentation_timing": ("segmentation.json", segmentation_timing),
     "leakage": ("leakage.json", leakage),
+    "privacy": ("privacy.json", privacy),
     "diagnostics_digits_a0.5": ("diagnostics_digits_a0.5.json", diagnostics),
 }
 
