@@ -7,6 +7,8 @@ Training is FedAvg's. Personalised evaluation scores, for client k, the global m
 (`raysim.algorithm.fine_tune`); the global model itself is still scored on the global test set.
 `evaluation.personal.finetune_epochs`, where set, takes precedence over the method's own key,
 so every method of a comparison fine-tunes alike.
+
+Privacy as FedAvg's: fine-tuning happens on the client and uploads nothing.
 """
 
 from __future__ import annotations

@@ -30,6 +30,10 @@ Everything else — the clamps and τ = 0.005 (§3.4), FSR's T = 0.1, persistent
 (`train.keep_optimizer_state` in the ready configs), the resolutions — follows the code.
 `feature_path: per_branch` (default) computes the same prototypes and losses as `materialized`
 (the official concatenation at full resolution) without building it (see the model's module).
+
+Privacy: refused. Local DP of the pixel prototypes needs each last-epoch batch's class means,
+which the client step does not keep (`raysim.methods.privacy.private_pixel_prototypes` has the
+mechanism); central DP does not cover the prototypes.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ LARs are computed after local training in eval mode, as FedProto's prototypes
 by counts. Round 1's header is the initial model's (member 0's on a heterogeneous group).
 Runs on heterogeneous groups (`model.heterogeneous` with a common `feature_dim`); scored by
 personalised evaluation (`evaluation.personal`).
+
+Privacy: local DP noises the LARs and counts as FedProto's prototypes (any one sample is
+protected); central DP is refused (the server trains the header instead of averaging).
 """
 
 from __future__ import annotations

@@ -64,6 +64,12 @@ touch a backbone (spec §7.2); but with personal backbones the real-sample gradi
 different clients would be taken through different feature extractors, and the re-trained
 classifier would be shared by extractors that were never averaged: a FedGH-like method that
 neither the paper nor the code evaluates.
+
+Privacy: local DP recomputes the class gradients per sample at the received classifier,
+clipped jointly to B, over every sample of a class (no `batch_real` subset, no DSA), with noised
+sums and counts, and privatises the weights as FedAvg's: any one sample is protected, counts and
+class means stop being exact; the private upload is not the official one. Central DP is refused
+(the class gradients would reach the server unprotected).
 """
 
 from __future__ import annotations

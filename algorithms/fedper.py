@@ -8,6 +8,9 @@ averages them by sample count, FedAvg's mean restricted to the body:
     W_B^{t+1} = Σ_k n_k W_{B,k}^{t+1} / Σ_k n_k,        W_{P,k} stays on client k.
 Each client deploys the averaged body with its own head. One architecture for all clients
 (the body is averaged); scored by personalised evaluation (`evaluation.personal`).
+
+Privacy as FedAvg's, for the body: central DP clips and noises the body's delta; local DP
+uploads the body privatised; the head never leaves the client.
 """
 
 from __future__ import annotations

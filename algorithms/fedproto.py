@@ -22,6 +22,11 @@ which is how prototype baselines are usually compared on a global test set. Prot
 computed after local training in eval mode (the official code averages features seen during the
 training epochs instead). The official server averages clients uniformly; `weighted: true`
 follows Eq. 6.
+
+Privacy: local DP recomputes the prototypes from each sample's feature clipped to B, adds
+N(0, σ²B²) to the class sums and N(0, σ²) to the counts (or withholds them), and privatises the
+weights as FedAvg's: any one sample is protected; which clients take part is not. Central DP is
+refused (the prototypes would reach the server unprotected).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from raysim.algorithm import (
     ServerContext,
     ServerState,
     Weights,
+    call_model,
     extend,
     task_kind,
 )
@@ -109,6 +115,8 @@ class FedProto(FedAvg, ClassAnchors):
     uploads = "prototypes"
     search_space = {**LEARNING_RATE_SPACE,
         "algorithm.lam": {"loguniform": [0.1, 10.0]}}
+    groupable = True
+    loss_hooks = ("alignment_loss",)  # FPL's has data-dependent branches: it runs one by one
 
     @dataclass(frozen=True)
     class Config:
@@ -168,6 +176,24 @@ class FedProto(FedAvg, ClassAnchors):
             return task_loss(out.logits, y) + self.alignment_loss(features, labels, anchors)
 
         return loss
+
+    def loss_extras(self, step: LocalRound) -> dict[str, Any]:
+        """The broadcast's prototype tensors (none in round 1: nothing to align to yet)."""
+        broadcast = step.broadcast
+        if broadcast.prototypes is None:
+            return {}
+        return {f.name: getattr(broadcast, f.name) for f in dataclasses.fields(broadcast)
+                if f.name != "weights" and isinstance(getattr(broadcast, f.name), Tensor)}
+
+    def functional_loss(self, model: nn.Module, weights: Weights, x: Tensor, y: Tensor,
+                        extras: dict[str, Any]) -> Tensor:
+        if not extras:
+            return super().functional_loss(model, weights, x, y, extras)
+        out = call_model(model, weights, x)
+        features, labels = self.samples(out, y)
+        anchors = self.broadcast_type(weights={}, **extras)
+        return self.objectives.loss(out.logits, y) + self.alignment_loss(features, labels,
+                                                                        anchors)
 
     def after_training(self, step: LocalRound) -> tuple[Tensor, Tensor]:
         """Eq. 4: the local class means of the trained model, and the class counts."""

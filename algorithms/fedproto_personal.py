@@ -8,6 +8,9 @@ Each client keeps its whole model (its architecture's initial weights the first 
 its class prototypes and counts and no weights, and is scored on its own test part with its
 own model (`evaluation.personal`). As no weights are averaged, clients may have different
 architectures (`model.heterogeneous`; prototypes need one `feature_dim`).
+
+Privacy: local DP uploads the prototypes as FedProto's (clipped per sample, noised sums and
+counts) and no weights: any one sample is protected; central DP is refused.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ parameter has no gradient, so SGD's momentum and weight decay leave it alone), o
 seeded shuffles in turn; BatchNorm statistics of the body follow both phases, as in PFLlib.
 `train_loss` is the body phase's, `head_train_loss` the head phase's, `train_steps` both.
 One architecture for all clients (the body is averaged).
+
+Privacy as FedAvg's, for the body: central DP clips and noises the body's delta; local DP
+uploads the body privatised; the head never leaves the client.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ persist across rounds in the server state, and this training runs on the server 
 Defaults follow the official code: λ = 10, S = 100, threshold = 100, plain SGD with the
 clients' learning rate and batch size. As there, every class has a global
 prototype from the first server step on. Weights are averaged as in FedAvg (see FedProto).
+
+Privacy as FedProto's: local DP noises the prototypes, counts and weights it uploads (the
+server trains its prototypes on noised ones); central DP is refused.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ prototypes P^c = F(e_c) with the adaptive-margin contrastive loss, Eq. 5–7) bu
 averaging added there for a global test set: as in the paper and HtFLlib, clients exchange
 prototypes only, keep their whole (possibly heterogeneous, `model.heterogeneous`) models, and
 are scored each on its own test part (`evaluation.personal`).
+
+Privacy: local DP uploads the prototypes as FedProto's (clipped per sample, noised sums and
+counts) and no weights: any one sample is protected; central DP is refused.
 """
 
 from __future__ import annotations

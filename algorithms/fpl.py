@@ -27,6 +27,9 @@ heterogeneous group is refused, because averaging every weight needs one archite
 would carry over is the prototype side alone: the FINCH clusters, L_CPCL and L_UPCR need only
 features of one width (a common `feature_dim`); a prototype-only FPL with personal models
 (as `fedproto_personal` is to FedProto) is not registered, as the paper never runs one.
+
+Privacy as FedProto's: local DP noises the prototypes, counts and weights it uploads (FINCH
+then clusters noised prototypes); central DP is refused.
 """
 
 from __future__ import annotations

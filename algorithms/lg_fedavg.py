@@ -10,6 +10,9 @@ head for E epochs and sends the head; the server averages heads by sample count:
 As only heads are averaged, clients may have different architectures: members of a
 heterogeneous group (`model.heterogeneous`) share one head shape through a common
 `feature_dim`. Scored by personalised evaluation (`evaluation.personal`).
+
+Privacy as FedAvg's, for the head: central DP clips and noises the head's delta; local DP
+uploads the head privatised; the local layers never leave the client.
 """
 
 from __future__ import annotations

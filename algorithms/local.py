@@ -6,6 +6,9 @@ Client k runs E epochs of the task's loss on its own data from the model it left
 leaves the client is its sample count (and its training metrics): no weights, no statistics.
 Scored by personalised evaluation only (`evaluation.personal`), each client on its own test
 part; it runs on any architecture or heterogeneous group, as nothing is shared.
+
+Privacy: nothing but a sample count leaves the client, so there is nothing to privatise (a
+configured mechanism still reports the ε it would spend on a weights upload).
 """
 
 from __future__ import annotations

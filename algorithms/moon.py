@@ -16,6 +16,9 @@ projection head), and the two frozen models run in eval mode.
 On segmentation (carried over as FedBCS's paper compares with it) the representation of an
 image is the mean over pixels of one U-Net stage (`feature_level`, by default the decoder's
 last stage), so ℓ_con stays one term per image; the supervised loss is the task's.
+
+Privacy as FedAvg's: the upload is the weights alone (under local DP, privatised); the kept
+previous model is client state and never leaves the client.
 """
 
 from __future__ import annotations
@@ -29,7 +32,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from algorithms.fedavg import FedAvg
-from raysim.algorithm import LEARNING_RATE_SPACE, BatchLoss, ClientUpdate, LocalRound, Weights
+from raysim.algorithm import (
+    LEARNING_RATE_SPACE,
+    BatchLoss,
+    ClientUpdate,
+    LocalRound,
+    Weights,
+    call_model,
+)
 from raysim.config import require
 from raysim.methods.features import SampleFeatures, check_feature_level
 
@@ -46,6 +56,7 @@ class MOON(FedAvg):
     stateful = True  # state["previous"]: this client's weights after its last round
     needs_features = True
     tasks = ("classification", "segmentation")
+    groupable = True
 
     search_space = {**LEARNING_RATE_SPACE,
         "algorithm.mu": {"loguniform": [0.1, 10.0]},
@@ -92,6 +103,19 @@ class MOON(FedAvg):
             return task_loss(out.logits, y) + mu * contrastive
 
         return loss
+
+    def loss_extras(self, step: LocalRound) -> dict[str, Any]:
+        previous = step.state.get("previous") if step.state else None
+        return {"global": step.broadcast.weights, "previous": previous or step.broadcast.weights}
+
+    def functional_loss(self, model: nn.Module, weights: Weights, x: Tensor, y: Tensor,
+                        extras: dict[str, Any]) -> Tensor:
+        represent = self.samples.per_image
+        out = call_model(model, weights, x)
+        z_glob = represent(call_model(model, extras["global"], x)).detach()
+        z_prev = represent(call_model(model, extras["previous"], x)).detach()
+        contrastive = model_contrastive_loss(represent(out), z_glob, z_prev, self.config.tau)
+        return self.objectives.loss(out.logits, y) + self.config.mu * contrastive
 
     def upload(self, step: LocalRound) -> ClientUpdate:
         """The weights sent are also this client's "previous" model for its next round."""

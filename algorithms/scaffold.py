@@ -14,11 +14,15 @@ all clients hold the same amount of data), |S| the clients of the round, N all c
 Control variates cover the model's parameters (not BatchNorm statistics); η is `train.lr`.
 The paper's steps are plain SGD; with heavy-ball momentum β a local step moves about
 η/(1 − β) per unit of gradient, so Kη becomes Kη/(1 − β) (exactly the paper's for β = 0).
+
+Privacy: refused by both mechanisms (central and local DP): Δc_i = −c + (x − y)/(Kη) is the
+client's unclipped update itself, which neither the noised sum nor local noise would cover.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +58,7 @@ class ControlState(ServerState):
 
 class SCAFFOLD(FedAvg):
     stateful = True  # state["control"]: this client's c_i
+    groupable = True
 
     @dataclass(frozen=True)
     class Config:
@@ -84,6 +89,15 @@ class SCAFFOLD(FedAvg):
             return base(x, y) + drift
 
         return loss
+
+    def loss_extras(self, step: LocalRound) -> dict[str, Any]:
+        own, control = self.client_control(step), step.broadcast.control
+        return {"correction": {n: c - own[n] for n, c in control.items()}}
+
+    def functional_loss(self, model: nn.Module, weights: Weights, x: Tensor, y: Tensor,
+                        extras: dict[str, Any]) -> Tensor:
+        drift = sum((c * weights[n]).sum() for n, c in extras["correction"].items())
+        return super().functional_loss(model, weights, x, y, extras) + drift
 
     def upload(self, step: LocalRound) -> ControlUpdate:
         """Option II: c_i⁺ = c_i − c + (x − y)/(K η)."""

@@ -23,6 +23,11 @@ pre-sum: it is derived when the class is created (False for a method that overri
 (`raysim.methods.aggregation.WeightSum`), the mean is the same bits as summing every client on
 the server, and `updates[k].weights` in `server_update` is empty (`SummedWeights`).
 
+With `train.client_group` > 1 the engine trains many clients of a `groupable` method at once
+(`raysim.engine.grouped`): the per-client hooks run as above, but the batch loop is one
+vectorised step for the group, from the method's `functional_loss` and `loss_extras` and the
+optimiser `client_optimizer` builds, stacked (docs/client_groups.md).
+
 `step` (a `LocalRound`) carries the context, model, broadcast, data and client state, and what
 each earlier hook produced. Messages and states are frozen dataclasses of data (tensors,
 numbers, lists, dicts), so the engine can move them and checkpoint them without pickle. The
@@ -41,6 +46,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from raysim.config import Config as ExperimentConfig
 from raysim.config import TrainConfig
@@ -57,7 +63,8 @@ __all__ = [
     "Algorithm", "BatchLoss", "Broadcast", "ClassAnchors", "ClientContext", "ClientUpdate",
     "LEARNING_RATE_SPACE", "LocalRound", "PersonalModel", "SHARED_PARTS", "ServerContext",
     "ServerState", "SummedWeights", "TaskInfo", "Weights", "copy_tensors", "copy_weights",
-    "extend", "fine_tune", "search_space_of", "task_kind", "weights_part",
+    "call_model", "extend", "fine_tune", "search_space_of", "task_kind", "ungroupable_reason",
+    "weights_part",
 ]
 
 
@@ -74,6 +81,9 @@ class TaskInfo:
     num_clients: int = 0  # registered clients (SCAFFOLD scales its control update by it)
     protocol: str = "default"  # the evaluation protocol (evaluation.protocol): its metrics
     finetune_epochs: int = 0  # evaluation.personal.finetune_epochs (personalised evaluation)
+    # the run's differential privacy, resolved before Ray (a `raysim.methods.privacy.PrivacyPlan`;
+    # None: off): the engine applies it around the hooks, a method need not read it
+    privacy: Any = None
 
 
 @dataclass(frozen=True)
@@ -209,6 +219,11 @@ def task_kind(config: ExperimentConfig) -> str:
 
 # What a class may not define, and what it defines instead.
 _ENGINE_STEPS = ("client_update", "server_round")
+# The hooks that shape local training. Client groups replace them with `functional_loss`, so a
+# class that overrides one of them is grouped only where it declares `groupable` itself.
+_TRAINING_HOOKS = ("local_objective", "client_optimizer", "train_locally", "functional_loss",
+                   "loss_extras")
+_UNGROUPABLE: dict[type, str] = {}  # class → why it trains one client at a time
 _RENAMED = {
     "check_task": "check_config(cls, config), which receives the whole validated config (its "
                   "own settings are config.algorithm.params); rename it",
@@ -238,6 +253,11 @@ class Algorithm:
     # so every client has one architecture), `head` or `body` (the rest stays personal, see
     # `PersonalModel`), or `none` (only what the method's messages add: prototypes, gradients)
     shares: ClassVar[str] = "model"
+    # local training can run for many clients at once (`train.client_group`): its loss is
+    # `functional_loss` with `loss_extras`, its optimiser plain SGD or Adam. Derived False for
+    # a class that overrides a training hook (or one in `loss_hooks`) without declaring it.
+    groupable: ClassVar[bool] = True
+    loss_hooks: ClassVar[tuple[str, ...]] = ()  # methods its functional_loss calls
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Refuses a method whose declarations contradict its hooks, and derives
@@ -263,6 +283,7 @@ class Algorithm:
         if cls.shares != "model" and not issubclass(cls, PersonalModel):
             raise TypeError(f"{name} shares only {cls.shares!r} of the model, so its clients "
                             "must keep the rest: inherit raysim.algorithm.PersonalModel")
+        _derive_groupable(cls)
 
     def __init__(
         self, config: Any = None, task: TaskInfo | None = None,
@@ -346,6 +367,21 @@ class Algorithm:
 
         return objective
 
+    def loss_extras(self, step: LocalRound) -> dict[str, Any]:
+        """What `functional_loss` reads for this client besides its weights and batch (FedProx:
+        the global weights; SCAFFOLD: its correction c − c_i): tensors, or dicts and lists of
+        them, read after `load_weights` and `before_training`. A tensor every client of a group
+        returns as the same object is passed once, the others are stacked per client."""
+        return {}
+
+    def functional_loss(self, model: nn.Module, weights: Weights, x: Tensor, y: Tensor,
+                        extras: dict[str, Any]) -> Tensor:
+        """`local_objective` as a pure function of the weights, for client groups: one
+        client's batch loss with `weights` (parameters and buffers by name) in `model`'s place
+        (`call_model`) and its `loss_extras`. The engine vmaps it over a group's clients, so
+        it branches on no tensor's value and draws no random numbers."""
+        return self.objectives.loss(call_model(model, weights, x).logits, y)
+
     def client_optimizer(self, step: LocalRound) -> torch.optim.Optimizer:
         """A fresh optimiser, or with `train.keep_optimizer_state` the one this client left off
         with (its moments survive rounds; the weights are the global ones)."""
@@ -411,6 +447,50 @@ class Algorithm:
         return self.objectives.evaluate(model(x).logits, y)
 
 
+def call_model(model: nn.Module, weights: Weights, x: Tensor) -> Any:
+    """`model(x)` with `weights` (parameters and buffers by name) in place of its own."""
+    return functional_call(model, weights, (x,))
+
+
+def _derive_groupable(cls: type[Algorithm]) -> None:
+    """`groupable` holds for a class only where it is declared below every training hook it
+    inherits: a class that overrides one without declaring `groupable` itself trains one client
+    at a time. A declaration that contradicts its hooks is refused."""
+    mro, name = cls.__mro__, cls.__qualname__
+
+    def defined_at(attr: str) -> int:
+        return next(i for i, c in enumerate(mro) if attr in c.__dict__)
+
+    if cls.__dict__.get("groupable") is True:
+        if defined_at("train_locally") != mro.index(Algorithm):
+            raise TypeError(f"{name} declares groupable = True but has its own train_locally, "
+                            "which client groups do not run; delete the groupable line")
+        if defined_at("local_objective") < defined_at("functional_loss"):
+            raise TypeError(f"{name} declares groupable = True but its functional_loss is "
+                            "older than its local_objective; define functional_loss (and "
+                            "loss_extras) to match it, or delete the groupable line")
+        return
+    if "groupable" in cls.__dict__:
+        _UNGROUPABLE[cls] = "it declares groupable = False"
+        return
+    declared = defined_at("groupable")
+    newer = [hook for hook in (*_TRAINING_HOOKS, *cls.loss_hooks) if defined_at(hook) < declared]
+    if cls.groupable and newer:
+        cls.groupable = False
+        _UNGROUPABLE[cls] = (f"it overrides {', '.join(newer)} and does not declare "
+                             "groupable (docs/client_groups.md)")
+
+
+def ungroupable_reason(method: Algorithm | type[Algorithm]) -> str | None:
+    """Why a method trains its clients one at a time even in client groups (None: it is
+    groupable)."""
+    cls = method if isinstance(method, type) else type(method)
+    if cls.groupable:
+        return None
+    return next((_UNGROUPABLE[c] for c in cls.__mro__ if c in _UNGROUPABLE),
+                "it declares groupable = False")
+
+
 def fine_tune(method: Algorithm, step: LocalRound, epochs: int) -> nn.Module:
     """`epochs` of the task's loss (not the method's objective) with a fresh optimiser on the
     client's training part, from the weights in `step.model`; returns the model in eval mode."""
@@ -428,7 +508,7 @@ class PersonalModel:
     the head; LG-FedAvg: the body) as client state, in the engine's client-state store. A
     client starts from the broadcast's shared part and its own kept part (its architecture's
     round-0 weights the first time), sends only the shared part, and deploys the model it
-    trained (`deployed_model`), fine-tuned first where `evaluation.personal` asks for it."""
+    trained (`deployed_model`)."""
 
     stateful: ClassVar[bool] = True
     shares: ClassVar[str] = "none"
@@ -455,9 +535,8 @@ class PersonalModel:
                 "personal": self.kept_part(copy_weights(step.model))}
 
     def deployed_model(self, step: LocalRound) -> nn.Module | None:
+        """The personal model as trained (`finetune_epochs` is for methods without one)."""
         self.load_weights(step)
-        if self.task is not None and self.task.finetune_epochs:
-            return fine_tune(self, step, self.task.finetune_epochs)
         return step.model.eval()
 
 

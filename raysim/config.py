@@ -178,9 +178,17 @@ class TrainConfig:
     # Keep each client's optimiser state (momentum, Adam moments) across its rounds, as the
     # FedBCS code does; the weights still restart from the global model every round.
     keep_optimizer_state: bool = False
+    # Client groups: train up to this many sampled clients at once, their weights stacked, one
+    # vectorised step for all (docs/client_groups.md); 1 trains them one by one. A method or
+    # model that cannot be grouped trains one by one, with a note.
+    client_group: int = 1
+    # with client_group > 1: a method or model that cannot be grouped is an error, not a note
+    client_group_strict: bool = False
 
     def __post_init__(self) -> None:
         require(self.local_epochs >= 1, "local_epochs", "must be >= 1")
+        require(self.client_group >= 1, "client_group",
+                f"must be >= 1 (got {self.client_group}; 1 trains clients one by one)")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
         require(self.lr > 0, "lr", f"must be > 0 (got {self.lr})")
         require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
@@ -208,6 +216,7 @@ class ResourcesConfig:
     # ray: actors on a Ray cluster; local: the same round loop in this process, one client
     # after another (for pdb and quick tests; the same results)
     backend: str = "ray"
+    dashboard: bool = False  # an embedded Ray's dashboard (docs/guide/startup.md: its cost)
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 1, "num_workers", "must be >= 1")
@@ -312,7 +321,9 @@ class PersonalConfig:
     val_fraction: float = 0.0
     every: int = 1
     clients: int = 0
-    finetune_epochs: int = 0  # FL-bench's finetune: local epochs on the global model first
+    # FL-bench's finetune: a method with one global model (no personal model) is scored after
+    # this many local epochs on it; methods that keep personal models ignore it
+    finetune_epochs: int = 0
 
     def __post_init__(self) -> None:
         require(self.split in PERSONAL_SPLITS, "split",
@@ -371,6 +382,97 @@ class DiagnosticsConfig:
     leakage: LeakageConfig = field(default_factory=LeakageConfig)
 
 
+PRIVACY_MECHANISMS = ("none", "central", "local")
+CLIENT_SAMPLING = ("fixed", "poisson")
+ACCOUNTANTS = ("rdp", "pld")
+PRIVATE_COUNTS = ("noised", "withheld")
+
+
+@dataclass(frozen=True)
+class AdaptiveClipConfig:
+    """Adaptive clipping (Andrew et al., NeurIPS 2021): C follows the `target_quantile` γ of
+    the clients' update norms, C ← C·exp(−η_C(b̃ − γ)), b̃ the noised share of unclipped
+    clients; `count_noise` σ_b is that count's noise (None: expected clients per round / 20, as
+    in the paper), which must exceed σ/2."""
+
+    target_quantile: float = 0.5  # γ: the share of clients whose update C should not clip
+    clip_lr: float = 0.2  # η_C of the geometric update
+    count_noise: float | None = None  # σ_b (None: clients_per_round / 20)
+
+    def __post_init__(self) -> None:
+        require(0 < self.target_quantile < 1, "target_quantile", "must be in (0, 1)")
+        require(self.clip_lr > 0, "clip_lr", f"must be > 0 (got {self.clip_lr})")
+        require(self.count_noise is None or self.count_noise > 0, "count_noise",
+                "must be > 0 (omit it for clients_per_round / 20)")
+
+
+@dataclass(frozen=True)
+class LocalPrivacyConfig:
+    """Local DP of class statistics: each sample's feature vector (per-sample gradient for
+    class gradients, per-batch class means for pixel prototypes) is clipped to L2 norm
+    `feature_clip` B, so each class sum moves by at most B; the class counts are `noised` and
+    uploaded, or `withheld` (only which classes the noised count shows is sent)."""
+
+    feature_clip: float = 1.0  # B: each record's L2 bound in the class sums
+    counts: str = "noised"  # noised | withheld
+
+    def __post_init__(self) -> None:
+        require(self.feature_clip > 0, "feature_clip", f"must be > 0 (got {self.feature_clip})")
+        require(self.counts in PRIVATE_COUNTS, "counts",
+                f"choose one of {', '.join(PRIVATE_COUNTS)}")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy (`raysim.methods.privacy`, accounting `raysim.methods.accounting`).
+
+    `central`: each client's update (its delta from the broadcast) clipped to L2 norm `clip`
+    C, summed, N(0, σ²C²) added once on the server, divided by the expected clients per round
+    (DP-FedAvg). `local`: each client privatises its upload before it leaves. `sampling`:
+    `fixed` clients_per_round of the clients each round, or `poisson` (each client with
+    probability clients_per_round / clients); each has its own accounting. σ is
+    `noise_multiplier`, or calibrated before the run to reach `target_epsilon` at `delta`
+    (None: 1/N^1.1) after the last round."""
+
+    mechanism: str = "none"  # none | central | local
+    noise_multiplier: float | None = None  # σ: noise standard deviation / clip bound
+    clip: float = 1.0  # C: L2 bound of a client's update (central; local weights)
+    delta: float | None = None  # δ (None: 1/N^1.1, N clients, or samples per client locally)
+    target_epsilon: float | None = None  # ε after the last round: calibrates σ before the run
+    sampling: str = "fixed"  # fixed | poisson client sampling, each with its accounting
+    accountant: str = "rdp"  # rdp | pld (dp-accounting); pld needs poisson for central DP
+    adaptive: AdaptiveClipConfig | None = None  # central: C follows a quantile of the norms
+    local: LocalPrivacyConfig = field(default_factory=LocalPrivacyConfig)
+
+    def __post_init__(self) -> None:
+        require(self.mechanism in PRIVACY_MECHANISMS, "mechanism",
+                f"choose one of {', '.join(PRIVACY_MECHANISMS)}")
+        require(self.noise_multiplier is None or self.noise_multiplier >= 0, "noise_multiplier",
+                f"must be >= 0 (got {self.noise_multiplier})")
+        require(self.clip > 0, "clip", f"must be > 0 (got {self.clip})")
+        require(self.delta is None or 0 < self.delta < 1, "delta",
+                f"must be in (0, 1) (got {self.delta}); omit it for 1/N^1.1")
+        require(self.target_epsilon is None or self.target_epsilon > 0, "target_epsilon",
+                f"must be > 0 (got {self.target_epsilon})")
+        require(self.sampling in CLIENT_SAMPLING, "sampling",
+                f"choose one of {', '.join(CLIENT_SAMPLING)}")
+        require(self.accountant in ACCOUNTANTS, "accountant",
+                f"choose one of {', '.join(ACCOUNTANTS)}")
+        if self.mechanism == "none":
+            return
+        require(self.noise_multiplier is None or self.target_epsilon is None, "target_epsilon",
+                "set noise_multiplier or target_epsilon (which calibrates it), not both")
+        require(self.noise_multiplier is not None or self.target_epsilon is not None,
+                "noise_multiplier", f"{self.mechanism} DP needs noise_multiplier (σ) or "
+                "target_epsilon")
+        require(not (self.accountant == "pld" and self.sampling == "fixed"
+                     and self.mechanism == "central"), "accountant",
+                "dp-accounting's PLD has no fixed-size (without replacement) sampling; use "
+                "accountant: rdp, or sampling: poisson")
+        require(self.adaptive is None or self.mechanism == "central", "adaptive",
+                "adaptive clipping adapts central DP's clip; remove it for local DP")
+
+
 @dataclass(frozen=True)
 class AlgorithmConfig:
     """`name` picks a registered algorithm; the other keys are that algorithm's `Config`."""
@@ -400,6 +502,7 @@ class Config:
     client_state: ClientStateConfig = field(default_factory=ClientStateConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # off unless asked for
 
     def __post_init__(self) -> None:
         check_run_name(self.name)

@@ -11,6 +11,8 @@ import torch
 SAMPLING, CLIENT, MODEL_INIT, SERVER, LEAKAGE = 0x5A, 0xC1, 0x1D, 0x5E, 0x1E
 # personalised evaluation: each client's train/val/test parts; who is evaluated; fine-tuning
 PERSONAL_SPLIT, PERSONAL_SAMPLE, PERSONAL_EVAL = 0x95, 0x9A, 0x9E
+# differential privacy: each client's local noise, the server's noise, Poisson client sampling
+CLIENT_NOISE, SERVER_NOISE, POISSON_SAMPLING = 0xD1, 0xD5, 0xD7
 
 
 def derive_seed(*parts: int) -> int:
@@ -34,3 +36,19 @@ def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int
     never change who is sampled."""
     rng = np.random.default_rng(derive_seed(seed, SAMPLING, round_index))
     return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
+
+
+def poisson_sample(seed: int, round_index: int, num_clients: int, rate: float) -> list[int]:
+    """Poisson client sampling (`privacy.sampling: poisson`): each client independently with
+    probability `rate` (possibly none), from its own stream; sorted ids."""
+    rng = np.random.default_rng(derive_seed(seed, POISSON_SAMPLING, round_index))
+    return np.flatnonzero(rng.random(num_clients) < rate).tolist()
+
+
+def round_clients(seed: int, round_index: int, num_clients: int, per_round: int,
+                  poisson: bool = False) -> list[int]:
+    """The clients of a round: `per_round` of them (`sample_clients`), or with `poisson` each
+    with probability per_round / num_clients (`poisson_sample`)."""
+    if poisson:
+        return poisson_sample(seed, round_index, num_clients, min(per_round / num_clients, 1.0))
+    return sample_clients(seed, round_index, num_clients, per_round)

@@ -1,4 +1,5 @@
-"""A Task is everything a run needs besides the engine: data, partition, model factory.
+"""A Task is everything a run needs besides the engine: data, partition, model factory, and
+the run's differential privacy resolved before Ray (`privacy_plan`, on `TaskInfo.privacy`).
 
 With `evaluation.personal` the partition holds the clients' training parts (its
 `personal` field their test and validation parts, `raysim.data.personal`). With
@@ -9,21 +10,23 @@ from its own seed (member 0 from the seed of every homogeneous run)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from raysim.algorithm import TaskInfo
+from raysim.algorithm import Algorithm, TaskInfo, task_kind
 from raysim.config import Config
 from raysim.data import Dataset, DatasetRequest, Partition, make_partition
 from raysim.data.datasets import with_validation
 from raysim.data.domain_split import hold_out_domains
 from raysim.data.personal import split_personal
+from raysim.methods.leakage import upload_kind
 from raysim.nn.heterogeneous import build_member, common_feature_dim, group_members, member_of
 from raysim.nn.models import build_model
 from raysim.registry import DATASETS, MODELS, algorithm_class
-from raysim.seeding import MODEL_INIT, derive_seed
+from raysim.seeding import MODEL_INIT, derive_seed, round_clients
 
 
 @dataclass(frozen=True)
@@ -87,10 +90,39 @@ def build_task(config: Config) -> Task:
         num_clients=part.num_clients,
         protocol=config.evaluation.protocol,
         finetune_epochs=personal.finetune_epochs if personal is not None else 0,
+        privacy=privacy_plan(config, partition.sizes),
     )
     het = config.model.heterogeneous
     return Task(dataset=dataset, partition=partition, info=info, members=model_members(config),
                 assign=het.assign if het is not None else "by_client_id")
+
+
+def privacy_plan(config: Config, sizes: np.ndarray) -> Any:
+    """The run's differential privacy (`raysim.methods.privacy.PrivacyPlan`: σ calibrated to
+    `privacy.target_epsilon`, δ chosen), or None when off; a ConfigError where the method or
+    the target cannot be met. `sizes`: each client's training samples (local DP's δ is per
+    client dataset, and a client's ε composes over the rounds it takes part in)."""
+    privacy = config.privacy
+    if privacy.mechanism == "none":
+        return None
+    from raysim.methods.privacy import plan_privacy  # dp-accounting: only runs with privacy
+
+    algorithm = algorithm_class(config.algorithm.name)
+    num_clients, per_round = config.data.partition.num_clients, config.clients_per_round
+    participations = None
+    if privacy.mechanism == "local":
+        counts = np.zeros(num_clients, dtype=np.int64)
+        for r in range(1, config.rounds + 1):
+            counts[round_clients(config.seed, r, num_clients, per_round,
+                                 privacy.sampling == "poisson")] += 1
+        participations = int(counts.max())
+    return plan_privacy(
+        privacy, method=config.algorithm.name, uploads=upload_kind(algorithm),
+        weighted_mean=algorithm.weighted_mean, num_clients=num_clients,
+        clients_per_round=per_round, rounds=config.rounds, task=task_kind(config),
+        weights_shared=algorithm.shares != "none", records=int(np.min(sizes)),
+        participations=participations,
+        own_server_update=algorithm.server_update is not Algorithm.server_update)
 
 
 def personal_partition(config: Config, dataset: Dataset, partition: Partition) -> Partition:

@@ -21,6 +21,7 @@ import torch
 from raysim.algorithm import Broadcast, ClassAnchors, ServerContext, TaskInfo
 from raysim.config import Config
 from raysim.engine.client_store import make_store
+from raysim.engine.privatize import central_server_round, round_clip
 from raysim.engine.worker import GroupResult, assigned_device, peak_rss_mb
 from raysim.methods.aggregation import WeightSum
 from raysim.methods.diagnostics import server_diagnostics
@@ -77,6 +78,8 @@ class Server:
         self.config = config
         self.algorithm = make_algorithm(config, info, self.device)
         self.stateful = keeps_client_state(config)
+        self.privacy = info.privacy
+        self.central = self.privacy is not None and self.privacy.mechanism == "central"
         self.store = make_store(config.client_state.store, Path(run_dir) if run_dir else None)
         if restore is None:
             # a heterogeneous group's shared part (a head, of one shape in every member by
@@ -108,6 +111,10 @@ class Server:
             raise RuntimeError(f"round {round_index - 1} has no server state (its step failed)")
         return self.algorithm.broadcast(state)
 
+    def privacy_clip(self, round_index: int) -> float | None:
+        """Central DP's clip C for `round_index` (adaptive clipping moves it every round)."""
+        return round_clip(self.privacy, self.states[round_index - 1])
+
     def states_for(self, client_ids: list[int]) -> list[Any]:
         return self.store.get(client_ids)
 
@@ -121,7 +128,9 @@ class Server:
         Returns the round's report: averaged client metrics, failures, per-client retries and
         seconds, and with `checkpoint` the files of a checkpoint of the state after the round.
         When fewer than `fault_tolerance.min_clients_fraction` of the `sampled` clients
-        succeeded, no state changes and the report says `insufficient`.
+        succeeded, no state changes and the report says `insufficient`. Under central DP the
+        noised mean of the clipped deltas replaces the aggregate; a Poisson-sampled round
+        that drew no client adds the noise alone (central DP) or keeps the state.
         """
         results = sorted((r for group in groups for r in group.clients),
                          key=lambda r: r.client_id)
@@ -141,13 +150,21 @@ class Server:
                               client_seconds={r.client_id: r.seconds for r in ok},
                               train_seconds=sum(r.train_seconds for r in ok))
         needed = self.config.fault_tolerance.min_clients_fraction * sampled
-        if not ok or len(ok) < needed:
+        if sampled and (not ok or len(ok) < needed):
             return dataclasses.replace(report, insufficient=True)
         start = time.perf_counter()
         updates = [r.update for r in ok]
         ctx = ServerContext(round_index, server_generator(self.config.seed, round_index),
                             self.device)
-        state = self.algorithm.server_round(ctx, self.states[round_index - 1], updates, summed)
+        before = self.states[round_index - 1]
+        if self.central:
+            state = central_server_round(self.algorithm, self.privacy, ctx, before, updates,
+                                         summed, sum(g.unclipped for g in groups),
+                                         self.config.seed)
+        elif not updates:  # no client drawn: nothing to aggregate
+            state = dataclasses.replace(before, metrics={})
+        else:
+            state = self.algorithm.server_round(ctx, before, updates, summed)
         self.states = {round_index - 1: self.states[round_index - 1], round_index: state}
         metrics.update({f"server_{k}": float(v) for k, v in state.metrics.items()})
         if self.stateful:

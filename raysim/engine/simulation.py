@@ -6,6 +6,10 @@ Evaluation after a round scores the global model on the test (and validation) sp
 methods whose clients share one whole model, and with `evaluation.personal` each evaluated
 client's deployed model on its own parts (`raysim.engine.personal_eval`): its stored state is
 asked of the server right after the round's server step, so it is the state after that round.
+With `privacy`, clients may be sampled by a seeded Poisson draw, each round's clip C (where it
+adapts) is asked of the server, and ε after the round is a metric (`raysim.engine.privatize`).
+With `train.client_group` = K > 1 the sampled clients go to workers as whole groups of K, cut in
+client-id order (`raysim.engine.grouped.assign_groups`), so no group depends on the worker count.
 
 It also keeps the run alive. A round is a pure function of the server state before it (every
 draw comes from (seed, round, client id) and aggregation is in client-id order), so:
@@ -33,10 +37,12 @@ from raysim.data.domain_split import UNSEEN
 from raysim.engine.backends import make_backend
 from raysim.engine.cluster import embedded_failure
 from raysim.engine.evaluation import eval_batches, reduce_domain_eval
+from raysim.engine.grouped import assign_groups
 from raysim.engine.personal_eval import contiguous_chunks, evaluated_clients, summarize
+from raysim.engine.privatize import EPSILON_METRIC, EpsilonMeter
 from raysim.engine.server import Restore
 from raysim.nn.training import steps_per_epoch
-from raysim.seeding import sample_clients
+from raysim.seeding import round_clients
 from raysim.task import Task, has_global_model, keeps_client_state
 from raysim.types import RoundResult
 
@@ -142,6 +148,12 @@ class Simulation:
         self._watch_cluster = self.backend.name == "ray"
         self._events: list[dict[str, Any]] = []  # records waiting for the next round's result
         self._broadcasts: dict[int, Any] = {}
+        # differential privacy: who is sampled, central DP's adaptive clip, ε after each round
+        plan = task.info.privacy
+        self.poisson = plan is not None and plan.poisson
+        self.adaptive_clip = plan is not None and plan.adaptive is not None
+        self.epsilon = EpsilonMeter(plan, config.seed, len(self.sizes),
+                                    config.clients_per_round) if plan is not None else None
 
     # ------------------------------------------------------------------ actors
     def start(self) -> list[dict[str, Any]]:
@@ -209,8 +221,11 @@ class Simulation:
 
     def _dispatch(self, r: int, replay: bool = False) -> RoundWork:
         cfg = self.config
-        sampled = sample_clients(cfg.seed, r, len(self.sizes), cfg.clients_per_round)
-        groups = balance(sampled, self.costs, self.num_workers)
+        sampled = round_clients(cfg.seed, r, len(self.sizes), cfg.clients_per_round,
+                                self.poisson)
+        # client groups go to workers whole, so what a group holds is the same for any count
+        groups = assign_groups(sampled, self.costs, cfg.train.client_group, self.num_workers) \
+            if cfg.train.client_group > 1 else balance(sampled, self.costs, self.num_workers)
         work = RoundWork(
             round=r, sampled=len(sampled), groups=groups,
             train_refs=[self._train(i, r, g) if g else None for i, g in enumerate(groups)],
@@ -226,6 +241,9 @@ class Simulation:
 
     def _train(self, slot: int, r: int, group: list[int]) -> Any:
         states = self.server.states_for.remote(group) if self.stateful else [None] * len(group)
+        if self.adaptive_clip:  # this round's C, set by the server step before it
+            return self.workers[slot].train.remote(self._broadcast(r), r, group, states,
+                                                   self.server.privacy_clip.remote(r))
         return self.workers[slot].train.remote(self._broadcast(r), r, group, states)
 
     def _aggregate(self, work: RoundWork) -> None:
@@ -296,6 +314,8 @@ class Simulation:
             scored = [c for part in self._get(work.personal_refs, r) for c in part]
             client_metrics, summaries = summarize(scored)
             metrics.update(summaries)
+        if self.epsilon is not None:
+            metrics[EPSILON_METRIC] = self.epsilon.epsilon(r)
         self._events = []
         seconds = time.perf_counter() - started
         metrics["round_seconds"] = seconds

@@ -3,11 +3,16 @@
 It receives the dataset once (zero-copy from the object store), builds the model (one per
 architecture of a heterogeneous group) and the algorithm once, and per client only loads the
 broadcast weights and swaps the index set (or, for a dataset that generates its clients,
-generates the client's samples). For a method whose weights are averaged by sample count,
+generates the client's samples). With `train.client_group` = K > 1 it trains its clients in
+groups of K at once, cut from them in client-id order (`raysim.engine.grouped`), and finishes
+each update as it does one by one. For a method whose weights are averaged by sample count,
 it sums its clients' weights itself (exactly, see `raysim.methods.aggregation`), so one
-payload per worker reaches the server, not one per client. With `evaluation.personal` it also
-scores the model each client would deploy on that client's own test and validation parts
-(`evaluate_personal`). The class is plain Python; the engine wraps it with `ray.remote`.
+payload per worker reaches the server, not one per client. Under `privacy` each upload is
+privatised (local DP) or its delta clipped (central DP, then summed with weight 1) right after
+the client's step, before the sum and the leakage probe (`raysim.engine.privatize`). With
+`evaluation.personal` it also scores the model each client would deploy on that client's own
+test and validation parts (`evaluate_personal`). The class is plain Python; the engine wraps
+it with `ray.remote`.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ from raysim.config import Config
 from raysim.data import Dataset
 from raysim.data.domain_split import UNSEEN
 from raysim.data.personal import split_client
+from raysim.engine.grouped import client_groups, train_clients, why_one_by_one
 from raysim.engine.personal_eval import ClientSums
+from raysim.engine.privatize import ClippedDelta, privatize_client
 from raysim.methods.aggregation import WeightSum
 from raysim.methods.diagnostics import anchor_alignment
 from raysim.methods.leakage import LeakageProbe, LeakageSettings, probed_clients, upload_kind
@@ -52,7 +59,7 @@ from raysim.seeding import (
     PERSONAL_EVAL,
     client_generator,
     derive_seed,
-    sample_clients,
+    round_clients,
 )
 from raysim.task import (
     initial_model,
@@ -72,15 +79,18 @@ class ClientResult:
     seconds: float = 0.0
     retries: tuple[str, ...] = ()  # why each earlier attempt failed
     train_seconds: float = 0.0  # inside the method's client step (the rest is the engine's)
+    clipped: ClippedDelta | None = None  # central DP: what the worker sums for this client
 
 
 @dataclass(frozen=True)
 class GroupResult:
     """One worker's clients of a round: their results in client-id order and, for
-    `weighted_mean` methods, the exact sum of their weights (the updates then carry none)."""
+    `weighted_mean` methods, the exact sum of their weights (the updates then carry none; under
+    central DP the sum of their clipped deltas, each with weight 1)."""
 
     clients: list[ClientResult]
     weight_sum: WeightSum | None = None
+    unclipped: int = 0  # central DP: clients whose update C did not clip (adaptive clipping)
 
 
 def as_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -152,6 +162,12 @@ class ClientWorker:
         self.diagnose_anchors = config.diagnostics.anchors and isinstance(self.algorithm,
                                                                           ClassAnchors)
         self.probe = leakage_probe(config, self.model, self.algorithm, dataset.spec)
+        self.privacy = info.privacy  # uploads privatised before the sum and the probe
+        # K > 1: clients train in groups of K where an architecture allows it (else one by one,
+        # as the note printed before the run said)
+        groupable = any(why_one_by_one(self.algorithm, model, config.train) is None
+                        for model in self.models)
+        self.group_size = config.train.client_group if groupable else 1
         # The first optimiser built in a process imports torch._dynamo (~1 s): pay it now,
         # not inside the first client's timed step.
         make_optimizer(self.model, config.train)
@@ -169,21 +185,33 @@ class ClientWorker:
         return os.getpid()
 
     def train(
-        self, broadcast: Broadcast, round_index: int, client_ids: list[int], states: list[Any]
+        self, broadcast: Broadcast, round_index: int, client_ids: list[int], states: list[Any],
+        clip: float | None = None,
     ) -> GroupResult:
-        results = [
-            self._train_one(broadcast, round_index, cid, state)
-            for cid, state in sorted(zip(client_ids, states), key=lambda pair: pair[0])
-        ]
+        """`clip`: central DP's C of this round where clipping adapts (else the plan's)."""
+        pairs = sorted(zip(client_ids, states), key=lambda pair: pair[0])
+        if self.group_size > 1:
+            by_id = dict(pairs)
+            results = [result for group in client_groups(list(by_id), self.group_size)
+                       for result in self._train_group(broadcast, round_index, group,
+                                                       [by_id[c] for c in group], clip)]
+        else:
+            results = [self._train_one(broadcast, round_index, cid, state, clip)
+                       for cid, state in pairs]
         if not self.presum:
             return GroupResult(results)
-        total = WeightSum()
+        total, unclipped = WeightSum(), 0
         for i, result in enumerate(results):
             if result.update is not None:
-                total.add(result.update.weights, result.update.num_samples)
+                if result.clipped is not None:  # central DP: sample counts are private too
+                    total.add(result.clipped.delta, 1)
+                    unclipped += result.clipped.unclipped
+                else:
+                    total.add(result.update.weights, result.update.num_samples)
                 results[i] = dataclasses.replace(
-                    result, update=dataclasses.replace(result.update, weights=SummedWeights()))
-        return GroupResult(results, total)
+                    result, update=dataclasses.replace(result.update, weights=SummedWeights()),
+                    clipped=None)
+        return GroupResult(results, total, unclipped)
 
     def client_data(self, client_id: int, part: str = "train") -> ClientData:
         """Client `client_id`'s samples of one part (`train`; `test` and `val` with
@@ -242,11 +270,13 @@ class ClientWorker:
                              initial_weights=initial)
 
     def _train_one(
-        self, broadcast: Broadcast, round_index: int, client_id: int, state: Any
+        self, broadcast: Broadcast, round_index: int, client_id: int, state: Any,
+        clip: float | None = None,
     ) -> ClientResult:
         """One client's round. A client that raises is tried again (from the same generator
         seed, so a success is the same update) up to `fault_tolerance.max_client_retries`
-        times, then dropped with its reason; non-finite weights are dropped at once."""
+        times, then dropped with its reason; non-finite weights are dropped at once. Under
+        `privacy` the upload is privatised before the leakage probe reads it."""
         start = time.perf_counter()
         data = self.client_data(client_id)
         model = self.model_for(client_id)
@@ -263,25 +293,72 @@ class ClientWorker:
                 failed.append(traceback.format_exc(limit=8))
                 if len(failed) > self.max_retries:
                     return ClientResult(client_id, None, failed[-1], retries=tuple(failed[:-1]))
-        retries = tuple(failed)
+        result = self._finish(LocalRound(ctx, model, broadcast, data, state), update, clip)
+        return dataclasses.replace(result, seconds=time.perf_counter() - start,
+                                   retries=tuple(failed), train_seconds=trained)
+
+    def _train_group(
+        self, broadcast: Broadcast, round_index: int, client_ids: list[int], states: list[Any],
+        clip: float | None = None,
+    ) -> list[ClientResult]:
+        """One group of `train.client_group` clients (ascending ids) trained at once
+        (`raysim.engine.grouped`), each update finished as `_train_one` finishes it. A group
+        that raises trains its clients one by one, under `_train_one`'s retry rules."""
+        start = time.perf_counter()
+        datas = [self.client_data(cid) for cid in client_ids]
+        models = [self.model_for(cid) for cid in client_ids]
+        contexts = [self.context(cid, round_index,
+                                 client_generator(self.config.seed, round_index, cid))
+                    for cid in client_ids]
+
+        def finish(i: int, update: ClientUpdate) -> ClientResult:
+            return self._finish(LocalRound(contexts[i], models[i], broadcast, datas[i],
+                                           states[i]), update, clip)
+
+        try:
+            results = train_clients(self.algorithm, models, datas, contexts, broadcast, states,
+                                    finish)
+        except Exception:  # the same clients again one by one: a success is the same update
+            failed = traceback.format_exc(limit=8)
+            return [dataclasses.replace(result, retries=(failed, *result.retries))
+                    for result in (self._train_one(broadcast, round_index, cid, state, clip)
+                                   for cid, state in zip(client_ids, states))]
+        share = (time.perf_counter() - start) / len(client_ids)  # the group's time, split
+        return [dataclasses.replace(result, seconds=share, train_seconds=share)
+                for result in results]
+
+    def _finish(self, step: LocalRound, update: ClientUpdate,
+                clip: float | None = None) -> ClientResult:
+        """What follows a client's step while `step.model` holds its trained weights: a
+        non-finite update is dropped, then the anchor diagnostic, privatisation (the round's
+        clip C where it adapts, else the plan's) and the leakage probe."""
+        client_id, round_index = step.ctx.client_id, step.ctx.round
         problem = check_finite(update)
         if problem:
-            return ClientResult(client_id, None, problem, retries=retries)
+            return ClientResult(client_id, None, problem)
         if self.diagnose_anchors:
-            update = self._with_anchor_alignment(update, broadcast, data, model)
+            update = self._with_anchor_alignment(update, step.broadcast, step.data, step.model)
+        clipped, trained_weights = None, None
+        if self.privacy is not None:
+            trained_weights = update.weights  # the true class means are the trained model's
+            update, clipped = privatize_client(
+                self.privacy, update, step, self.config.seed,
+                self.privacy.clip if clip is None else clip)
         if self.probe is not None and self._probes(round_index, client_id):
-            leaked = self.probe.measure(update, broadcast.weights, data, torch.Generator(
-                ).manual_seed(derive_seed(self.config.seed, LEAKAGE, round_index, client_id)))
+            leaked = self.probe.measure(update, step.broadcast.weights, step.data,
+                                        torch.Generator().manual_seed(derive_seed(
+                                            self.config.seed, LEAKAGE, round_index, client_id)),
+                                        trained_weights)
             update = dataclasses.replace(update, metrics={**update.metrics, **leaked})
-        return ClientResult(client_id, update, None, time.perf_counter() - start, retries,
-                            trained)
+        return ClientResult(client_id, update, None, clipped=clipped)
 
     def _probes(self, round_index: int, client_id: int) -> bool:
         probe, config = self.config.diagnostics.leakage, self.config
         if round_index % probe.every:
             return False
-        sampled = sample_clients(config.seed, round_index, config.data.partition.num_clients,
-                                 config.clients_per_round)
+        sampled = round_clients(config.seed, round_index, config.data.partition.num_clients,
+                                config.clients_per_round,
+                                self.privacy is not None and self.privacy.poisson)
         return client_id in probed_clients(sampled, probe.clients_per_round)
 
     def _with_anchor_alignment(

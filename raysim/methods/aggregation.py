@@ -102,6 +102,10 @@ class WeightSum:
         self.count += other.count
         return self
 
+    def total(self, name: str) -> np.ndarray:
+        """Σ_k n_k·w_k of the floating tensor `name`, exactly as held, as float64."""
+        return _total(self.bins[name])
+
     def mean(self) -> Weights:
         """Σ n_k·w_k / Σ n_k, cast back to each tensor's dtype (integer buffers, such as
         BatchNorm's `num_batches_tracked`, rounded to the nearest integer)."""

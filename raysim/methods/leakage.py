@@ -195,14 +195,18 @@ class LeakageProbe:
                  ) -> None:
         self.model = copy.deepcopy(model).eval().requires_grad_(True)
         self.read = READERS[uploads]
+        self.uploads = uploads
         self.num_classes = num_classes
         self.mean = torch.tensor(mean).view(-1, 1, 1)
         self.std = torch.tensor(std).view(-1, 1, 1)
         self.settings = settings
 
-    def measure(self, update: Any, received: dict, data: Any, generator: torch.Generator
-                ) -> dict[str, float]:
-        """`leak_*` metrics of one client's upload against its data."""
+    def measure(self, update: Any, received: dict, data: Any, generator: torch.Generator,
+                trained: dict | None = None) -> dict[str, float]:
+        """`leak_*` metrics of one client's upload against its data. `trained`: the weights
+        the client trained, where its upload carries others (privatised, `privacy`): its
+        prototypes are class means of the trained model, so the true means are that model's
+        (the server still inverts through the weights it received)."""
         inferred = self.read(update, received)
         true_counts = torch.bincount(data.labels.cpu(), minlength=self.num_classes).double()
         true_present = true_counts > 0
@@ -213,7 +217,8 @@ class LeakageProbe:
             "leak_counts_mae": (inferred.counts - true_counts).abs().mean().item(),
         }
         if inferred.means is not None and inferred.feature_weights is not None:
-            self.model.load_state_dict(inferred.feature_weights)
+            private = trained is not None and self.uploads == "prototypes"
+            self.model.load_state_dict(trained if private else inferred.feature_weights)
             true_means, _ = local_prototypes(self.model, data, self.num_classes)
             held = true_present.nonzero().squeeze(1)
             metrics["leak_mean_cosine"] = F.cosine_similarity(

@@ -5,7 +5,8 @@ Every run reports the engine's metrics; evaluated rounds of methods that share a
 add `test_<m>` (and `val_<m>` where the dataset has a validation split), per domain as
 `test_<m>/<domain>`; with `evaluation.personal`, rounds it evaluates add `personal_test_<m>`
 (the mean over evaluated clients) with `_weighted`, `_std` and `_p10`, `personal_clients`, and
-the same for `personal_val_<m>` where clients have validation parts; methods with class anchors
+the same for `personal_val_<m>` where clients have validation parts; with `privacy`, runs add
+`privacy_epsilon` (and `server_privacy_clip` where clipping adapts); methods with class anchors
 add the anchor diagnostics; each method may add its own (client metrics as they are, server
 metrics as `server_<name>`), which it declares in its `reported_metrics` class attribute.
 """
@@ -25,8 +26,11 @@ EVALUATION = ("accuracy", "loss", "dice", "hd95", "asd")  # test_<m>, val_<m>, <
 EVALUATION_SPLITS = ("test", "val")
 ENGINE = ("train_loss", "train_steps", "samples", "clients_ok", "clients_failed",
           "round_seconds", "samples_per_second")
+# with `privacy`: ε spent after each round; central DP's clip C where it adapts
+PRIVACY = ("privacy_epsilon",)
+ADAPTIVE_CLIP = ("server_privacy_clip",)
 ANCHOR_DIAGNOSTICS = ("anchor_cosine", "anchor_self_accuracy", "anchor_interclass_cosine")
-LOWER_IS_BETTER = ("loss", "hd95", "asd", "seconds")
+LOWER_IS_BETTER = ("loss", "hd95", "asd", "seconds", "epsilon")
 # beside each personalised mean over clients: weighted by test-part size, spread, 10th percentile
 PERSONAL_SUMMARIES = ("_weighted", "_std", "_p10")
 PERSONAL_CLIENTS = "personal_clients"  # how many clients a round evaluated
@@ -53,11 +57,15 @@ def algorithm_metrics(name: str, anchors: bool = True) -> list[str]:
     return names
 
 
-def reportable(algorithm: str, anchors: bool = True, personal: bool = False) -> list[str]:
+def reportable(algorithm: str, anchors: bool = True, personal: bool = False,
+               privacy: Any = None) -> list[str]:
     """What a run of `algorithm` reports: the global evaluation where it shares a whole model
-    (the others have no global model to test), the personalised one where `personal`."""
+    (the others have no global model to test), the personalised one where `personal`, and ε
+    where `privacy` (a config's `privacy` section) is on."""
     evaluation = evaluation_metrics() if algorithm_class(algorithm).shares == "model" else []
-    return [*evaluation, *(personal_metrics() if personal else ()), *ENGINE,
+    private = () if privacy is None or privacy.mechanism == "none" else (
+        *PRIVACY, *(ADAPTIVE_CLIP if privacy.adaptive is not None else ()))
+    return [*evaluation, *(personal_metrics() if personal else ()), *ENGINE, *private,
             *algorithm_metrics(algorithm, anchors)]
 
 
@@ -69,11 +77,16 @@ def check_metric(metric: str, configs: Iterable[Any]) -> None:
     algorithms = sorted({config.algorithm.name for config in configs})
     missing = sorted({c.algorithm.name for c in configs
                       if base not in reportable(c.algorithm.name, c.diagnostics.anchors,
-                                                c.evaluation.personal is not None)})
+                                                c.evaluation.personal is not None, c.privacy)})
     if base in personal_metrics():
         _check_personal(metric, base, configs)
     if not missing:
         return
+    if base in (*PRIVACY, *ADAPTIVE_CLIP):
+        need = "privacy (privacy.mechanism: central or local)" if base in PRIVACY else \
+            "central DP with adaptive clipping (privacy.adaptive)"
+        raise ConfigError(f"metric: {metric!r} is reported only with {need}; "
+                          f"{', '.join(missing)} run without it here")
     known = sorted({m for name in algorithms for m in reportable(name, personal=True)})
     if all(base not in reportable(name, personal=True)
            for name in _all_algorithms(algorithms)):

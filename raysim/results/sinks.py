@@ -61,7 +61,8 @@ class CollectRounds(Sink):
 class ConsoleProgress(Sink):
     """A live progress line on a terminal (one line per round when output is not a TTY): the
     run's headline as of its last evaluated round (`acc`, `dice`; with personalised evaluation
-    the mean over clients of their own models, `pacc`, `pdice`)."""
+    the mean over clients of their own models, `pacc`, `pdice`), and with `privacy` the ε
+    spent so far."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stdout
@@ -99,6 +100,8 @@ class ConsoleProgress(Sink):
                 self.restarts += 1
                 self._print(f"\nwarning: round {result.round}: {event['actor']} died and was "
                             f"replaced ({event['reason']})\n")
+        if "privacy_epsilon" in m:  # the privacy spent so far (differential privacy)
+            text += f" | ε {m['privacy_epsilon']:.2f}"
         if self.restarts:
             text += f" | {self.restarts} actor restart{'s' if self.restarts > 1 else ''}"
         for cid, reason in result.failures.items():

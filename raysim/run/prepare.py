@@ -1,5 +1,6 @@
 """Everything that can fail on user input, before Ray starts: the task (dataset files,
-partition feasibility) and the run directory."""
+partition feasibility), client groups (the method, the model, a worker's memory) and the run
+directory."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import pyarrow.parquet as pq
 from raysim.config import Config, ConfigError, dump_config
 from raysim.data import DatasetFormatError, DatasetNotFoundError
 from raysim.data.domain_split import DomainSelectionError
+from raysim.engine.grouped import check_grouping
 from raysim.registry import DATASETS
 from raysim.results.sinks import atomic_write
-from raysim.task import Task, build_task, dataset_request
+from raysim.task import Task, _available_memory, build_task, dataset_request
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,14 @@ def prepare(config: Config, run_dir: str | Path | None = None, *, new: bool = Fa
     if new:
         check_new_run_dir(run_dir, overwrite)
     task = build_checked_task(config)
+    note = check_grouping(config, task.info, worker_memory(config))
+    if note is not None:  # K > 1 where the method or model trains one client at a time
+        print(f"raysim: {note}", file=sys.stderr)
+    privacy = task.info.privacy
+    if privacy is not None:  # σ as calibrated before the run, and what δ implies
+        print(f"raysim: privacy: {privacy.describe()}", file=sys.stderr)
+        for warning in privacy.warnings:
+            print(f"raysim: warning: {warning}", file=sys.stderr)
     if new and overwrite:
         moved = move_aside(run_dir)
         if moved is not None:
@@ -78,6 +88,15 @@ def prepare(config: Config, run_dir: str | Path | None = None, *, new: bool = Fa
     atomic_write(run_dir / "config.yaml", lambda path: Path(path).write_text(text))
     write_label_histograms(task, run_dir / "label_histograms.parquet")
     return Run(config=config, task=task, run_dir=run_dir)
+
+
+def worker_memory(config: Config) -> int | None:
+    """One worker's share of this machine's available memory, which a client group must fit
+    in (None: unknown). An estimate: on a cluster the workers may run elsewhere."""
+    if config.train.client_group <= 1:
+        return None
+    available = _available_memory()
+    return None if available is None else available // config.resources.num_workers
 
 
 def check_new_run_dir(run_dir: Path, overwrite: bool) -> None:

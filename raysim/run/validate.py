@@ -5,8 +5,8 @@ of the plug-in they name, resolved through the registries. What spans plug-ins i
 once, before any Ray work: a method on a task it does not run, a model of the wrong task, a
 method needing features on a model without a feature head, a dataset that brings its own
 clients, the evaluation protocol's implied settings, personalised evaluation and heterogeneous
-clients against what the method shares and keeps, the leakage probe, and the method's own
-`check_config`.
+clients against what the method shares and keeps, the leakage probe, the privacy mechanism against
+what the method uploads, and the method's own `check_config`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from raysim.config import (
     require,
 )
 from raysim.data.personal import check_personal_config
-from raysim.methods.leakage import SUPPORTED_UPLOADS, upload_kind
+from raysim.methods.leakage import SUPPORTED_UPLOADS, unreadable, upload_kind
+from raysim.methods.privacy import check_method
 from raysim.nn.heterogeneous import check_heterogeneous
 from raysim.registry import (
     DATASETS,
@@ -59,6 +60,7 @@ def validate(config: Config) -> Config:
     check_personal(config)
     check_personal_config(config)
     check_leakage_probe(config)
+    check_privacy(config)
     num_clients = config.data.partition.num_clients
     require(config.clients_per_round <= num_clients, "clients_per_round",
             f"{config.clients_per_round} > data.partition.num_clients ({num_clients}); "
@@ -156,19 +158,13 @@ def check_leakage_probe(config: Config) -> None:
     probe = config.diagnostics.leakage
     if not probe.clients_per_round:
         return
-    shares = algorithm_class(config.algorithm.name).shares
-    sent = "no weights" if shares == "none" else f"only its {shares}"
-    require(shares == "model", "diagnostics.leakage",
-            f"{config.algorithm.name} sends {sent} (its clients keep the rest), and the probe "
-            "reads a whole model's upload; set diagnostics.leakage.clients_per_round: 0 or use "
-            "a method that shares its model")
-    uploads = upload_kind(algorithm_class(config.algorithm.name))
-    if uploads not in SUPPORTED_UPLOADS:
-        known = [n for n in algorithm_names() if algorithm_class(n).shares == "model"
-                 and upload_kind(algorithm_class(n)) in SUPPORTED_UPLOADS]
+    method = algorithm_class(config.algorithm.name)
+    why = unreadable(method)
+    if why is not None:
+        known = [n for n in algorithm_names() if unreadable(algorithm_class(n)) is None]
         raise ConfigError(f"diagnostics.leakage: the probe reads "
                           f"{', '.join(SUPPORTED_UPLOADS)} uploads, and {config.algorithm.name} "
-                          f"uploads {uploads}; methods it supports: {', '.join(known)}")
+                          f"cannot be read: {why}; methods it supports: {', '.join(known)}")
     require(task_kind(config) == "classification" and MODELS[config.model.name].has_feature_head,
             "diagnostics.leakage",
             "the probe needs a classification task and a model with a feature head")
@@ -181,3 +177,16 @@ def check_leakage_probe(config: Config) -> None:
     except ImportError:
         raise ConfigError("diagnostics.leakage: needs scikit-image for SSIM; pip install "
                           "'raysim[leakage]'") from None
+
+
+def check_privacy(config: Config) -> None:
+    """The privacy mechanism covers what the method uploads (σ's calibration, which needs
+    the partition, comes with the task: `raysim.task.privacy_plan`)."""
+    algorithm = algorithm_class(config.algorithm.name)
+    check_method(config.privacy.mechanism, config.algorithm.name, upload_kind(algorithm),
+                 algorithm.weighted_mean, task_kind(config),
+                 algorithm.server_update is not Algorithm.server_update)
+    # each upload is privatised right after its client's step (raysim.engine.privatize)
+    require(config.privacy.mechanism == "none" or config.train.client_group <= 1,
+            "train.client_group", "client groups train many clients in one step, and each "
+            "upload must be privatised after its own; set client_group: 1 with privacy")
