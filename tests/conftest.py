@@ -28,6 +28,19 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for a test: workers in this process train with one, so the
+    references computed in the test sum in their order (and tiny tensors gain nothing from a
+    second thread on a loaded machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def small_config(**overrides):
     """A seconds-long digits run: 12 clients, 4 per round, 3 rounds, 1 local epoch."""
     from raysim.run.validate import config_from_dict

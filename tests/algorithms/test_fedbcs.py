@@ -289,13 +289,14 @@ def test_bad_fedbcs_settings_name_the_key(override, message):
 def test_methods_run_only_the_tasks_they_declare():
     with pytest.raises(ConfigError, match="algorithm.name: fedbcs runs segmentation tasks, but "
                                           "dataset 'digits' is a classification task; methods "
-                                          "that run it: fedavg, fedhpro, fedhpro_paper, "
-                                          "fedproto, fedprox, fedtgp, fpl, moon"):
+                                          "that run it: fedavg, fedavg_ft, fedgh, fedhpro, "
+                                          "fedhpro_paper, fedper, fedproto"):
         small_config(**{"algorithm.name": "fedbcs"})
     with pytest.raises(ConfigError, match="fedtgp runs classification tasks, but dataset "
                                           "'synthetic_organ' is a segmentation task; methods "
-                                          "that run it: fedavg, fedbcs, fedproto, fedprox, fpl, "
-                                          "moon, scaffold$"):
+                                          "that run it: fedavg, fedavg_ft, fedbcs, fedproto, "
+                                          "fedproto_personal, fedprox, fpl, local, moon, "
+                                          "scaffold$"):
         small_config(**{"algorithm.name": "fedtgp", "model.name": "unet",
                         "data.dataset": "synthetic_organ", "data.partition.kind": "domains"})
     with pytest.raises(ConfigError, match="algorithm.inference: nearest-prototype inference "

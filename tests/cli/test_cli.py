@@ -39,8 +39,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["model.name=vit"],
          "unknown model 'vit'; choose one of cnn, cnn_deep, cnn_wide, logreg, mlp, resnet10, unet"),
         (["algorithm.name=fedfoo"],
-         "unknown algorithm 'fedfoo'; choose one of fedavg, fedbcs, fedhpro, fedhpro_paper, "
-         "fedproto, fedprox, fedtgp, fpl, moon, scaffold"),
+         "unknown algorithm 'fedfoo'; choose one of fedavg, fedavg_ft, fedbcs, fedgh, fedhpro, "
+         "fedhpro_paper, fedper, fedproto, fedproto_personal, fedprox, fedrep, fedtgp, "
+         "fedtgp_personal, fpl, lg_fedavg, local, moon, scaffold"),
         (["data.dataset=cifar10", "data.root=/nonexistent/data"],
          "/nonexistent/data/cifar-10-batches-py"),
         (["data.dataset=mnist"], "data.root"),

@@ -39,7 +39,7 @@ class Probe:
         return [m for m in cluster.PRELOAD if m in sys.modules]
 
 seen = {}
-for dashboard in (False, True):
+for dashboard in (False,):  # on: embedded_options' include_dashboard (a test below), one start less
     url = cluster.connect(resources=ResourcesConfig(dashboard=dashboard))
     node = ray._private.worker.global_worker.node
     seen[str(dashboard)] = {
@@ -61,11 +61,9 @@ def test_the_embedded_ray_has_no_dashboard_unless_asked_and_preloads_its_workers
                           env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout.strip().splitlines()[-1])
-    lean, full = seen["False"], seen["True"]
+    lean = seen["False"]
     assert lean["url"] is None and not lean["ray_url"]
     assert "dashboard" not in lean["processes"] and "raylet" in lean["processes"]
-    assert full["url"] == f"http://{full['ray_url']}"
-    assert "dashboard" in full["processes"]
     # two one-CPU workers and a CPU-less server: three CPUs, or what the machine has
     assert lean["cpus"] == min(os.cpu_count(), 3)
     assert lean["preloaded"] == list(cluster.PRELOAD)
@@ -138,6 +136,11 @@ def test_rays_start_up_messages_wait_until_the_run_goes_on():
 
     ray_logger, handler = logging.getLogger("ray"), Shown()
     ray_logger.addHandler(handler)
+    # an earlier ray.init in this process may have raised Ray's log level
+    names = ("ray", "ray._private.worker")
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         held = cluster._HeldLogs()
         logging.getLogger("ray._private.worker").warning("a start-up warning")
@@ -146,6 +149,8 @@ def test_rays_start_up_messages_wait_until_the_run_goes_on():
         assert shown == ["a start-up warning"]
     finally:
         ray_logger.removeHandler(handler)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def test_a_child_process_finishes_the_work_after_the_call_returns(tmp_path, capfd):

@@ -67,13 +67,7 @@ class SharedHead(PersonalModel, FedAvg):
     shares = "head"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The workers here run in this process with one thread; so do the references."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def personal_config(**overrides):

@@ -57,12 +57,16 @@ METHODS = {
     },
 }
 
+# clients trained in groups of 2 (vectorised): the same bits across a resume
+GROUPED = {"fedprox_grouped": {"algorithm": {"name": "fedprox"},
+                               "train": {"client_group": 2}}}
+
 
 def tiny_raw(method: str, rounds: int = 6) -> dict:
     raw = config_to_dict(small_config(rounds=rounds))
     raw["checkpoint"] = {"every": 2, "keep": 2}
     raw["resources"]["num_workers"] = 1  # results do not depend on it; starts are cheaper
-    for key, value in METHODS[method].items():
+    for key, value in {**METHODS, **GROUPED}[method].items():
         raw[key] = {**raw[key], **value} if isinstance(value, dict) and key != "algorithm" \
             else value
     return raw
@@ -112,7 +116,7 @@ def reference_run(raw: dict, run_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", [*METHODS, *GROUPED])
 def test_every_kind_of_state_resumes_from_a_checkpoint_bit_exactly(ray_session, tmp_path,
                                                                    method):
     """The undisturbed run cut back to its round-4 checkpoint (the round-6 one deleted, as if
@@ -137,7 +141,8 @@ def test_every_kind_of_state_resumes_from_a_checkpoint_bit_exactly(ray_session, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["fedbcs"])  # the richest clients (kept Adam moments)
+# the richest clients (kept Adam moments)
+@pytest.mark.parametrize("method", ["fedbcs"])
 def test_resume_after_kill_9_of_the_driver_is_bit_exact(ray_session, tmp_path, method):
     raw = tiny_raw(method)
     expected = reference_run(raw, tmp_path / "reference")
