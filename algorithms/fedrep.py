@@ -27,15 +27,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from algorithms.fedavg import FedAvg
-from raysim.algorithm import HEAD, LEARNING_RATE_SPACE, LocalRound, PersonalModel
+from algorithms.fedper import FedPer
+from raysim.algorithm import HEAD, LEARNING_RATE_SPACE, LocalRound
 from raysim.config import require
 
 
-class FedRep(PersonalModel, FedAvg):
-    shares = "body"
-    needs_features = True  # body and head meet at the features
-    tasks = ("classification",)
+class FedRep(FedPer):
+    """FedPer's split (body averaged, head kept), trained head first, then body."""
+
     reported_metrics = ("head_train_loss",)
 
     search_space = {**LEARNING_RATE_SPACE,

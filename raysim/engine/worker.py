@@ -142,6 +142,7 @@ class ClientWorker:
         self._initial: dict[int, Weights] = {}  # member → its round-0 weights, made once
         self.preprocess = Preprocess(dataset.spec, self.device)
         self.generated = dataset.clients
+        self._last_generated: tuple[int, torch.Tensor, torch.Tensor] | None = None
         if dataset.train is not None:
             self.train_x = as_tensor(dataset.train.x, self.device)
             self.train_y = as_tensor(dataset.train.y, self.device)
@@ -218,8 +219,7 @@ class ClientWorker:
         `evaluation.personal`): an index view of the worker's dataset, or generated (and then
         split here, as the driver splits in-memory data)."""
         if self.generated is not None:
-            x, y = self.generated.client(client_id)
-            x, y = as_tensor(x, self.device), as_tensor(y, self.device)
+            x, y = self._generated_client(client_id)
             positions = self._generated_part(y, client_id, part)
             return ClientData(x, y, positions, self.preprocess)
         if part == "train":
@@ -232,6 +232,15 @@ class ClientWorker:
         lo, hi = int(offsets[client_id]), int(offsets[client_id + 1])
         x, y = self.parts[source]
         return ClientData(x, y, as_tensor(indices[lo:hi], self.device), self.preprocess)
+
+    def _generated_client(self, client_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A generated client's samples, kept for the client last asked for: its training,
+        test and validation parts come from one generation."""
+        if self._last_generated is None or self._last_generated[0] != client_id:
+            x, y = self.generated.client(client_id)
+            self._last_generated = (client_id, as_tensor(x, self.device),
+                                    as_tensor(y, self.device))
+        return self._last_generated[1], self._last_generated[2]
 
     def _generated_part(self, y: torch.Tensor, client_id: int, part: str) -> torch.Tensor:
         if self.personal_config is None:

@@ -54,7 +54,7 @@ print(json.dumps(seen))
 """
 
 
-def test_the_embedded_ray_has_no_dashboard_unless_asked_and_preloads_its_workers():
+def test_the_embedded_ray_has_no_dashboard_and_preloads_its_workers():
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_USAGE_STATS_ENABLED")}
     done = subprocess.run([sys.executable, "-c", EMBEDDED], capture_output=True, text=True,

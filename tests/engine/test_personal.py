@@ -6,7 +6,6 @@ kill -9 and resume."""
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +15,10 @@ import yaml
 from conftest import in_one_process, metrics_of, small_config, without_timing
 from test_durable import (
     assert_same_state,
-    cli,
     final_state,
+    kill_9_after_round_2,
     reference_run,
     tiny_raw,
-    wait_for,
 )
 
 from algorithms.fedavg import FedAvg
@@ -39,7 +37,7 @@ from raysim.engine.worker import ClientWorker
 from raysim.nn.training import ClientData, Preprocess
 from raysim.results.sinks import RunDirectory
 from raysim.run import execute, prepare, prepare_resume
-from raysim.run.checkpoints import MANIFEST, newest_complete
+from raysim.run.checkpoints import newest_complete
 from raysim.seeding import (
     MODEL_INIT,
     PERSONAL_EVAL,
@@ -362,11 +360,7 @@ def test_a_heterogeneous_personal_run_is_the_same_on_two_ray_workers_after_kill_
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(raw))
     run_dir = tmp_path / "killed"
-    driver = cli("launch", str(config_file), "--run-dir", str(run_dir), "--quiet")
-    wait_for(run_dir / "checkpoints" / "round-000002" / MANIFEST, driver)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    assert not (run_dir / "summary.json").exists()  # it really died mid-run
+    kill_9_after_round_2(config_file, run_dir)
     run = prepare_resume(run_dir, ["resources.backend=local"])
     assert len(run.history) == 2
     execute(run, [RunDirectory(run_dir)])

@@ -140,6 +140,17 @@ def test_every_kind_of_state_resumes_from_a_checkpoint_bit_exactly(ray_session, 
     assert_same_state(state, reference)
 
 
+def kill_9_after_round_2(config_file: Path, run_dir: Path) -> None:
+    """`raysim launch` of `config_file` in a process of its own, killed with SIGKILL as soon as
+    its round-2 checkpoint is complete (mid-run: no summary.json)."""
+    driver = cli("launch", str(config_file), "--run-dir", str(run_dir), "--quiet")
+    wait_for(run_dir / "checkpoints" / "round-000002" / MANIFEST, driver)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert driver.returncode == -signal.SIGKILL
+    assert not (run_dir / "summary.json").exists()  # it really died mid-run
+
+
 @pytest.mark.slow
 # the richest clients (kept Adam moments)
 @pytest.mark.parametrize("method", ["fedbcs"])
@@ -149,12 +160,7 @@ def test_resume_after_kill_9_of_the_driver_is_bit_exact(ray_session, tmp_path, m
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(raw))
     run_dir = tmp_path / "killed"
-    driver = cli("launch", str(config_file), "--run-dir", str(run_dir), "--quiet")
-    wait_for(run_dir / "checkpoints" / "round-000002" / MANIFEST, driver)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    assert driver.returncode == -signal.SIGKILL
-    assert not (run_dir / "summary.json").exists()  # it really died mid-run
+    kill_9_after_round_2(config_file, run_dir)
     resumed = cli("resume", str(run_dir), "--quiet")
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
