@@ -80,6 +80,7 @@ class RunSummary:
     checkpoints_written: list[dict[str, float]] = field(default_factory=list)
     peak_rss_mb: dict[str, Any] = field(default_factory=dict)
     startup_phases: dict[str, float] = field(default_factory=dict)
+    warm_workers: bool = False  # the actors came from a warm pool (raysim.engine.warm)
     stop_reason: str | None = None  # why a failed run stopped
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The `raysim tune`, `compare`, `submit`, `logs` and `status` commands (arguments and handlers).
+"""The `raysim tune`, `compare`, `submit`, `logs`, `status`, `up` and `down` commands
+(arguments and handlers).
 
 Each command imports what it runs inside its own function (see `raysim.cli.main`)."""
 
@@ -73,10 +74,20 @@ def add_commands(commands) -> None:
     status.add_argument("job", help="job id printed by `raysim submit`")
     status.add_argument("--address", help=JOB_ADDRESS_HELP)
 
+    up = commands.add_parser(
+        "up", help="start a Ray cluster on this machine that later launches join by themselves "
+        "and whose workers stay warm between them (stop it with `raysim down`)")
+    up.add_argument("--num-cpus", type=int, help="CPUs it offers (default: the machine's)")
+    up.add_argument("--num-gpus", type=int, help="GPUs it offers (default: those Ray finds)")
+    up.add_argument("--dashboard", action="store_true", help="with Ray's dashboard")
+    commands.add_parser("down", help="stop the cluster `raysim up` started, warm workers "
+                        "included")
+
 
 def run_command(args: argparse.Namespace) -> int:
     return {"tune": tune_command, "compare": compare_command, "submit": submit_command,
-            "logs": logs_command, "status": status_command}[args.command](args)
+            "logs": logs_command, "status": status_command, "up": up_command,
+            "down": down_command}[args.command](args)
 
 
 def tune_command(args: argparse.Namespace) -> int:
@@ -187,4 +198,26 @@ def status_command(args: argparse.Namespace) -> int:
     info = jobs.status(args.job, args.address)
     message = re.sub(r"\s+", " ", info["message"]).strip()
     print(f"raysim: job {args.job}: {info['status']}" + (f" ({message})" if message else ""))
+    return 0
+
+
+def up_command(args: argparse.Namespace) -> int:
+    from raysim.engine import head
+
+    if args.num_cpus is not None and args.num_cpus < 1:
+        raise ConfigError(f"up --num-cpus {args.num_cpus}: give at least 1")
+    if args.num_gpus is not None and args.num_gpus < 0:
+        raise ConfigError(f"up --num-gpus {args.num_gpus}: give 0 or more")
+    started = head.up(args.num_cpus, args.num_gpus, args.dashboard)
+    print(f"raysim: Ray cluster up at {started.address} ({started.num_cpus} CPUs, log "
+          f"{started.log}); `raysim launch`, `tune` and `compare` join it by themselves, and "
+          "a launch keeps its workers warm for the next one; stop it with `raysim down`")
+    return 0
+
+
+def down_command(args: argparse.Namespace) -> int:
+    from raysim.engine import head
+
+    stopped = head.down()
+    print(f"raysim: stopped the Ray cluster at {stopped.address} and its warm workers")
     return 0

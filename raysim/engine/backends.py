@@ -32,6 +32,7 @@ class RayBackend:
         from raysim.engine.transport import register_tensor_transport
 
         self.ray = ray
+        self.detached = False  # actors that outlive this driver (a `raysim up` warm pool)
         self.errors: tuple[type[BaseException], ...] = (RayError,)
         # Results lost with a dead actor are handled by the simulation (rerun, replay) and
         # reported as failure records; Ray's log line for each discarded ref would repeat them.
@@ -63,6 +64,8 @@ class RayBackend:
     def _actor(self, cls: type, resources: Any, args: tuple, pin_here: bool = False) -> Any:
         options: dict[str, Any] = {"num_cpus": resources.num_cpus,
                                    "num_gpus": resources.num_gpus}
+        if self.detached:
+            options["lifetime"] = "detached"
         if pin_here:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

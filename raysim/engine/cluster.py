@@ -35,6 +35,7 @@ from typing import Any
 
 from raysim.config import Config, ConfigError, ResourcesConfig
 from raysim.engine import watchdog
+from raysim.engine.head import join_settings, running_head
 
 PROBE_SECONDS = 5.0
 
@@ -63,10 +64,20 @@ else:
 
 def cluster_address(address: str | None) -> str | None:
     """The cluster to join: `address`, else RAY_ADDRESS (which also resolves `auto`, as in
-    `ray.init`); None starts a local Ray."""
+    `ray.init`), else the cluster `raysim up` started (`raysim.engine.head`); None starts a
+    local Ray."""
     if address and address != "auto":
         return address
-    return os.environ.get("RAY_ADDRESS") or address or None
+    if os.environ.get("RAY_ADDRESS") or address:
+        return os.environ.get("RAY_ADDRESS") or address
+    head = running_head()
+    return head.address if head is not None else None
+
+
+def on_raysim_head(address: str | None) -> bool:
+    """Whether the cluster to join is the one `raysim up` started (it keeps warm workers)."""
+    head = running_head()
+    return head is not None and cluster_address(address) == head.address
 
 
 def connect(address: str | None = None, py_modules: Sequence[str] = (),
@@ -89,7 +100,7 @@ def connect(address: str | None = None, py_modules: Sequence[str] = (),
         return None
     if target is None:
         return start_embedded(resources)
-    check_address(target)
+    check_target(target)
     client = "://" in target
     try:
         with warnings.catch_warnings():  # Ray Client warns, then raises; the error says it all
@@ -151,7 +162,7 @@ def start_embedded(resources: ResourcesConfig | None = None) -> str | None:
             # Ray's SIGTERM handler only exits; the run installs its own (run/interrupts.py)
             stack.enter_context(_quiet(logging.getLogger("ray._private.worker"),
                                        "SIGTERM handler is not set"))
-        context = ray.init(**options)
+        context = ray.init(address="local", **options)  # never a `ray start` cluster
     session_dir = _embedded_node_session()
     if session_dir is not None:
         watchdog.start(session_dir)
@@ -438,6 +449,16 @@ def check_cluster(address: str | None) -> None:
     import ray
 
     if not ray.is_initialized():
+        check_target(target)
+
+
+def check_target(target: str) -> None:
+    """`check_address`, except for the cluster `raysim up` started (it answered a moment
+    ago): this process gets what joining it needs."""
+    head = running_head()
+    if head is not None and head.address == target:
+        join_settings(head)
+    else:
         check_address(target)
 
 

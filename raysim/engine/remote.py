@@ -1,5 +1,6 @@
 """The worker and server as Ray actors: each process registers the tensor transport, and a
-worker reads the shared dataset from the object store once."""
+worker reads the shared dataset from the object store once. Both can be reloaded for a new
+run in the same process (a warm pool, `raysim.engine.warm`), whose registry is an actor too."""
 
 from __future__ import annotations
 
@@ -9,17 +10,30 @@ import ray
 
 from raysim.engine.server import Server
 from raysim.engine.transport import register_tensor_transport
+from raysim.engine.warm import PoolBook
 from raysim.engine.worker import ClientWorker
 
 
-class RemoteClientWorker(ClientWorker):
+class Reloadable:
+    def reload(self, *args: Any) -> None:
+        """Become what the new run's arguments would create, in this process: everything
+        the last run left is dropped, and `__init__` runs again."""
+        self.__dict__.clear()
+        type(self).__init__(self, *args)
+
+
+class RemoteClientWorker(Reloadable, ClientWorker):
     def __init__(self, config: Any, shared: list, info: Any) -> None:
         register_tensor_transport()
         dataset, client_split = ray.get(shared)
         super().__init__(config, dataset, client_split, info)
 
 
-class RemoteServer(Server):
+class RemoteServer(Reloadable, Server):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         register_tensor_transport()
         super().__init__(*args, **kwargs)
+
+
+class PoolRegistry(PoolBook):
+    """The book of a `raysim up` cluster's warm pools, as a detached actor."""

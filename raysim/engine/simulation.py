@@ -10,6 +10,8 @@ With `privacy`, clients may be sampled by a seeded Poisson draw, each round's cl
 adapts) is asked of the server, and ε after the round is a metric (`raysim.engine.privatize`).
 With `train.client_group` = K > 1 the sampled clients go to workers as whole groups of K, cut in
 client-id order (`raysim.engine.grouped.assign_groups`), so no group depends on the worker count.
+Given a warm pool (`raysim.engine.warm`), the server and workers are the actors a finished run
+left there, reloaded with this run, and go back to it at the end.
 
 It also keeps the run alive. A round is a pure function of the server state before it (every
 draw comes from (seed, round, client id) and aggregation is in client-id order), so:
@@ -41,6 +43,7 @@ from raysim.engine.grouped import assign_groups
 from raysim.engine.personal_eval import contiguous_chunks, evaluated_clients, summarize
 from raysim.engine.privatize import EPSILON_METRIC, EpsilonMeter
 from raysim.engine.server import Restore
+from raysim.engine.warm import Pool, PoolShape, WarmPool
 from raysim.nn.training import steps_per_epoch
 from raysim.seeding import round_clients
 from raysim.task import Task, has_global_model, keeps_client_state
@@ -113,6 +116,7 @@ class Simulation:
         self, config: Config, task: Task, num_workers: int | None = None,
         run_dir: str | None = None, restore: Restore | None = None,
         load_checkpoint: Callable[[], Restore | None] | None = None,
+        pool: WarmPool | None = None,
     ) -> None:
         self.config = config
         self.task = task
@@ -138,6 +142,13 @@ class Simulation:
             if split is not None
         }
         self.backend = make_backend(config.resources.backend)
+        # a warm pool (Ray only): the actors come from it and go back to it
+        self.pool = pool if self.backend.name == "ray" else None
+        if self.pool is not None:
+            self.backend.detached = self.pool.detached
+        self._lent: Pool | None = None
+        self.pool_note: str | None = None  # why the run is not (fully) warm
+        self.warm = False
         self.workers: list[Any] = []
         self.server: Any = None
         self.shared: Any = None
@@ -161,18 +172,57 @@ class Simulation:
         partition = self.task.partition
         self.shared = self.backend.share(self.task.dataset, (
             partition.offsets, partition.indices, partition.personal))
-        self.workers = [self._new_worker() for _ in range(self.num_workers)]
-        self.server = self._new_server(self.restore)
+        if not self._reload_warm():
+            self.workers = [self._new_worker() for _ in range(self.num_workers)]
+            self.server = self._new_server(self.restore)
         return self._get([w.describe.remote() for w in self.workers], self.first_round)
 
     def _new_worker(self) -> Any:
         return self.backend.worker(self.config, self.shared, self.task.info)
 
     def _new_server(self, restore: Restore | None) -> Any:
+        return self.backend.server(self.config, self._server_args(restore), self._pin_server)
+
+    def _server_args(self, restore: Restore | None) -> tuple:
+        return self.task.info, self.run_dir, restore
+
+    @property
+    def _pin_server(self) -> bool:
         # the disk store writes into the run directory: keep the server on this node
-        pin_here = self.config.client_state.store == "disk" and self.stateful
-        return self.backend.server(self.config, (self.task.info, self.run_dir, restore),
-                                   pin_here)
+        return self.config.client_state.store == "disk" and self.stateful
+
+    def _reload_warm(self) -> bool:
+        """Take the warm pool's actors, if it has some of this run's shape, and reload them
+        with this run (`raysim.engine.warm`); False: the run creates its own."""
+        if self.pool is None:
+            return False
+        shape = PoolShape.of(self.config.resources, self.num_workers, self._pin_server)
+        lent = self.pool.lend(shape, self._holds())
+        for actor in lent.retired:
+            self.backend.kill(actor)
+        self.pool_note = lent.note
+        if lent.pool is None:
+            return False
+        self._lent = lent.pool
+        workers, server = lent.pool.workers, lent.pool.server
+        reloads = [w.reload.remote(self.config, self.shared, self.task.info) for w in workers]
+        reloads.append(server.reload.remote(self.config, *self._server_args(self.restore)))
+        try:
+            self.backend.get(reloads)
+        except self.backend.errors:  # one died while parked: this run starts its own
+            for actor in (*workers, server):
+                self.backend.kill(actor)
+            self._lent = None
+            self.pool_note = "a warm actor had died: a fresh pool starts"
+            return False
+        self.workers, self.server = list(workers), server
+        self.warm = True
+        return True
+
+    def _holds(self) -> str:
+        model = self.config.model
+        name = "heterogeneous models" if model.heterogeneous is not None else model.name
+        return f"{self.config.data.dataset} / {name}"
 
     def describe(self) -> list[dict[str, Any]]:
         """Process ids and placement of the workers, then the server's (for fault tests)."""
@@ -430,8 +480,16 @@ class Simulation:
         return self.backend.get(self.server.weights.remote())
 
     def shutdown(self) -> None:
+        """Give the actors to the warm pool (when the run has one), else end them."""
         # after a cluster failure the actors go with the cluster; asking Ray could block
-        for actor in [] if self.cluster_failed else [*self.workers, self.server]:
+        actors = [] if self.cluster_failed else [*self.workers, self.server]
+        if self.pool is not None and actors and None not in actors:
+            shape = PoolShape.of(self.config.resources, self.num_workers, self._pin_server)
+            number = self._lent.number if self._lent is not None else 0
+            self.pool.give(Pool(shape, list(self.workers), self.server, self._holds(),
+                                number=number))
+            actors = []
+        for actor in actors:
             if actor is not None:
                 self.backend.kill(actor)
         self.workers, self.server = [], None

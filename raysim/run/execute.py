@@ -10,8 +10,15 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from raysim.engine.cluster import cluster_address, connect, fit_resources, placement_notes
+from raysim.engine.cluster import (
+    cluster_address,
+    connect,
+    fit_resources,
+    on_raysim_head,
+    placement_notes,
+)
 from raysim.engine.simulation import ClusterFailed, RunStopped, Simulation
+from raysim.engine.warm import ClusterPool, WarmPool
 from raysim.engine.worker import peak_rss_mb
 from raysim.registry import SHIPPED_ENV
 from raysim.run.checkpoints import CheckpointWriter, load_restore
@@ -24,7 +31,7 @@ from raysim.types import RunSummary
 
 def execute(
     run: Run, sinks: Iterable[Any] = (), address: str | None = None,
-    launched_at: float | None = None,
+    launched_at: float | None = None, pool: WarmPool | None = None,
 ) -> RunSummary:
     """Run the simulation; returns the summary (also given to every sink's `finish`).
 
@@ -32,7 +39,9 @@ def execute(
     the run is interrupted (SIGINT/SIGTERM: the round in flight finishes first) or stopped by
     `fault_tolerance`; the summary's `status` says which: completed, interrupted or failed.
     `launched_at` (a `time.perf_counter()` reading, default: now) is where the reported time to
-    the first round starts counting; the CLI passes its own start.
+    the first round starts counting; the CLI passes its own start. `pool`: where the run's
+    actors come from and go back to (`raysim.engine.warm`); on the cluster `raysim up`
+    started, its warm pool.
     """
     started = time.perf_counter()
     launched_at = started if launched_at is None else launched_at
@@ -49,7 +58,11 @@ def execute(
         # a joined cluster's workers get the run's plug-in packages; local ones import them here
         if cluster_address(address):
             shipped = json.dumps(shipped_entry_points(config))
-            connect(address, plugin_packages(config), {SHIPPED_ENV: shipped})
+            packages = plugin_packages(config)
+            connect(address, packages, {SHIPPED_ENV: shipped})
+            # a warm actor has the packages of the run that created it: plug-ins start cold
+            if pool is None and on_raysim_head(address) and not packages:
+                pool = ClusterPool()
         else:
             dashboard = connect(address, resources=config.resources)
             if dashboard:
@@ -60,7 +73,8 @@ def execute(
             print(f"raysim: warning: {note}", file=sys.stderr)
     run = dataclasses.replace(run, config=config)
     simulation = Simulation(config, run.task, run_dir=str(run.run_dir), restore=run.restore,
-                            load_checkpoint=lambda: load_restore(run.run_dir, config))
+                            load_checkpoint=lambda: load_restore(run.run_dir, config),
+                            pool=pool)
     sinks = list(sinks)
     for sink in sinks:
         sink.start(run)
@@ -71,6 +85,8 @@ def execute(
         with Interrupts(simulation, run.run_dir) as interrupts:
             workers = simulation.start()
             phases["actors_ready"] = time.perf_counter() - launched_at
+            if simulation.pool_note:
+                print(f"raysim: {simulation.pool_note}", file=sys.stderr)
             for note in placement_notes(workers):
                 print(f"raysim: warning: {note}", file=sys.stderr)
             startup = time.perf_counter() - started
@@ -107,7 +123,8 @@ def execute(
         run, results, startup, time.perf_counter() - launched_at, status=status,
         launch_to_first_round_seconds=first_round, workers=workers,
         checkpoint=str(saved.last) if saved.last else None, checkpoints_written=saved.written,
-        peak_rss_mb=memory, startup_phases=phases, stop_reason=stop_reason)
+        peak_rss_mb=memory, startup_phases=phases, stop_reason=stop_reason,
+        warm_workers=simulation.warm)
     for sink in sinks:
         sink.finish(summary)
     return summary

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from raysim.config import Config, ConfigError
-from raysim.engine.cluster import connect
+from raysim.engine.cluster import connect, on_raysim_head
+from raysim.engine.warm import ClusterPool, process_pool
 from raysim.results.sinks import RunDirectory, Sink, extra_sinks
 from raysim.run import execute, prepare, resume_run
 from raysim.run.checkpoints import (
@@ -152,7 +153,9 @@ def run_trial(params: dict[str, Any], *, sweep: Sweep, trials_dir: str, cpu_only
     else:
         run = prepare(config, run_dir)
     sinks: list[Sink] = [RunDirectory(run.run_dir), report, *extra_sinks(config, run.run_dir)]
-    execute(run, sinks)
+    # Tune gives this process to the next trial with the same resources (reuse_actors):
+    # the workers and server wait here for it, warm
+    execute(run, sinks, pool=process_pool())
 
 
 def trial_left_off(config: Config, run_dir: Path) -> tuple[Any, list] | None:
@@ -277,6 +280,11 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, address: str | None = None,
 
     configs = sweep.validate()
     connect(address)
+    if on_raysim_head(address):  # its parked warm pools hold CPUs the trials need
+        dropped = ClusterPool().drop()
+        if dropped:
+            print(f"raysim: the cluster's {dropped} warm actor(s) stopped to make room for "
+                  "the trials", file=sys.stderr)
     cluster = ray.cluster_resources()
     cpu_only = cluster.get("GPU", 0) == 0 and any(
         c.resources.worker.num_gpus > 0 or c.resources.server.num_gpus > 0 for c in configs)
@@ -317,6 +325,9 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, address: str | None = None,
         tune_config=tune.TuneConfig(
             metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
             num_samples=sweep.num_samples,
+            # a finished trial's process and placement group go to the next trial with the
+            # same resources, with the actors it created (warm: raysim.engine.warm)
+            reuse_actors=True,
             # The generator itself limits concurrency (Tune ignores max_concurrent_trials
             # when it is given a generator).
             search_alg=BasicVariantGenerator(random_state=sweep.seed,
