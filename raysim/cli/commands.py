@@ -16,6 +16,8 @@ from raysim.config import ConfigError
 
 ADDRESS_HELP = "existing Ray cluster (auto, HOST:PORT, ray://HOST:PORT); default: RAY_ADDRESS " \
     "if set, else an embedded local Ray"
+COLD_HELP = "fresh worker and server actors for every run, none kept warm for the next " \
+    "(the results are the same)"
 JOB_ADDRESS_HELP = "the cluster's job server, e.g. http://HEAD:8265 (default: " \
     "RAY_API_SERVER_ADDRESS or RAY_ADDRESS)"
 
@@ -29,6 +31,7 @@ def add_commands(commands) -> None:
                       "on from their last checkpoint")
     tune.add_argument("--out", help="sweep directory (default: runs/sweeps/<name>-<time>)")
     tune.add_argument("--address", help=ADDRESS_HELP)
+    tune.add_argument("--cold", action="store_true", help=COLD_HELP)
     tune.add_argument("--verbose", type=int, default=0, choices=(0, 1, 2),
                       help="Ray Tune's own console output: 0 none, one line per trial start and "
                       "end instead (default), 1 status tables, 2 every report")
@@ -44,6 +47,7 @@ def add_commands(commands) -> None:
     compare.add_argument("--out", help="comparison directory (default: "
                          "runs/compare/<name>-<time>)")
     compare.add_argument("--address", help=ADDRESS_HELP)
+    compare.add_argument("--cold", action="store_true", help=COLD_HELP)
     compare.add_argument("--verbose", type=int, default=0, choices=(0, 1, 2),
                          help="Ray Tune's own console output (as for `raysim tune`)")
     compare.add_argument("--report", action="store_true",
@@ -112,7 +116,7 @@ def tune_command(args: argparse.Namespace) -> int:
     from raysim.tune.trials import run_sweep
 
     outcome = run_sweep(sweep, sweep_dir, address=args.address, verbose=args.verbose,
-                        resume=bool(args.resume), source=source)
+                        resume=bool(args.resume), source=source, warm=not args.cold)
     table = outcome.table
     done = int((table["status"] != "ERROR").sum()) if len(table) else 0
     if outcome.best_config_path is not None:
@@ -159,7 +163,7 @@ def compare_command(args: argparse.Namespace) -> int:
     from raysim.tune.compare_run import run_comparison
 
     report = run_comparison(comparison, out, address=args.address, verbose=args.verbose,
-                            resume=args.resume)
+                            resume=args.resume, warm=not args.cold)
     failed = [label for label, m in report.summary["methods"].items() if m["error"]]
     print(f"raysim: comparison results in {report.out_dir}/ (table.md, results.csv, "
           "compare.parquet, curves.png, best/<method>.yaml, summary.json)")

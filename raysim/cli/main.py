@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from raysim.cli.commands import ADDRESS_HELP, add_commands, run_command
+from raysim.cli.commands import ADDRESS_HELP, COLD_HELP, add_commands, run_command
 from raysim.config import (
     ConfigError,
     ResourcesConfig,
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="launch into a --run-dir that holds files: they are moved to "
                         "<dir>.old-<time>/ first (nothing is deleted)")
     launch.add_argument("--address", help=ADDRESS_HELP)
+    launch.add_argument("--cold", action="store_true", help=COLD_HELP)
     launch.add_argument("--quiet", action="store_true", help="no per-round progress output")
     launch.add_argument("--local", action="store_true",
                         help="run in this process without Ray, one client after another "
@@ -314,7 +315,8 @@ def _launch(run, args: argparse.Namespace, launched_at: float) -> int:
     if config.logging.progress and not args.quiet:
         sinks.append(ConsoleProgress())
     args.rounds_started = True  # from here on a failure is the run's own (summary.json)
-    summary = execute(run, sinks, address=args.address, launched_at=launched_at)
+    summary = execute(run, sinks, address=args.address, launched_at=launched_at,
+                      warm=not getattr(args, "cold", False))
     figures, pending = [], False
     if config.logging.curves:
         new_run = run.restore is None and run.task.partition.label_counts is not None

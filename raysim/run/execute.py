@@ -31,7 +31,7 @@ from raysim.types import RunSummary
 
 def execute(
     run: Run, sinks: Iterable[Any] = (), address: str | None = None,
-    launched_at: float | None = None, pool: WarmPool | None = None,
+    launched_at: float | None = None, pool: WarmPool | None = None, warm: bool = True,
 ) -> RunSummary:
     """Run the simulation; returns the summary (also given to every sink's `finish`).
 
@@ -41,7 +41,7 @@ def execute(
     `launched_at` (a `time.perf_counter()` reading, default: now) is where the reported time to
     the first round starts counting; the CLI passes its own start. `pool`: where the run's
     actors come from and go back to (`raysim.engine.warm`); on the cluster `raysim up`
-    started, its warm pool.
+    started, its warm pool unless `warm` is False (fresh actors, ended with the run).
     """
     started = time.perf_counter()
     launched_at = started if launched_at is None else launched_at
@@ -61,7 +61,7 @@ def execute(
             packages = plugin_packages(config)
             connect(address, packages, {SHIPPED_ENV: shipped})
             # a warm actor has the packages of the run that created it: plug-ins start cold
-            if pool is None and on_raysim_head(address) and not packages:
+            if pool is None and warm and on_raysim_head(address) and not packages:
                 pool = ClusterPool()
         else:
             dashboard = connect(address, resources=config.resources)

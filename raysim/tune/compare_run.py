@@ -45,10 +45,10 @@ class MethodOutcome:
 
 
 def run_comparison(comparison: Comparison, out_dir: Path, address: str | None = None,
-                   verbose: int = 0, resume: bool = False) -> Any:
+                   verbose: int = 0, resume: bool = False, warm: bool = True) -> Any:
     """Tune and rerun every method, then write the report (`raysim.results.compare_report`);
     returns what `write_compare_report` returns. With `resume`, what `out_dir` already holds of
-    this comparison is kept (see the module's docstring)."""
+    this comparison is kept (see the module's docstring). `warm`: as for `run_sweep`."""
 
     out_dir = Path(out_dir).resolve()
     check_directory(comparison, out_dir, resume)
@@ -66,18 +66,18 @@ def run_comparison(comparison: Comparison, out_dir: Path, address: str | None = 
                 print(f"raysim: {comparison.name}: {method.label}: its tuning was cut short; "
                       "tuning it again", flush=True)
                 shutil.rmtree(base)
-            outcome = tune_method(comparison, method, base, address, verbose)
+            outcome = tune_method(comparison, method, base, address, verbose, warm)
         else:  # tuned before; its seed runs were cut short
             outcome = dataclasses.replace(stored, seed_runs=[], seeds_seconds=0.0)
             shutil.rmtree(base / "seeds", ignore_errors=True)
         if not outcome.error:
-            rerun_on_seeds(comparison, outcome, base, address, verbose)
+            rerun_on_seeds(comparison, outcome, base, address, verbose, warm)
         outcomes.append(outcome)
     return write_compare_report(comparison, outcomes, out_dir)
 
 
 def tune_method(comparison: Comparison, method: Method, base: Path, address: str | None,
-                verbose: int) -> MethodOutcome:
+                verbose: int, warm: bool = True) -> MethodOutcome:
     """The method's tuning sweep under the comparison's budget, and its best trial's values
     (or, when no trial reported the selection metric, why there are none)."""
 
@@ -87,7 +87,7 @@ def tune_method(comparison: Comparison, method: Method, base: Path, address: str
           flush=True)
     started = time.perf_counter()
     tuning = run_sweep(comparison.tuning_sweep(method), outcome.tuning_dir, address, verbose,
-                       plot=False)
+                       plot=False, warm=warm)
     outcome.tuning_seconds = time.perf_counter() - started
     outcome.trials_run = len(tuning.table)
     rank = f"best_{comparison.selection_metric}"
@@ -102,7 +102,7 @@ def tune_method(comparison: Comparison, method: Method, base: Path, address: str
 
 
 def rerun_on_seeds(comparison: Comparison, outcome: MethodOutcome, base: Path,
-                   address: str | None, verbose: int) -> None:
+                   address: str | None, verbose: int, warm: bool = True) -> None:
     """The tuned configuration on every seed of the comparison, recorded in `outcome`."""
 
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -111,7 +111,7 @@ def rerun_on_seeds(comparison: Comparison, outcome: MethodOutcome, base: Path,
           f"seeds {', '.join(map(str, comparison.seeds))}", flush=True)
     started = time.perf_counter()
     seeds = run_sweep(comparison.seed_sweep(outcome.method, outcome.tuned), base / "seeds",
-                      address, verbose, plot=False)
+                      address, verbose, plot=False, warm=warm)
     outcome.seeds_seconds = time.perf_counter() - started
     rows = seeds.table
     if len(rows):

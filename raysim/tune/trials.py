@@ -127,7 +127,7 @@ def trial_config(sweep: Sweep, params: dict[str, Any], cpu_only: bool) -> Config
 
 
 def run_trial(params: dict[str, Any], *, sweep: Sweep, trials_dir: str, cpu_only: bool,
-              resumed: bool = False) -> None:
+              resumed: bool = False, warm: bool = True) -> None:
     """One Tune trial: a whole FL run, logged to its own run directory (and W&B run). In a
     resumed sweep (`resumed`) a trial goes on from its run directory's newest checkpoint."""
     from ray import tune
@@ -155,7 +155,7 @@ def run_trial(params: dict[str, Any], *, sweep: Sweep, trials_dir: str, cpu_only
     sinks: list[Sink] = [RunDirectory(run.run_dir), report, *extra_sinks(config, run.run_dir)]
     # Tune gives this process to the next trial with the same resources (reuse_actors):
     # the workers and server wait here for it, warm
-    execute(run, sinks, pool=process_pool())
+    execute(run, sinks, pool=process_pool() if warm else None, warm=warm)
 
 
 def trial_left_off(config: Config, run_dir: Path) -> tuple[Any, list] | None:
@@ -265,14 +265,15 @@ def source_of(sweep_dir: Path) -> Path:
 
 def run_sweep(sweep: Sweep, sweep_dir: Path, address: str | None = None,
               verbose: int = 0, resume: bool = False,
-              source: Path | None = None, plot: bool = True) -> SweepOutcome:
+              source: Path | None = None, plot: bool = True, warm: bool = True) -> SweepOutcome:
     """Run every trial of `sweep` on the cluster at `address` (default: a local Ray) and write
     the trials table, the best config and the plot into `sweep_dir`. `verbose` is Ray Tune's
     console output (0: one raysim line per trial start and end instead). With `resume`, an
     interrupted sweep in `sweep_dir` goes on from its trials' run directories alone (Tune's
     saved state is never read): finished trials stay and report their rounds again, unfinished
     and failed ones continue from their newest raysim checkpoint. `plot`: draw the metric
-    against the swept heterogeneity keys."""
+    against the swept heterogeneity keys. `warm`: a trial's process and actors go on to the
+    next trial with the same resources (False: every trial starts its own)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -299,7 +300,7 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, address: str | None = None,
     trials_dir.mkdir(parents=True, exist_ok=True)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, sweep=sweep, trials_dir=str(trials_dir),
-                             cpu_only=cpu_only, resumed=resume),
+                             cpu_only=cpu_only, resumed=resume, warm=warm),
         resources=lambda params: tune.PlacementGroupFactory(
             trial_bundles(trial_config(sweep, params, cpu_only), sweep.trial_driver_cpus)),
     )
@@ -327,7 +328,7 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, address: str | None = None,
             num_samples=sweep.num_samples,
             # a finished trial's process and placement group go to the next trial with the
             # same resources, with the actors it created (warm: raysim.engine.warm)
-            reuse_actors=True,
+            reuse_actors=warm,
             # The generator itself limits concurrency (Tune ignores max_concurrent_trials
             # when it is given a generator).
             search_alg=BasicVariantGenerator(random_state=sweep.seed,
