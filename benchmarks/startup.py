@@ -11,13 +11,20 @@ shared machine hits them alike:
   process is gone;
 - with `--baseline DIR`: the same launch of another raysim checkout (e.g. `git archive` of an
   older commit unpacked in DIR), run by this venv with DIR first on PYTHONPATH;
+- with `--warm`: `raysim up` first (its own RAYSIM_HOME), one launch that fills its warm
+  pool ("raysim on raysim up, first"), then in every repeat a launch that finds the pool warm
+  ("raysim warm"); `raysim down` at the end. The cold launches never see that cluster;
+- with `--compare`: a 2-method × 4-trial `raysim compare` (digits α = 0.5, FedAvg and FedProx,
+  3 rounds, one seed), cold (`--cold`: every trial starts its actors) against warm (the
+  default: a trial's process and actors go on to the next trial), interleaved; the wall time
+  and each trial's start (from the trial's run starting to its actors being ready);
 - with `--peers`: the quickstart's work (benchmarks/quickstart_work.py) on pfl-research
   (`pip install pfl`, a venv of its own in ~/.cache/raysim/benchmarks/pfl-venv) and on
   Flower's simulation (benchmarks/.flower-venv, as benchmarks/scale.py makes it); each venv is
   made on first use, with the CPU build of torch.
 
-    .venv/bin/python benchmarks/startup.py [--repeats 3] [--peers] [--baseline DIR]
-        [--note "what else ran on the machine"]
+    .venv/bin/python benchmarks/startup.py [--repeats 3] [--warm] [--compare] [--peers]
+        [--baseline DIR] [--note "what else ran on the machine"]
 
 Writes benchmarks/results/startup.json, benchmarks/figures/startup.png (the phases as
 stacked bars, medians) and prints a table.
@@ -49,11 +56,17 @@ PHASES = [("interpreter", "Python, CLI imports"), ("prepared", "config and data"
           ("results_line", "to the results line"), ("ending", "to the process end")]
 
 
-def launch(label: str, extra: list[str], python_path: str | None = None) -> dict:
+COLD_HOME = SCRATCH / "home-cold"  # RAYSIM_HOME of the cold launches: no `raysim up` there
+WARM_HOME = SCRATCH / "home-warm"  # that of `raysim up` and the warm launches
+
+
+def launch(label: str, extra: list[str], python_path: str | None = None,
+           home: Path = COLD_HOME) -> dict:
     """One `raysim launch` of the quickstart in a fresh process: its phases (seconds)."""
-    run_dir = SCRATCH / label.replace(" ", "_")
+    run_dir = SCRATCH / label.replace(" ", "_").replace(",", "")
     shutil.rmtree(run_dir, ignore_errors=True)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAYSIM_HOME"] = str(home)
     cwd = ROOT
     if python_path:
         env["PYTHONPATH"] = os.pathsep.join([python_path, env.get("PYTHONPATH", "")])
@@ -92,7 +105,42 @@ def launch(label: str, extra: list[str], python_path: str | None = None) -> dict
         "launch_to_first_round": interpreter + phases["first_round"],
         "whole_process": ended,
         "final_accuracy": summary["final"].get("test_accuracy"),
+        "warm_workers": float(summary.get("warm_workers", False)),
     }
+
+
+def raysim_command(*args: str, home: Path = WARM_HOME) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAYSIM_HOME"] = str(home)
+    done = subprocess.run([sys.executable, "-m", "raysim.cli", *args], capture_output=True,
+                          text=True, env=env, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"raysim {' '.join(args)}: {done.stderr[-2000:]}")
+    return done.stdout
+
+
+COMPARE = ["yaml/compare/digits_a0.5.yaml", "-o", "methods=[fedavg,fedprox]",
+           "-o", "budget.trials=4", "-o", "seeds=[0]", "-o", "overrides.rounds=3",
+           "-o", "budget.scheduler.name=none",
+           "-o", "max_concurrent_trials=1"]
+
+
+def compare(cold: bool) -> dict:
+    """The 2-method × 4-trial comparison in a fresh process: wall time, trial starts."""
+    out = SCRATCH / ("compare-cold" if cold else "compare-warm")
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    raysim_command("compare", *COMPARE, "--out", str(out), *(["--cold"] if cold else []),
+                   home=COLD_HOME)
+    wall = time.perf_counter() - started
+    settle()
+    summaries = [json.loads(p.read_text()) for p in sorted(out.glob("methods/*/*/trials/*/"
+                                                                     "summary.json"))]
+    starts = [s["startup_phases"]["actors_ready"] for s in summaries]
+    return {"whole_process": wall, "trials": float(len(summaries)),
+            "warm_trials": float(sum(s.get("warm_workers", False) for s in summaries)),
+            "trial_start_median": statistics.median(starts), "trial_start_max": max(starts),
+            "trial_start_total": sum(starts)}
 
 
 def settle(run_dir: Path | None = None) -> None:
@@ -189,12 +237,26 @@ def main() -> None:
                         help="also time pfl-research and Flower (venvs of their own)")
     parser.add_argument("--baseline", metavar="DIR",
                         help="another raysim checkout to launch the same way")
+    parser.add_argument("--warm", action="store_true",
+                        help="also launch on a `raysim up` cluster, warm")
+    parser.add_argument("--compare", action="store_true",
+                        help="also a 2-method × 4-trial raysim compare, cold against warm")
     parser.add_argument("--note", default="", help="what else ran on the machine meanwhile")
     args = parser.parse_args()
     settings: dict[str, object] = {
         "raysim": lambda: launch("raysim", []),
         "raysim --dashboard": lambda: launch("raysim dashboard", ["--dashboard"]),
     }
+    measured: dict[str, list[dict]] = {}
+    if args.warm:
+        shutil.rmtree(SCRATCH, ignore_errors=True)
+        raysim_command("up")
+        first = "raysim on raysim up, first"
+        measured[first] = [launch(first, [], home=WARM_HOME)]
+        settings["raysim warm"] = lambda: launch("raysim warm", [], home=WARM_HOME)
+    if args.compare:
+        settings["compare, cold"] = lambda: compare(cold=True)
+        settings["compare, warm"] = lambda: compare(cold=False)
     if args.baseline:
         base = str(Path(args.baseline).resolve())
         settings["raysim before"] = lambda: launch("raysim before", [], base)
@@ -203,26 +265,33 @@ def main() -> None:
             peer_venv(name)  # made before the timing starts
         settings["pfl-research"] = lambda: peer("pfl")
         settings["Flower"] = lambda: peer("flower")
-    measured: dict[str, list[dict]] = {label: [] for label in settings}
+    measured.update({label: [] for label in settings})
     loads, failures = [], []
-    for repeat in range(args.repeats):
-        for label, run in settings.items():
-            loads.append(os.getloadavg()[0])
-            try:
-                measured[label].append(run())
-            except RuntimeError as error:  # kept in the report, left out of the medians
-                failures.append({"setting": label, "repeat": repeat, "error": str(error)})
-                print(f"[{repeat + 1}/{args.repeats}] {label:<20} failed", flush=True)
-                continue
-            print(f"[{repeat + 1}/{args.repeats}] {label:<20} whole process "
-                  f"{measured[label][-1]['whole_process']:.1f} s", flush=True)
+    try:
+        for repeat in range(args.repeats):
+            for label, run in settings.items():
+                loads.append(os.getloadavg()[0])
+                try:
+                    measured[label].append(run())
+                except RuntimeError as error:  # kept in the report, left out of the medians
+                    failures.append({"setting": label, "repeat": repeat, "error": str(error)})
+                    print(f"[{repeat + 1}/{args.repeats}] {label:<20} failed", flush=True)
+                    continue
+                print(f"[{repeat + 1}/{args.repeats}] {label:<20} whole process "
+                      f"{measured[label][-1]['whole_process']:.1f} s", flush=True)
+    finally:
+        if args.warm:
+            raysim_command("down")
     rows = {label: median_of(runs) for label, runs in measured.items() if runs}
+    comparisons = {label: rows.pop(label) for label in list(rows) if label.startswith("compare")}
     report = {
         "workload": "yaml/quickstart.yaml: 20 rounds × 10 of 50 clients, 5 local epochs",
         "repeats": args.repeats, "machine": {"cpus": os.cpu_count(),
                                              "python": platform.python_version()},
         "load_average_at_starts": [round(x, 2) for x in loads],
-        "note": args.note, "medians": rows, "runs": measured, "failures": failures,
+        "note": args.note, "medians": rows, "compare_medians": comparisons,
+        "compare_command": "raysim compare " + " ".join(COMPARE),
+        "runs": measured, "failures": failures,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "startup.json").write_text(json.dumps(report, indent=2))
@@ -236,6 +305,13 @@ def main() -> None:
         print(f"{label:<20}{row['whole_process']:>14.1f}s{low:>7.1f}-{high:<6.1f}"
               f"{row['launch_to_first_round']:>12.1f}s{row['rounds']:>6.1f}s"
               f"{row['ending']:>7.1f}s{row['final_accuracy']:>10.4f}")
+    if comparisons:
+        print(f"\n{'':<20}{'whole process':>15}{'trials':>8}{'warm':>6}{'trial start':>13}"
+              f"{'max':>7}{'all starts':>12}")
+    for label, row in comparisons.items():
+        print(f"{label:<20}{row['whole_process']:>14.1f}s{row['trials']:>8.0f}"
+              f"{row['warm_trials']:>6.0f}{row['trial_start_median']:>12.2f}s"
+              f"{row['trial_start_max']:>6.1f}s{row['trial_start_total']:>11.1f}s")
     print(f"\nresults in {RESULTS / 'startup.json'}, figure {FIGURES / 'startup.png'}")
 
 
