@@ -31,9 +31,14 @@ Everything else — the clamps and τ = 0.005 (§3.4), FSR's T = 0.1, persistent
 `feature_path: per_branch` (default) computes the same prototypes and losses as `materialized`
 (the official concatenation at full resolution) without building it (see the model's module).
 
-Privacy: refused. Local DP of the pixel prototypes needs each last-epoch batch's class means,
-which the client step does not keep (`raysim.methods.privacy.private_pixel_prototypes` has the
-mechanism); central DP does not cover the prototypes.
+Privacy: local DP (`privacy.mechanism: local`) uploads the prototypes of
+`raysim.methods.privacy.private_pixel_prototypes`: each last-epoch batch's (background,
+foreground) class means of a level, which the objective keeps beside their running sum, clipped
+jointly to B, summed and noised, with the batches showing each class counted and noised. It
+protects any one image (replacing it changes one batch of the last epoch) and, through the
+weights part, the client's whole dataset; it does not protect which classes a site's images
+show beyond the noised counts. Central DP is refused: it noises the mean weight update and
+would leave the prototypes unprotected.
 """
 
 from __future__ import annotations
@@ -109,6 +114,9 @@ class BCSState(ServerState):
 class BCSUpdate(ClientUpdate):
     prototypes: dict[str, Tensor] = field(default_factory=dict)  # level → (2, D)
     counts: dict[str, Tensor] = field(default_factory=dict)  # level → batches showing each class
+    # under local DP only, for the worker's mechanism (which drops them): each last-epoch
+    # batch's class means, level → (n, 2, D), and the classes it showed, level → (n, 2)
+    batch_means: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
 
 
 # ---------------------------------------------------------------------------- the method
@@ -210,7 +218,9 @@ class FedBCS(FedAvg):
 
     def upload(self, step: LocalRound) -> BCSUpdate:
         prototypes, counts = step.trained
-        return extend(super().upload(step), BCSUpdate, prototypes=prototypes, counts=counts)
+        private = self.task is not None and self.task.privacy is not None
+        return extend(super().upload(step), BCSUpdate, prototypes=prototypes, counts=counts,
+                      batch_means=step.objective.batch_means() if private else None)
 
     def alignment_loss(
         self, features: LevelFeatures, labels: Tensor,
@@ -251,6 +261,9 @@ class AlignmentObjective:
         self.step = 0
         self.sums: dict[str, Tensor] = {}
         self.counts: dict[str, Tensor] = {}
+        # each collected batch's (2, D) class means and the classes it shows (local DP)
+        self.blocks: dict[str, list[Tensor]] = {}
+        self.shown: dict[str, list[Tensor]] = {}
         # running sums (no per-batch device sync): seg loss, alignment loss, saturation, terms
         self.running = torch.zeros(4, device=device)
 
@@ -282,17 +295,30 @@ class AlignmentObjective:
     @torch.no_grad()
     def _collect(self, level: str, features: LevelFeatures, labels: Tensor) -> None:
         """§3.2: this batch's class means, summed towards the mean over batches."""
+        dim = self.model.fusion[level].dim
         if level not in self.sums:
-            dim = self.model.fusion[level].dim
             self.sums[level] = torch.zeros(2, dim, dtype=torch.float64)
             self.counts[level] = torch.zeros(2, dtype=torch.long)
+            self.blocks[level], self.shown[level] = [], []
+        block = torch.zeros(2, dim, dtype=torch.float64)
+        shown = torch.zeros(2, dtype=torch.bool)
         for c in (0, 1):
             mask = labels == c
             n = int(mask.sum())
             if n == 0:
                 continue
-            self.sums[level][c] += (features.class_sums(mask).double() / n).cpu()
-            self.counts[level][c] += 1
+            block[c] = (features.class_sums(mask).double() / n).cpu()
+            shown[c] = True
+        self.sums[level] += block
+        self.counts[level] += shown.long()
+        self.blocks[level].append(block)
+        self.shown[level].append(shown)
+
+    def batch_means(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Each collected batch's class means, level → (n, 2, D), and the classes it showed,
+        level → (n, 2) (what local DP clips and noises)."""
+        return ({level: torch.stack(b) for level, b in self.blocks.items()},
+                {level: torch.stack(s) for level, s in self.shown.items()})
 
     def local_prototypes(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         means = {level: (s / self.counts[level].clamp(min=1)[:, None]).float()

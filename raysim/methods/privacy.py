@@ -31,9 +31,8 @@ per record and noised as sums with noised counts (`noised_class_statistics`):
 - `pixel_prototypes` (FedBCS): each last-epoch batch's (background, foreground) class means of
   one level, clipped jointly to B, summed, plus N(0, σ²B²); the batches showing each class,
   plus N(0, σ²). Protects any one image (replace-one: it changes one batch), at sensitivity 2B
-  on the sums and √2 on the counts (the accountant sees σ/2 and σ/√2). The engine does not
-  run it yet: FedBCS's client step keeps only the summed class means, not each batch's, so
-  local DP of FedBCS is refused before the run (`check_method`).
+  on the sums and √2 on the counts (the accountant sees σ/2 and σ/√2). FedBCS's objective
+  keeps each last-epoch batch's class means beside their sum for it.
 - `weights`: the weights alone. Protects the client's whole dataset (any two datasets: 2C).
 
 Counts are `noised` (uploaded rounded, at least 0) or `withheld` (only whether the noised
@@ -62,9 +61,6 @@ from raysim.types import Weights
 # where a plan is made or accounted, so a run without privacy never pays for it.
 
 KNOWN_UPLOADS = ("weights", "prototypes", "class_gradients", "pixel_prototypes")
-# the kinds the engine privatises: FedBCS's pixel prototypes need each last-epoch batch's class
-# means, which its client step does not keep (`private_pixel_prototypes` has the mechanism)
-ENGINE_UPLOADS = ("weights", "prototypes", "class_gradients")
 SUM_STREAM, COUNT_STREAM = 0, 1  # the server's two draws of a round, independent
 READ_BATCH_SIZE = 256
 
@@ -245,15 +241,10 @@ def check_method(mechanism: str, method: str, uploads: str, weighted_mean: bool,
                 "the noise would not bound what its model reveals (use a mean-aggregating "
                 "method, or mechanism: local)")
         return
-    if uploads == "pixel_prototypes":
-        raise ConfigError(
-            f"privacy.mechanism: local DP of {method}'s pixel prototypes needs each last-epoch "
-            "batch's class means, which its client step does not keep; run it without privacy "
-            "(privacy.mechanism: none)")
-    if uploads not in ENGINE_UPLOADS:
+    if uploads not in KNOWN_UPLOADS:
         raise ConfigError(
             f"privacy.mechanism: local DP does not know {method}'s upload {uploads!r}; it "
-            f"privatises: {', '.join(ENGINE_UPLOADS)}")
+            f"privatises: {', '.join(KNOWN_UPLOADS)}")
     if uploads == "prototypes" and task != "classification":
         raise ConfigError(
             f"privacy.mechanism: local DP of {method}'s pixel prototypes on a {task} task is "
@@ -492,13 +483,14 @@ def privatize_gradient_upload(update: Any, step: Any, plan: PrivacyPlan,
 
 def privatize_pixel_upload(update: Any, step: Any, plan: PrivacyPlan,
                            generator: torch.Generator) -> Any:
-    """FedBCS's prototypes from the per-batch class means its objective kept
-    (`step.objective.batch_means()` → (level → (n, 2, D), level → (n, 2) shown))."""
+    """FedBCS's prototypes from the per-batch class means its upload carries under privacy
+    (`update.batch_means`: level → (n, 2, D), level → (n, 2) shown), which go no further."""
     fields = _weights_part(update, step, plan, generator)
-    batch_means, shown = step.objective.batch_means()
+    batch_means, shown = update.batch_means
     prototypes, counts = private_pixel_prototypes(batch_means, shown, plan.feature_clip,
                                                   plan.noise_multiplier, plan.counts, generator)
-    return dataclasses.replace(update, prototypes=prototypes, counts=counts, **fields)
+    return dataclasses.replace(update, prototypes=prototypes, counts=counts, batch_means=None,
+                               **fields)
 
 
 LOCAL_MECHANISMS = {"weights": privatize_weight_upload,
