@@ -2,11 +2,15 @@
 
 Both run the same workload (default: yaml/quickstart.yaml): the same partition, the same
 sampled clients each round, the same local SGD steps and an evaluation every round. The plain
-loop runs with 1 and with 2 torch threads; "ideal 2-way" is half the 1-thread time (perfect
-parallelism over 2 cores, no overhead). All timings come from this one run, with the three loops
-interleaved in each repeat, so compare ratios.
+loop runs with 1 and with 2 torch threads; "ideal 2-way" is half the 1-thread time: perfect
+parallelism over 2 cores of the same per-client work, no overhead. It bounds a loop that trains
+its clients one by one, as the plain loop does; it is not a bound for client groups
+(`train.client_group` = K, measured too with `--group K`), which change the work itself (one
+vmapped step for K clients instead of K steps). All timings come from this one run, with the
+loops interleaved in each repeat, so compare ratios.
 
     .venv/bin/python benchmarks/throughput.py [--config yaml/quickstart.yaml] [--repeats 1]
+        [--group K]
 
 Writes benchmarks/results/throughput.json and prints a table.
 """
@@ -106,15 +110,23 @@ def main() -> None:
     parser.add_argument("--config", default="yaml/quickstart.yaml")
     parser.add_argument("--repeats", type=int, default=1, help="median over this many runs")
     parser.add_argument("-o", "--override", action="append", default=[])
+    parser.add_argument("--group", type=int, default=0,
+                        help="also raysim with train.client_group=K (0: not measured)")
     args = parser.parse_args()
 
     config = load_config(args.config, args.override)
     run = prepare(config, RESULTS / "scratch")
     measured: dict[str, list[dict]] = {"plain_1_thread": [], "plain_2_threads": [], "raysim": []}
-    for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits all three
+    if args.group:
+        grouped = load_config(args.config, [*args.override, f"train.client_group={args.group}"])
+        grouped_run = prepare(grouped, RESULTS / "scratch-grouped")
+        measured["raysim_grouped"] = []
+    for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits them alike
         measured["plain_1_thread"].append(plain_pytorch(config, run.task, threads=1))
         measured["plain_2_threads"].append(plain_pytorch(config, run.task, threads=2))
         measured["raysim"].append(raysim_rounds(config, run))
+        if args.group:
+            measured["raysim_grouped"].append(raysim_rounds(grouped, grouped_run))
 
     seconds = {k: statistics.median(m["seconds"] for m in v) for k, v in measured.items()}
     ideal = seconds["plain_1_thread"] / 2
@@ -127,6 +139,9 @@ def main() -> None:
         "torch": torch.__version__,
         "seconds": seconds,
         "ideal_2way_seconds": ideal,
+        "ideal_2way_means": "half the 1-thread one-by-one loop: a bound for one-by-one "
+                            "training only, not for client groups",
+        "client_group": args.group,
         "ratios": {
             "raysim_vs_ideal_2way": seconds["raysim"] / ideal,
             "raysim_vs_plain_1_thread": seconds["raysim"] / seconds["plain_1_thread"],
@@ -143,6 +158,8 @@ def main() -> None:
     rows = [("plain PyTorch, 1 thread", "plain_1_thread"),
             ("plain PyTorch, 2 threads", "plain_2_threads"),
             (f"raysim, {measured['raysim'][0]['num_workers']} workers", "raysim")]
+    if args.group:
+        rows.append((f"raysim, groups of {args.group}", "raysim_grouped"))
     print(f"{'ideal 2-way (1 thread / 2)':<28}{ideal:>9.2f}{ideal / config.rounds:>9.3f}"
           f"{1.0:>9.2f}{'':>11}")
     for label, key in rows:
