@@ -1,6 +1,6 @@
 """Plug-ins for every extension point, installed for real: the example package (one method,
-one dataset, one partitioner, one sink) runs under `raysim launch` and a 2-trial `raysim
-tune`; broken, incomplete and clashing plug-ins each give one error line before Ray starts."""
+one dataset, one partitioner, one sink) runs under a 2-trial `raysim tune`; broken, incomplete
+and clashing plug-ins each give one error line before Ray starts."""
 
 from __future__ import annotations
 
@@ -37,29 +37,27 @@ def installed(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_the_example_plugin_runs_under_launch_and_tune(installed, tmp_path):
-    run_dir = tmp_path / "run"
-    # launch in one process (Ray workers importing the plug-in are the sweep's part below)
-    done = raysim("launch", str(EXAMPLE / "example.yaml"), "--run-dir", str(run_dir),
-                  "--quiet", "-o", "resources.backend=local", site=installed)
-    assert done.returncode == 0, done.stderr
-    lines = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
-    assert [line["round"] for line in lines[:-1]] == [1, 2, 3, 4, 5]  # the plug-in sink
-    assert "test_accuracy" in lines[-1]["summary"]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["algorithm"] == "fedavgm" and summary["status"] == "completed"
-    histograms = pd.read_parquet(run_dir / "label_histograms.parquet")
-    assert histograms["count"].sum() == 600  # the plug-in dataset's training split
-    per_client = histograms[histograms["count"] > 0].groupby("client")["label"].nunique()
-    assert per_client.max() <= 2  # the plug-in partitioner: one or two classes per client
-
+def test_the_example_plugin_runs_under_tune(installed, tmp_path):
+    """A 2-trial `raysim tune` of the example, its runs on Ray workers that import the plug-in
+    (`raysim launch` of it, there on a two-node cluster: tests/cli/test_cluster.py)."""
     out = tmp_path / "sweep"
     swept = raysim("tune", str(EXAMPLE / "sweep.yaml"), "--out", str(out), site=installed)
     assert swept.returncode == 0, swept.stdout + swept.stderr
     table = pd.read_parquet(out / "trials.parquet")
     assert sorted(table["algorithm.beta"]) == [0.0, 0.5]
     assert (table["status"] == "TERMINATED").all() and (table["rounds"] == 5).all()
-    assert len(list(out.glob("trials/*/rounds.jsonl"))) == 2
+    run_dirs = sorted(out.glob("trials/*"))
+    assert len(run_dirs) == 2
+    for run_dir in run_dirs:
+        lines = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+        assert [line["round"] for line in lines[:-1]] == [1, 2, 3, 4, 5]  # the plug-in sink
+        assert "test_accuracy" in lines[-1]["summary"]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["algorithm"] == "fedavgm" and summary["status"] == "completed"
+        histograms = pd.read_parquet(run_dir / "label_histograms.parquet")
+        assert histograms["count"].sum() == 600  # the plug-in dataset's training split
+        per_client = histograms[histograms["count"] > 0].groupby("client")["label"].nunique()
+        assert per_client.max() <= 2  # the plug-in partitioner: one or two classes per client
 
 
 def write_distribution(site: Path, name: str, group: str, entry: str, module: str = "") -> None:
@@ -73,39 +71,20 @@ def write_distribution(site: Path, name: str, group: str, entry: str, module: st
         (site / f"{module_name}.py").write_text(module)
 
 
-def config_error(site: Path, *overrides: str) -> list[str]:
-    done = raysim("config", "yaml/quickstart.yaml", *[f"-o{o}" for o in overrides],
-                  site=site, RAY_ADDRESS="127.0.0.1:9")
-    assert done.returncode == 2, done.stdout + done.stderr
-    return done.stderr.strip().splitlines()
-
-
-def test_a_plugin_that_fails_to_import_is_named(tmp_path):
-    write_distribution(tmp_path, "broken_plugin", "raysim.algorithms",
+def broken_plugin(site: Path) -> None:
+    write_distribution(site, "broken_plugin", "raysim.algorithms",
                        "broken = broken_module:Method", "import not_installed_anywhere\n")
-    lines = config_error(tmp_path, "algorithm.name=broken")
-    assert lines == ["raysim: error: algorithm.name: the algorithm plug-in 'broken' "
-                     "(broken_module:Method, from broken_plugin) failed to import: "
-                     "ModuleNotFoundError: No module named 'not_installed_anywhere'"]
 
 
-def test_a_plugin_without_the_contract_names_what_is_missing(tmp_path):
-    write_distribution(tmp_path, "thin_plugin", "raysim.sinks", "thin = thin_module:Thin",
+def thin_plugin(site: Path) -> None:
+    write_distribution(site, "thin_plugin", "raysim.sinks", "thin = thin_module:Thin",
                        "class Thin:\n    def start(self, run): ...\n")
-    lines = config_error(tmp_path, "logging.sinks=[thin]")
-    assert lines == ["raysim: error: logging.sinks[0]: the sink plug-in 'thin' "
-                     "(thin_module:Thin, from thin_plugin) lacks log_round, finish, which every "
-                     "sink must have"]
 
 
-def test_two_plugins_with_one_name_name_both_packages(tmp_path):
+def clashing_plugins(site: Path) -> None:
     for package in ("first_blobs", "second_blobs"):
-        write_distribution(tmp_path, package, "raysim.datasets",
+        write_distribution(site, package, "raysim.datasets",
                            f"blobs = {package}_module:blobs", "blobs = None\n")
-    lines = config_error(tmp_path, "data.dataset=blobs")
-    assert len(lines) == 1 and lines[0].startswith(
-        "raysim: error: data.dataset: two packages register the dataset 'blobs'")
-    assert "first_blobs" in lines[0] and "second_blobs" in lines[0]
 
 
 SIZED_DATASET = '''
@@ -139,14 +118,73 @@ sized, untyped = Sized(), Untyped()
 '''
 
 
-def test_a_plugin_config_that_rejects_a_key_names_the_plugin_and_the_key(tmp_path):
-    write_distribution(tmp_path, "sized_plugin", "raysim.datasets",
+def sized_plugin(site: Path) -> None:
+    write_distribution(site, "sized_plugin", "raysim.datasets",
                        "sized = sized_module:sized\nuntyped = sized_module:untyped",
                        SIZED_DATASET)
-    lines = config_error(tmp_path, "data.dataset=sized", "data.sample=5")
-    assert lines == ["raysim: error: unknown key 'data.sample' for dataset 'sized'; did you "
-                     "mean 'data.samples'?"]
-    lines = config_error(tmp_path, "data.dataset=untyped")
-    assert lines == ["raysim: error: data.dataset: the dataset plug-in 'untyped' "
-                     "(sized_module:untyped, from sized_plugin) has a Config that is not a "
-                     "dataclass (its keys must be dataclass fields)"]
+
+
+# `raysim config` with these overrides, and only the plug-ins the function installs
+MISTAKES = {
+    "fails to import": (broken_plugin, ["algorithm.name=broken"]),
+    "lacks the contract": (thin_plugin, ["logging.sinks=[thin]"]),
+    "two of one name": (clashing_plugins, ["data.dataset=blobs"]),
+    "rejects a key": (sized_plugin, ["data.dataset=sized", "data.sample=5"]),
+    "untyped config": (sized_plugin, ["data.dataset=untyped"]),
+}
+
+
+@pytest.fixture(scope="module")
+def config_errors(tmp_path_factory) -> dict[str, list[str]]:
+    """Each MISTAKES case's stderr lines (exit status 2): its plug-ins installed in a folder of
+    its own, its `raysim config` in a process of its own, all at once (most of each one's time
+    is importing, which the cores share)."""
+    started = {}
+    for name, (install, overrides) in MISTAKES.items():
+        site = tmp_path_factory.mktemp("site")
+        install(site)
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        environment["PYTHONPATH"] = os.pathsep.join([str(site),
+                                                     os.environ.get("PYTHONPATH", "")])
+        environment["RAY_ADDRESS"] = "127.0.0.1:9"
+        started[name] = subprocess.Popen(
+            [sys.executable, "-m", "raysim.cli", "config", "yaml/quickstart.yaml",
+             *[f"-o{o}" for o in overrides]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=environment, cwd=ROOT)
+    errors = {}
+    for name, process in started.items():
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 2, f"{name}: {out}{err}"
+        errors[name] = err.strip().splitlines()
+    return errors
+
+
+def test_a_plugin_that_fails_to_import_is_named(config_errors):
+    assert config_errors["fails to import"] == [
+        "raysim: error: algorithm.name: the algorithm plug-in 'broken' "
+        "(broken_module:Method, from broken_plugin) failed to import: "
+        "ModuleNotFoundError: No module named 'not_installed_anywhere'"]
+
+
+def test_a_plugin_without_the_contract_names_what_is_missing(config_errors):
+    assert config_errors["lacks the contract"] == [
+        "raysim: error: logging.sinks[0]: the sink plug-in 'thin' "
+        "(thin_module:Thin, from thin_plugin) lacks log_round, finish, which every "
+        "sink must have"]
+
+
+def test_two_plugins_with_one_name_name_both_packages(config_errors):
+    lines = config_errors["two of one name"]
+    assert len(lines) == 1 and lines[0].startswith(
+        "raysim: error: data.dataset: two packages register the dataset 'blobs'")
+    assert "first_blobs" in lines[0] and "second_blobs" in lines[0]
+
+
+def test_a_plugin_config_that_rejects_a_key_names_the_plugin_and_the_key(config_errors):
+    assert config_errors["rejects a key"] == [
+        "raysim: error: unknown key 'data.sample' for dataset 'sized'; did you "
+        "mean 'data.samples'?"]
+    assert config_errors["untyped config"] == [
+        "raysim: error: data.dataset: the dataset plug-in 'untyped' "
+        "(sized_module:untyped, from sized_plugin) has a Config that is not a "
+        "dataclass (its keys must be dataclass fields)"]

@@ -466,14 +466,15 @@ def without_timing(results):
 def test_fedhpro_runs_deterministically_and_learns(ray_session, tmp_path, name):
     # The server keeps its default S2/S3 budget: with far fewer matching steps the classifier
     # re-trained on the meta features stays at chance for many rounds (as the code's round 1).
-    config = small_config(**{"algorithm.name": name,
-                             "rounds": 4, "algorithm.hp_steps": 5})
-    one, w1 = run(in_one_process(config), tmp_path, 0)
-    if name == "fedhpro":  # one or two Ray workers give the bits of one process
-        for num_workers in (1, 2):
-            on_ray, weights = run(config, tmp_path, num_workers)
-            assert without_timing(on_ray) == without_timing(one)
-            assert all(torch.equal(weights[k], w1[k]) for k in w1)
+    # FedHPro's test accuracy is past 0.3 after round 2, the paper variant's past 0.2 only
+    # after round 4.
+    config = small_config(**{"algorithm.name": name, "rounds": 3 if name == "fedhpro" else 4,
+                             "algorithm.hp_steps": 5})
+    one, w1 = run(in_one_process(config), tmp_path, 1)  # one worker, in this process
+    if name == "fedhpro":  # on two Ray workers: the same bits (backend and workers change none)
+        on_ray, weights = run(config, tmp_path, 2)
+        assert without_timing(on_ray) == without_timing(one)
+        assert all(torch.equal(weights[k], w1[k]) for k in w1)
     metrics = one[-1].metrics
     assert metrics["clients_failed"] == 0
     assert {"server_hp_match_loss_last", "server_hp_init_cosine",

@@ -99,8 +99,9 @@ def test_segmentation_feature_level_and_inference_errors():
     ("moon", []),
 ])
 def test_carried_over_methods_learn_to_segment(tmp_path, method, extra):
+    # test Dice after round 3: fedproto 0.292, fpl 0.305, moon 0.344 (the bar: 0.173)
     overrides = [*extra,
-        "rounds=5", "logging.progress=false", "logging.curves=false", "train.local_epochs=3",
+        "rounds=3", "logging.progress=false", "logging.curves=false", "train.local_epochs=3",
         "train.lr=0.003", "data.sites=4", "data.partition.num_clients=4",
         "clients_per_round=4", "data.train_per_site=18",
         "data.val_per_site=6", "data.test_per_site=8",

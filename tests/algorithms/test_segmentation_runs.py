@@ -29,15 +29,17 @@ def trivial_dice(masks: np.ndarray) -> tuple[float, float]:
 @pytest.mark.slow
 @pytest.mark.parametrize("flavour", ["synthetic_organ", "synthetic_nuclei"])
 def test_fedbcs_learns_to_segment_every_site(tmp_path, flavour):
+    # Test Dice per round, against the best trivial prediction's (the bar is 0.05 above it):
+    # organ 0.153, 0.227, 0.314 (trivial 0.123); nuclei 0.204, 0.356 (trivial 0.171).
     overrides = [  # in one process: FedBCS on Ray is test_durable's
-        "rounds=5", "eval_every=1", "logging.progress=false", "train.local_epochs=3",
+        "rounds=3", "eval_every=1", "logging.progress=false", "train.local_epochs=3",
         "resources.backend=local",
         "data.train_per_site=18", "data.val_per_site=6",
         "data.test_per_site=8", "data.image_size=32",
     ]
     if flavour == "synthetic_nuclei":  # nuclei are only a few pixels wide below 64²; at 64²
-        # three rounds already segment far above the trivial predictions
-        overrides += ["data.image_size=64", "rounds=3"]
+        # two rounds already segment far above the trivial predictions
+        overrides += ["data.image_size=64", "rounds=2"]
     if flavour == "synthetic_organ":  # six sites in the ready config; four keep this short
         overrides += ["data.sites=4", "data.partition.num_clients=4", "train.lr=0.003",
                       "clients_per_round=4"]

@@ -72,7 +72,8 @@ def processes_matching(marks: list[str]) -> list[int]:
 
 
 def stop_processes(pids: list[int]) -> None:
-    for sig, grace in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
+    # a second to end on SIGTERM (the cluster is thrown away), then SIGKILL
+    for sig, grace in ((signal.SIGTERM, 1), (signal.SIGKILL, 10)):
         for pid in pids:
             try:
                 os.kill(pid, sig)
@@ -120,34 +121,45 @@ def raysim(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedP
                           text=True, env=env, cwd=ROOT, timeout=timeout)
 
 
+def raysim_at_once(*commands: list[str], env: dict, timeout: float = 60) -> list:
+    """Each command in a `raysim` process of its own, all at once (most of each one's time is
+    importing, which the cores share); their results in order."""
+    started = [subprocess.Popen([sys.executable, "-m", "raysim.cli", *command], text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                cwd=ROOT) for command in commands]
+    results = []
+    for process in started:
+        out, err = process.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    return results
+
+
 def without_ray_settings() -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
 
 
-@pytest.mark.parametrize("command", [
-    ["launch", "yaml/quickstart.yaml", "--address", "127.0.0.1:9"],
-    ["launch", "yaml/quickstart.yaml", "--address", "ray://127.0.0.1:9"],
-    ["tune", "yaml/sweeps/digits_alpha_algorithm.yaml", "--address", "127.0.0.1:9"],
-    ["submit", "yaml/quickstart.yaml", "--address", "http://127.0.0.1:9"],
-])
-def test_unreachable_cluster_is_one_error_line(command, tmp_path):
-    # the check answers before Ray's own connection retries (minutes) would: within the timeout
-    result = raysim(*command, env=without_ray_settings(), timeout=60)
+UNREACHABLE = {
+    "launch": ["launch", "yaml/quickstart.yaml", "--address", "127.0.0.1:9"],
+    "launch ray://": ["launch", "yaml/quickstart.yaml", "--address", "ray://127.0.0.1:9"],
+    "tune": ["tune", "yaml/sweeps/digits_alpha_algorithm.yaml", "--address", "127.0.0.1:9"],
+    "submit": ["submit", "yaml/quickstart.yaml", "--address", "http://127.0.0.1:9"],
+}
+
+
+@pytest.fixture(scope="module")
+def unreachable_answers() -> dict[str, subprocess.CompletedProcess]:
+    # the check answers before Ray's own connection retries (minutes) would: within 60 s
+    return dict(zip(UNREACHABLE, raysim_at_once(*UNREACHABLE.values(),
+                                                env=without_ray_settings(), timeout=60)))
+
+
+@pytest.mark.parametrize("name", UNREACHABLE)
+def test_unreachable_cluster_is_one_error_line(unreachable_answers, name):
+    result = unreachable_answers[name]
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("raysim: error: "), lines
     assert "127.0.0.1:9" in lines[0]
-
-
-@pytest.mark.slow
-def test_one_run_places_workers_on_both_nodes(cluster, tmp_path):
-    result = raysim("launch", "yaml/quickstart.yaml", "--address", cluster.address,
-                    "--run-dir", str(tmp_path / "run"), *TINY, env=cluster.env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["rounds_completed"] == 2
-    nodes = [worker["node_id"] for worker in summary["workers"]]
-    assert len(nodes) == 2 and len(set(nodes)) == 2  # one CPU per node, one worker on each
 
 
 @pytest.mark.slow
@@ -162,9 +174,10 @@ def test_a_submitted_job_packs_quarter_gpus_and_its_logs_hold_the_final_line(clu
 
     followed = raysim("logs", job, "--address", cluster.jobs, "--follow", env=cluster.env)
     assert followed.returncode == 0, followed.stdout[-3000:] + followed.stderr[-3000:]
-    status = raysim("status", job, "--address", cluster.jobs, env=cluster.env)
+    status, logs = raysim_at_once(["status", job, "--address", cluster.jobs],
+                                  ["logs", job, "--address", cluster.jobs], env=cluster.env)
     assert status.returncode == 0 and f"job {job}: SUCCEEDED" in status.stdout
-    logs = raysim("logs", job, "--address", cluster.jobs, env=cluster.env).stdout
+    logs = logs.stdout
     assert "round 2/2" in logs
     assert logs.strip().splitlines()[-1].startswith(f"raysim: results in {run_dir}")
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -180,9 +193,8 @@ def test_a_submitted_job_packs_quarter_gpus_and_its_logs_hold_the_final_line(clu
 @pytest.mark.slow
 def test_missing_token_is_explained(cluster):
     env = {k: v for k, v in cluster.env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    for command in (["launch", "yaml/quickstart.yaml", "--address", cluster.address],
-                    ["status", "raysim_x", "--address", cluster.jobs]):
-        result = raysim(*command, env=env, timeout=60)
+    for result in raysim_at_once(["launch", "yaml/quickstart.yaml", "--address", cluster.address],
+                                 ["status", "raysim_x", "--address", cluster.jobs], env=env):
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("raysim: error: "), lines
@@ -190,9 +202,10 @@ def test_missing_token_is_explained(cluster):
 
 
 @pytest.mark.slow
-def test_a_plugin_installed_only_on_the_driver_reaches_the_cluster_workers(cluster, tmp_path):
+def test_a_plugin_installed_only_on_the_driver_reaches_workers_on_both_nodes(cluster, tmp_path):
     """The example package is importable by the driver alone (PYTHONPATH), not by the nodes
-    started before it: `raysim launch --address` ships it through Ray's runtime_env."""
+    started before it: `raysim launch --address` ships it through Ray's runtime_env, and the
+    run places one worker on each node (one CPU per node), so both nodes import it."""
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                     "--no-build-isolation", "--target", str(site),
@@ -203,3 +216,5 @@ def test_a_plugin_installed_only_on_the_driver_reaches_the_cluster_workers(clust
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["algorithm"] == "fedavgm" and summary["rounds_completed"] == 2
+    nodes = [worker["node_id"] for worker in summary["workers"]]
+    assert len(nodes) == 2 and len(set(nodes)) == 2

@@ -72,38 +72,52 @@ def site(tmp_path_factory) -> Path:
     return site
 
 
-def raysim(*args: str, site: Path) -> subprocess.CompletedProcess:
+# `raysim launch` of CONFIG on the local backend with each plug-in of the package
+PLUGGED = {"exits": "algorithm.name=exits", "explodes": "data.dataset=explodes"}
+
+
+@pytest.fixture(scope="module")
+def launched(site, tmp_path_factory) -> dict[str, tuple[Path, Path, subprocess.CompletedProcess]]:
+    """Each PLUGGED launch in a process of its own, both at once (most of each one's time is
+    importing, which the cores share): its config file, its run directory, its result."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["PYTHONPATH"] = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "raysim.cli", *args], capture_output=True,
-                          text=True, timeout=300, env=env, cwd=ROOT)
+    started = {}
+    for name, override in PLUGGED.items():
+        folder = tmp_path_factory.mktemp(name)
+        config = folder / "guard.yaml"
+        config.write_text(CONFIG)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "raysim.cli", "launch", str(config), "-o", override,
+             "--local", "--run-dir", str(folder / "run")], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        started[name] = config, folder / "run", process
+    done = {}
+    for name, (config, run_dir, process) in started.items():
+        out, err = process.communicate(timeout=300)
+        done[name] = config, run_dir, subprocess.CompletedProcess(process.args,
+                                                                  process.returncode, out, err)
+    return done
 
 
-def test_a_plugin_that_exits_at_import_fails_the_launch_with_one_line(site, tmp_path):
-    config = tmp_path / "guard.yaml"
-    config.write_text(CONFIG)
-    done = raysim("launch", str(config), "-o", "algorithm.name=exits", "--local",
-                  "--run-dir", str(tmp_path / "run"), site=site)
+def test_a_plugin_that_exits_at_import_fails_the_launch_with_one_line(launched):
+    _, run_dir, done = launched["exits"]
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.splitlines() == [
         "raysim: error: algorithm.name: the algorithm plug-in 'exits' (guard_exits:Method, "
         "from guard-plugin) exited while being imported (SystemExit(0))"]
-    assert done.stdout == "" and not (tmp_path / "run").exists()
+    assert done.stdout == "" and not run_dir.exists()
 
 
-def test_a_plugin_that_raises_during_preparation_is_one_line_naming_it(site, tmp_path):
-    config = tmp_path / "guard.yaml"
-    config.write_text(CONFIG)
-    args = ("launch", str(config), "-o", "data.dataset=explodes", "--local",
-            "--run-dir", str(tmp_path / "run"))
-    done = raysim(*args, site=site)
+def test_a_plugin_that_raises_during_preparation_is_one_line_naming_it(launched):
+    config, run_dir, done = launched["explodes"]
     assert done.returncode == 2, done.stdout + done.stderr
     [line] = done.stderr.splitlines()
     assert line.startswith(f"raysim: error: {config}, in the plug-in package guard-plugin (")
     assert "guard_explodes.py:" in line
     assert line.endswith("): RuntimeError: the dataset server is down "
                          "(raysim --debug launch ... for the traceback)")
-    assert not (tmp_path / "run").exists()
+    assert not run_dir.exists()
 
 
 class Unreachable:

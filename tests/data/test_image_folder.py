@@ -199,6 +199,7 @@ def test_an_unseen_domain_gives_the_same_metrics_on_ray_and_locally(ray_session,
         assert main(["launch", "yaml/settings/digits_domains.yaml", "-o", "rounds=2",
                      "-o", "data.test_domains=[svhn]", "-o", "clients_per_round=4",
                      "-o", "train.local_epochs=1", "-o", f"resources.backend={backend}",
+                     "-o", "resources.num_workers=1",
                      "--run-dir", str(run_dir), "--quiet"]) == 0
         runs[backend] = metrics_of(run_dir)
     assert runs["ray"] == runs["local"]

@@ -4,9 +4,6 @@ one line naming the problem."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,17 +16,18 @@ from raysim.data import ArraySplit, Dataset, DatasetSpec
 from raysim.data.partition import ClientSplit, LabelCounts
 from raysim.run import prepare
 
-RAYSIM = [sys.executable, "-m", "raysim.cli"]
 
-
-def test_raysim_partition_writes_the_split_and_kind_file_runs_it_again(tmp_path) -> None:
+def test_raysim_partition_writes_the_split_and_kind_file_runs_it_again(tmp_path,
+                                                                        capsys) -> None:
     """`raysim partition` → file → kind file gives the same partition and the same run."""
+    from raysim.cli.main import main
+
     out = tmp_path / "split.parquet"
-    done = subprocess.run(
-        [*RAYSIM, "partition", "yaml/quickstart.yaml", "-o", "data.partition.alpha=0.3",
-         "--out", str(out)], capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr
-    assert "wrote" in done.stdout and "kind: file" in done.stdout
+    code = main(["partition", "yaml/quickstart.yaml", "-o", "data.partition.alpha=0.3",
+                 "--out", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "wrote" in printed.out and "kind: file" in printed.out
     table = pq.read_table(out)
     assert table.column_names == ["client", "index"]
     assert table.schema.metadata[b"raysim.train_samples"] == b"1347"

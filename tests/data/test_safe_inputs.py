@@ -34,6 +34,25 @@ def run_cli(*args: str, ray_address: str | None) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.fixture
+def cli_lines(monkeypatch, capsys):
+    """`raysim ARGS` in this process, with RAY_ADDRESS as `run_cli` sets it: the exit code and
+    the stderr lines (the real `raysim` process is the malicious-root test's)."""
+    from raysim.cli.main import main
+
+    def run(*args: str, ray_address: str | None) -> tuple[int, list[str]]:
+        if ray_address is None:
+            monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        else:
+            monkeypatch.setenv("RAY_ADDRESS", ray_address)
+        monkeypatch.chdir(REPO)
+        capsys.readouterr()
+        code = main(list(args))
+        return code, capsys.readouterr().err.strip().splitlines()
+
+    return run
+
+
 # --- CIFAR batches as the official files store them ------------------------------------------
 
 
@@ -343,14 +362,13 @@ def test_cli_refuses_a_malicious_cifar_root(tmp_path: Path) -> None:
     assert "ray" not in result.stdout.lower()
 
 
-def test_cli_names_a_truncated_cifar_batch(tmp_path: Path) -> None:
+def test_cli_names_a_truncated_cifar_batch(tmp_path: Path, cli_lines) -> None:
     root, _ = cifar10_root(tmp_path / "data")
     path = root / "cifar-10-batches-py" / "test_batch"
     path.write_bytes(path.read_bytes()[:100])
-    result = run_cli("launch", str(_cifar_config(tmp_path, root)), "--run-dir",
-                     str(tmp_path / "run"), ray_address=None)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
+    code, lines = cli_lines("launch", str(_cifar_config(tmp_path, root)), "--run-dir",
+                            str(tmp_path / "run"), ray_address=None)
+    assert code == 2, lines
     assert len(lines) == 1, lines
     assert lines[0].startswith(
         f"raysim: error: data: cifar10: {path}: not a CIFAR batch file (truncated or corrupted: "
@@ -369,26 +387,23 @@ UNREACHABLE = "127.0.0.1:9"
     ],
     ids=["latin-1", "binary"],
 )
-def test_cli_non_utf8_config(tmp_path: Path, content: bytes, byte: int, offset: int) -> None:
+def test_cli_non_utf8_config(tmp_path: Path, content: bytes, byte: int, offset: int,
+                            cli_lines) -> None:
     config = tmp_path / "exp.yaml"
     config.write_bytes(content)
-    result = run_cli("launch", str(config), ray_address=UNREACHABLE)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+    assert cli_lines("launch", str(config), ray_address=UNREACHABLE) == (2, [
         f"raysim: error: {config}: not a UTF-8 text file (byte 0x{byte:02x} at offset "
         f"{offset}); save it as UTF-8"
-    ]
+    ])
 
 
-def test_cli_yaml_syntax_error_is_one_line_with_position(tmp_path: Path) -> None:
+def test_cli_yaml_syntax_error_is_one_line_with_position(tmp_path: Path, cli_lines) -> None:
     config = tmp_path / "exp.yaml"
     config.write_text("name: x\nrounds: 3\ndata: {dataset: digits\nmodel: {name: cnn}\n")
-    result = run_cli("launch", str(config), ray_address=UNREACHABLE)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+    assert cli_lines("launch", str(config), ray_address=UNREACHABLE) == (2, [
         f"raysim: error: {config}:4:6: not valid YAML: expected ',' or '}}', but got ':' "
         "(while parsing a flow mapping)"
-    ]
+    ])
 
 
 # --- read_yaml messages ------------------------------------------------------------------------

@@ -90,9 +90,10 @@ print(json.dumps({{"clients_ok": results[-1].metrics["clients_ok"],
         raise ImportedRay(f"imported {outcome['ray'][:3]}")
 
 
-def one_round(backend, groups: list[list[int]]):
+def one_round(backend, groups: list[list[int]], spare: list | None = None):
     """Round 1 of the small config through `backend`: one worker per group and a server, as
-    the simulation drives them. The server's report and its weights after the round."""
+    the simulation drives them. The server's report and its weights after the round. With
+    `spare`, the first worker is put there instead of being ended (a test kills it)."""
     config = small_config(**{"algorithm.name": "test_algorithms:Counting"})
     task = build_task(config)
     partition = task.partition
@@ -106,17 +107,32 @@ def one_round(backend, groups: list[list[int]]):
         report = backend.get(server.aggregate.remote(1, sum(map(len, groups)), True, *refs))
         weights = backend.get(server.weights.remote())
     finally:
+        if spare is not None:
+            spare.append(workers.pop(0))
         for actor in [*workers, server]:
             backend.kill(actor)
     timings = {"client_seconds": {}, "train_seconds": 0.0, "server_seconds": 0.0}
     return dataclasses.replace(report, **timings), weights
 
 
+@pytest.fixture(scope="module")
+def ray_round(ray_session):
+    """Round 1 on two Ray workers ([8, 2] and [11, 5]): the report, the weights, and its first
+    worker, left alive for the dead-actor test (one actor start fewer)."""
+    spare: list = []
+    try:
+        report, weights = one_round(RayBackend(), [[8, 2], [11, 5]], spare)
+        yield report, weights, spare[0]
+    finally:
+        for worker in spare:  # where that test did not end it
+            RayBackend().kill(worker)
+
+
 @pytest.mark.slow
-def test_ray_and_in_process_give_the_same_round_for_the_same_clients(ray_session):
+def test_ray_and_in_process_give_the_same_round_for_the_same_clients(ray_round):
     clients = [2, 5, 8, 11]
     local_report, local_weights = one_round(LocalBackend(), [clients])
-    ray_report, ray_weights = one_round(RayBackend(), [[8, 2], [11, 5]])
+    ray_report, ray_weights, _ = ray_round
     assert ray_report == local_report  # metrics, failures, the checkpoint's files
     assert local_report.metrics["clients_ok"] == 4 and local_report.checkpoint
     assert local_report.metrics["participations"] == 1.0
@@ -125,15 +141,10 @@ def test_ray_and_in_process_give_the_same_round_for_the_same_clients(ray_session
 
 
 @pytest.mark.slow
-def test_ray_reports_a_killed_actor_and_the_lost_results(ray_session):
+def test_ray_reports_a_killed_actor_and_the_lost_results(ray_round):
     backend = make_backend("ray")
     assert isinstance(backend, RayBackend)
-    config = small_config()
-    task = build_task(config)
-    partition = task.partition
-    worker = backend.worker(config, backend.share(task.dataset,
-                                                  (partition.offsets, partition.indices)),
-                            task.info)
+    worker = ray_round[2]  # a worker actor holding its dataset, idle
     pid = backend.get(worker.ping.remote())
     assert pid != os.getpid() and backend.alive(worker)
     assert backend.succeeded(worker.ping.remote())

@@ -112,22 +112,35 @@ def reference_run(raw: dict, run_dir: Path) -> dict:
     return metrics_of(run_dir)
 
 
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """`reference(method)`: the undisturbed run of `tiny_raw(method)`, made once for the
+    module's tests: its run directory (read only: a test that cuts it copies it) and metrics."""
+    folder, made = tmp_path_factory.mktemp("references"), {}
+
+    def reference(method: str) -> tuple[Path, dict]:
+        if method not in made:
+            made[method] = folder / method, reference_run(tiny_raw(method), folder / method)
+        return made[method]
+
+    return reference
+
+
 # ------------------------------------------------------------------ resume after kill -9
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [*METHODS, *GROUPED])
 def test_every_kind_of_state_resumes_from_a_checkpoint_bit_exactly(ray_session, tmp_path,
-                                                                   method):
+                                                                   method, references):
     """The undisturbed run cut back to its round-4 checkpoint (the round-6 one deleted, as if
     the driver died before writing it) and resumed gives that run's metrics and final server
     state: every kind of method state round-trips through a checkpoint. The richest server
     resumes on Ray, across backends (FedBCS's clients do so in the kill -9 test below); the
     others in this process, which is quicker."""
-    raw = tiny_raw(method)
-    expected = reference_run(raw, tmp_path / "reference")
+    reference_dir, expected = references(method)
     run_dir = tmp_path / "cut"
-    shutil.copytree(tmp_path / "reference", run_dir)
+    shutil.copytree(reference_dir, run_dir)
     shutil.rmtree(run_dir / "checkpoints" / "round-000006")
     (run_dir / "summary.json").unlink()
     backend = "ray" if method == "fedhpro_paper" else "local"
@@ -135,7 +148,7 @@ def test_every_kind_of_state_resumes_from_a_checkpoint_bit_exactly(ray_session, 
     assert len(run.history) == 4
     execute(run, [RunDirectory(run_dir)])
     assert metrics_of(run_dir) == expected
-    (r1, state), (r2, reference) = final_state(run_dir), final_state(tmp_path / "reference")
+    (r1, state), (r2, reference) = final_state(run_dir), final_state(reference_dir)
     assert r1 == r2 == 6
     assert_same_state(state, reference)
 
@@ -154,19 +167,20 @@ def kill_9_after_round_2(config_file: Path, run_dir: Path) -> None:
 @pytest.mark.slow
 # the richest clients (kept Adam moments)
 @pytest.mark.parametrize("method", ["fedbcs"])
-def test_resume_after_kill_9_of_the_driver_is_bit_exact(ray_session, tmp_path, method):
-    raw = tiny_raw(method)
-    expected = reference_run(raw, tmp_path / "reference")
+def test_resume_after_kill_9_of_the_driver_is_bit_exact(ray_session, tmp_path, method,
+                                                        references, capsys):
+    from raysim.cli.main import main
+
+    reference_dir, expected = references(method)
     config_file = tmp_path / "config.yaml"
-    config_file.write_text(yaml.safe_dump(raw))
+    config_file.write_text(yaml.safe_dump(tiny_raw(method)))
     run_dir = tmp_path / "killed"
     kill_9_after_round_2(config_file, run_dir)
-    resumed = cli("resume", str(run_dir), "--quiet")
-    out, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    assert "resuming after round" in out
+    # `raysim resume` in this process, on the tests' Ray (the killed driver was a process)
+    assert main(["resume", str(run_dir), "--quiet"]) == 0
+    assert "resuming after round" in capsys.readouterr().out
     assert metrics_of(run_dir) == expected
-    (r1, state), (r2, reference) = final_state(run_dir), final_state(tmp_path / "reference")
+    (r1, state), (r2, reference) = final_state(run_dir), final_state(reference_dir)
     assert r1 == r2 == 6
     assert_same_state(state, reference)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -174,52 +188,64 @@ def test_resume_after_kill_9_of_the_driver_is_bit_exact(ray_session, tmp_path, m
 
 
 @pytest.mark.slow
-def test_resume_extends_a_completed_run_like_a_longer_one(ray_session, tmp_path):
+def test_resume_extends_a_completed_run_like_a_longer_one(ray_session, tmp_path, references):
     # in one process: resuming on Ray is the tests above and below
     short = config_from_dict(tiny_raw("moon", rounds=3), ["resources.backend=local"])
     execute(prepare(short, tmp_path / "run"), [RunDirectory(tmp_path / "run")])
-    execute(prepare_resume(tmp_path / "run", ["rounds=5"]), [RunDirectory(tmp_path / "run")])
-    raw = tiny_raw("moon", rounds=5)
-    expected = reference_run(raw, tmp_path / "long")
+    execute(prepare_resume(tmp_path / "run", ["rounds=6"]), [RunDirectory(tmp_path / "run")])
+    long, expected = references("moon")  # the six-round run
     # round 3 was the last round of the short run and so was evaluated there; otherwise equal
     assert metrics_of(tmp_path / "run") == expected
-    assert_same_state(final_state(tmp_path / "run")[1], final_state(tmp_path / "long")[1])
+    assert_same_state(final_state(tmp_path / "run")[1], final_state(long)[1])
 
 
 # ------------------------------------------------------------------ dead actors
 
 
+# MOON (client states on the server), a checkpoint every 4 rounds (the server's restart point)
+KILLED = {"rounds": 10, "algorithm.name": "moon", "checkpoint.every": 4}
+
+
+@pytest.fixture(scope="module")
+def calm(tmp_path_factory):
+    """The undisturbed run of KILLED, in this process: results, weights, client states."""
+    return run_rounds(in_one_process(small_config(**KILLED)), tmp_path_factory.mktemp("calm"))
+
+
 @pytest.mark.slow
-def test_chaos_three_worker_kills_give_the_undisturbed_run(ray_session, tmp_path):
-    config = small_config(rounds=12)
-    expected, weights, _ = run_rounds(in_one_process(config), tmp_path / "calm")
+def test_chaos_three_worker_kills_give_the_undisturbed_run(ray_session, tmp_path, calm):
+    expected, weights, states = calm
     chooser = random.Random(7)
-    kill_after = {3, 6, 9}
+    kill_after = {2, 5, 8}
 
     def kill_a_worker(simulation, r):
         if r in kill_after:  # round r+1 is in flight: the worker dies mid-round
             pids = [w["pid"] for w in simulation.describe()[:-1]]
             os.kill(chooser.choice(pids), signal.SIGKILL)
 
-    results, killed_weights, _ = run_rounds(config, tmp_path / "chaos", on_round=kill_a_worker)
+    results, killed_weights, killed_states = run_rounds(small_config(**KILLED),
+                                                        tmp_path / "chaos",
+                                                        on_round=kill_a_worker)
     assert without_timing(results) == without_timing(expected)
     assert all(torch.equal(weights[k], killed_weights[k]) for k in weights)
+    assert pack(states) == pack(killed_states)
     restarts = [e for r in results for e in r.events if e["kind"] == "worker_restarted"]
     assert len(restarts) == 3
-    assert {e["round"] for e in restarts} <= {4, 5, 7, 8, 10, 11}
+    assert {e["round"] for e in restarts} <= {3, 4, 6, 7, 9, 10}
 
 
 @pytest.mark.slow
-def test_a_killed_server_is_recreated_from_its_checkpoint_and_replays(ray_session, tmp_path):
-    config = small_config(**{"rounds": 10, "algorithm.name": "moon", "checkpoint.every": 4})
-    expected, weights, states = run_rounds(in_one_process(config), tmp_path / "calm")
+def test_a_killed_server_is_recreated_from_its_checkpoint_and_replays(ray_session, tmp_path,
+                                                                      calm):
+    expected, weights, states = calm
 
     def kill_the_server(simulation, r):
         if r == 6:
             os.kill(simulation.describe()[-1]["pid"], signal.SIGKILL)
 
-    results, got_weights, got_states = run_rounds(config, tmp_path / "chaos",
-                                                  on_round=kill_the_server)
+    # one worker (the undisturbed run had two: the same bits)
+    results, got_weights, got_states = run_rounds(small_config(**KILLED), tmp_path / "chaos",
+                                                  num_workers=1, on_round=kill_the_server)
     assert without_timing(results) == without_timing(expected)
     assert all(torch.equal(weights[k], got_weights[k]) for k in weights)
     assert pack(states) == pack(got_states)  # MOON's client states came back from round 4
@@ -278,7 +304,8 @@ def _sampled(config, r):
 
 @pytest.mark.slow
 def test_dropped_clients_and_retries_are_records_in_failures_parquet(ray_session, tmp_path):
-    config = small_config(**{"rounds": 6, "algorithm.name": "test_algorithms:FailsOnClientZero"})
+    config = small_config(**{"rounds": 6, "algorithm.name": "test_algorithms:FailsOnClientZero",
+                             "resources.num_workers": 1})
     summary = execute(prepare(config, tmp_path), [RunDirectory(tmp_path)])
     rows = pq.read_table(tmp_path / "failures.parquet").to_pylist()
     bad_rounds = [r for r in range(1, 7) if 0 in _sampled(config, r)]
@@ -295,16 +322,17 @@ def test_dropped_clients_and_retries_are_records_in_failures_parquet(ray_session
 
 @pytest.mark.slow
 def test_disk_store_gives_the_memory_store_run_and_keeps_files_for_checkpoints(ray_session,
-                                                                              tmp_path):
+                                                                              tmp_path,
+                                                                              references):
+    in_memory, expected = references("moon")
     raw = tiny_raw("moon")
-    expected = reference_run(raw, tmp_path / "memory")
     raw["client_state"] = {"store": "disk"}
     on_ray = config_from_dict(raw)
     execute(prepare(on_ray, tmp_path / "disk"), [RunDirectory(tmp_path / "disk")])
     assert metrics_of(tmp_path / "disk") == expected
-    assert_same_state(final_state(tmp_path / "disk")[1], final_state(tmp_path / "memory")[1])
+    assert_same_state(final_state(tmp_path / "disk")[1], final_state(in_memory)[1])
     # the final checkpoint names one file per stateful client, holding the memory run's state
-    memory = unpack(newest_complete(tmp_path / "memory").read("client_states.safetensors"))
+    memory = unpack(newest_complete(in_memory).read("client_states.safetensors"))
     store = DiskStore(tmp_path / "disk" / "client_states")
     store.restore({INDEX_FILE: newest_complete(tmp_path / "disk").read(INDEX_FILE)})
     assert len(store) == len(memory) > 0
@@ -372,7 +400,8 @@ def test_either_signal_lets_the_round_in_flight_finish(tmp_path, signum, capsys)
 
 
 @pytest.mark.slow
-def test_interrupt_checkpoints_exits_130_and_resumes_identically(ray_session, tmp_path):
+def test_interrupt_checkpoints_exits_130_and_resumes_identically(ray_session, tmp_path,
+                                                                 references):
     signum = signal.SIGINT  # SIGTERM takes the same path (the test above)
     raw = tiny_raw("fedavg", rounds=6)
     raw["checkpoint"]["every"] = 0  # only the interrupt and the end write one
@@ -393,7 +422,7 @@ def test_interrupt_checkpoints_exits_130_and_resumes_identically(ray_session, tm
     assert summary["status"] == "interrupted"
     done = summary["rounds_completed"]
     assert 2 <= done < 6 and newest_complete(run_dir).round == done
-    expected = reference_run(raw, tmp_path / "reference")
+    _, expected = references("fedavg")  # its checkpoints and progress bar change no metric
     # resumed in this process (`raysim resume` on Ray after kill -9: the test above)
     execute(prepare_resume(run_dir, ["resources.backend=local", "logging.progress=false"]),
             [RunDirectory(run_dir)])
