@@ -48,6 +48,8 @@ def throughput(report: dict) -> str:
             ("plain PyTorch, 1 thread", seconds["plain_1_thread"]),
             ("plain PyTorch, 2 threads", seconds["plain_2_threads"]),
             (f"**raysim, {workers} workers**", seconds["raysim"])]
+    if "raysim_grouped" in seconds:  # not bounded by the ideal: groups change the work
+        rows.append((f"raysim, groups of {report['client_group']}", seconds["raysim_grouped"]))
     lines = ["| loop | seconds | s/round | × ideal 2-way |", "|---|---|---|---|"]
     lines += [f"| {label} | {s:.2f} | {s / rounds:.3f} | {s / ideal:.2f} |" for label, s in rows]
     return "\n".join(lines) + (f"\n\n{report['config']}, {rounds} rounds, median of "
