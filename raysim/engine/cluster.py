@@ -35,7 +35,7 @@ from typing import Any
 
 from raysim.config import Config, ConfigError, ResourcesConfig
 from raysim.engine import watchdog
-from raysim.engine.head import join_settings, running_head
+from raysim.engine.head import PRELOAD, join_settings, running_head
 
 PROBE_SECONDS = 5.0
 
@@ -123,10 +123,6 @@ def connect(address: str | None = None, py_modules: Sequence[str] = (),
         raise
     return None
 
-
-# what each worker process of an embedded Ray imports as it starts, before it takes an actor:
-# torch and everything the worker and server actors run
-PRELOAD = ("raysim.engine.remote",)
 
 
 def embedded_options(resources: ResourcesConfig | None = None) -> dict[str, Any]:

@@ -24,6 +24,9 @@ from pathlib import Path
 from raysim.config import ConfigError
 
 RECORD = "cluster.json"
+# what each worker process of a Ray raysim starts (embedded or `raysim up`) imports as it
+# starts, before it takes an actor: torch and everything the worker and server actors run
+PRELOAD = ("raysim.engine.remote",)
 READY_SECONDS = 120.0
 
 
@@ -70,8 +73,6 @@ def up(num_cpus: int | None = None, num_gpus: int | None = None,
     ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
     if ray is None:
         raise ConfigError("up: Ray's `ray` command is not installed beside this Python")
-    from raysim.engine.cluster import PRELOAD
-
     cpus = num_cpus or os.cpu_count() or 1
     port = _free_port()
     temp_dir = Path(f"/tmp/raysim-up-{os.getuid()}")

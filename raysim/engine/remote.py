@@ -1,6 +1,6 @@
 """The worker and server as Ray actors: each process registers the tensor transport, and a
 worker reads the shared dataset from the object store once. Both can be reloaded for a new
-run in the same process (a warm pool, `raysim.engine.warm`), whose registry is an actor too."""
+run in the same process (a warm pool, `raysim.engine.warm`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import ray
 
 from raysim.engine.server import Server
 from raysim.engine.transport import register_tensor_transport
-from raysim.engine.warm import PoolBook
 from raysim.engine.worker import ClientWorker
 
 
@@ -34,6 +33,3 @@ class RemoteServer(Reloadable, Server):
         register_tensor_transport()
         super().__init__(*args, **kwargs)
 
-
-class PoolRegistry(PoolBook):
-    """The book of a `raysim up` cluster's warm pools, as a detached actor."""

@@ -165,10 +165,9 @@ class ClusterPool(WarmPool):
     def __init__(self) -> None:
         import ray
 
-        from raysim.engine.remote import PoolRegistry
-
         self.ray = ray
-        self.registry = ray.remote(PoolRegistry).options(
+        # the book itself, as a detached actor
+        self.registry = ray.remote(PoolBook).options(
             name=REGISTRY_NAME, namespace=REGISTRY_NAMESPACE, lifetime="detached",
             get_if_exists=True, num_cpus=0).remote()
 
