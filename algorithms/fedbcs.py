@@ -259,9 +259,7 @@ class AlignmentObjective:
         self.anchors = {level: (c.to(device), lab.to(device))
                         for level, (c, lab) in broadcast.prototypes.items()}
         self.step = 0
-        self.sums: dict[str, Tensor] = {}
-        self.counts: dict[str, Tensor] = {}
-        # each collected batch's (2, D) class means and the classes it shows (local DP)
+        # each collected batch's (2, D) class means (zero where absent) and the classes it shows
         self.blocks: dict[str, list[Tensor]] = {}
         self.shown: dict[str, list[Tensor]] = {}
         # running sums (no per-batch device sync): seg loss, alignment loss, saturation, terms
@@ -294,13 +292,8 @@ class AlignmentObjective:
 
     @torch.no_grad()
     def _collect(self, level: str, features: LevelFeatures, labels: Tensor) -> None:
-        """§3.2: this batch's class means, summed towards the mean over batches."""
-        dim = self.model.fusion[level].dim
-        if level not in self.sums:
-            self.sums[level] = torch.zeros(2, dim, dtype=torch.float64)
-            self.counts[level] = torch.zeros(2, dtype=torch.long)
-            self.blocks[level], self.shown[level] = [], []
-        block = torch.zeros(2, dim, dtype=torch.float64)
+        """§3.2: this batch's class means, kept towards the mean over batches."""
+        block = torch.zeros(2, self.model.fusion[level].dim, dtype=torch.float64)
         shown = torch.zeros(2, dtype=torch.bool)
         for c in (0, 1):
             mask = labels == c
@@ -309,10 +302,8 @@ class AlignmentObjective:
                 continue
             block[c] = (features.class_sums(mask).double() / n).cpu()
             shown[c] = True
-        self.sums[level] += block
-        self.counts[level] += shown.long()
-        self.blocks[level].append(block)
-        self.shown[level].append(shown)
+        self.blocks.setdefault(level, []).append(block)
+        self.shown.setdefault(level, []).append(shown)
 
     def batch_means(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Each collected batch's class means, level → (n, 2, D), and the classes it showed,
@@ -321,9 +312,15 @@ class AlignmentObjective:
                 {level: torch.stack(s) for level, s in self.shown.items()})
 
     def local_prototypes(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        means = {level: (s / self.counts[level].clamp(min=1)[:, None]).float()
-                 for level, s in self.sums.items()}
-        return means, dict(self.counts)
+        """§3.2: per level, the mean over the batches showing each class of their class means,
+        and how many batches showed it (summed in batch order)."""
+        means, counts = {}, {}
+        for level, blocks in self.blocks.items():
+            sums = sum(blocks, torch.zeros_like(blocks[0]))
+            counts[level] = sum((s.long() for s in self.shown[level]),
+                                torch.zeros(2, dtype=torch.long))
+            means[level] = (sums / counts[level].clamp(min=1)[:, None]).float()
+        return means, counts
 
     def metrics(self) -> dict[str, float]:
         seg, align, saturated, terms = self.running.tolist()
