@@ -191,13 +191,17 @@ class Simulation:
         # the disk store writes into the run directory: keep the server on this node
         return self.config.client_state.store == "disk" and self.stateful
 
+    @property
+    def _shape(self) -> PoolShape:
+        """What this run's actors are created with (a warm pool's key)."""
+        return PoolShape.of(self.config.resources, self.num_workers, self._pin_server)
+
     def _reload_warm(self) -> bool:
         """Take the warm pool's actors, if it has some of this run's shape, and reload them
         with this run (`raysim.engine.warm`); False: the run creates its own."""
         if self.pool is None:
             return False
-        shape = PoolShape.of(self.config.resources, self.num_workers, self._pin_server)
-        lent = self.pool.lend(shape, self._holds())
+        lent = self.pool.lend(self._shape, self._holds())
         for actor in lent.retired:
             self.backend.kill(actor)
         self.pool_note = lent.note
@@ -484,9 +488,8 @@ class Simulation:
         # after a cluster failure the actors go with the cluster; asking Ray could block
         actors = [] if self.cluster_failed else [*self.workers, self.server]
         if self.pool is not None and actors and None not in actors:
-            shape = PoolShape.of(self.config.resources, self.num_workers, self._pin_server)
             number = self._lent.number if self._lent is not None else 0
-            self.pool.give(Pool(shape, list(self.workers), self.server, self._holds(),
+            self.pool.give(Pool(self._shape, list(self.workers), self.server, self._holds(),
                                 number=number))
             actors = []
         for actor in actors:
