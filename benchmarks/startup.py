@@ -11,9 +11,10 @@ shared machine hits them alike:
   process is gone;
 - with `--baseline DIR`: the same launch of another raysim checkout (e.g. `git archive` of an
   older commit unpacked in DIR), run by this venv with DIR first on PYTHONPATH;
-- with `--warm`: `raysim up` first (its own RAYSIM_HOME), one launch that fills its warm
-  pool ("raysim on raysim up, first"), then in every repeat a launch that finds the pool warm
-  ("raysim warm"); `raysim down` at the end. The cold launches never see that cluster;
+- with `--warm`: in every repeat `raysim up` (its own RAYSIM_HOME), one launch that fills its
+  warm pool ("raysim on raysim up, first"), a launch that finds the pool warm ("raysim
+  warm"), then `raysim down`. The cold launches never see that cluster (one running beside
+  an embedded Ray's start slows it by seconds);
 - with `--compare`: a 2-method × 4-trial `raysim compare` (digits α = 0.5, FedAvg and FedProx,
   3 rounds, one seed), cold (`--cold`: every trial starts its actors) against warm (the
   default: a trial's process and actors go on to the next trial), interleaved; the wall time
@@ -248,12 +249,23 @@ def main() -> None:
         "raysim --dashboard": lambda: launch("raysim dashboard", ["--dashboard"]),
     }
     measured: dict[str, list[dict]] = {}
+    first = "raysim on raysim up, first"
     if args.warm:
         shutil.rmtree(SCRATCH, ignore_errors=True)
-        raysim_command("up")
-        first = "raysim on raysim up, first"
-        measured[first] = [launch(first, [], home=WARM_HOME)]
-        settings["raysim warm"] = lambda: launch("raysim warm", [], home=WARM_HOME)
+        measured[first] = []
+
+        def warm() -> dict:
+            # the cluster is up only for these two launches: a Ray cluster running beside an
+            # embedded start slows that start (by ~3.5 s on 2 cores), so the cold launches
+            # and the peers run without it
+            raysim_command("up")
+            try:
+                measured[first].append(launch(first, [], home=WARM_HOME))
+                return launch("raysim warm", [], home=WARM_HOME)
+            finally:
+                raysim_command("down")
+
+        settings["raysim warm"] = warm
     if args.compare:
         settings["compare, cold"] = lambda: compare(cold=True)
         settings["compare, warm"] = lambda: compare(cold=False)
@@ -267,21 +279,17 @@ def main() -> None:
         settings["Flower"] = lambda: peer("flower")
     measured.update({label: [] for label in settings})
     loads, failures = [], []
-    try:
-        for repeat in range(args.repeats):
-            for label, run in settings.items():
-                loads.append(os.getloadavg()[0])
-                try:
-                    measured[label].append(run())
-                except RuntimeError as error:  # kept in the report, left out of the medians
-                    failures.append({"setting": label, "repeat": repeat, "error": str(error)})
-                    print(f"[{repeat + 1}/{args.repeats}] {label:<20} failed", flush=True)
-                    continue
-                print(f"[{repeat + 1}/{args.repeats}] {label:<20} whole process "
-                      f"{measured[label][-1]['whole_process']:.1f} s", flush=True)
-    finally:
-        if args.warm:
-            raysim_command("down")
+    for repeat in range(args.repeats):
+        for label, run in settings.items():
+            loads.append(os.getloadavg()[0])
+            try:
+                measured[label].append(run())
+            except RuntimeError as error:  # kept in the report, left out of the medians
+                failures.append({"setting": label, "repeat": repeat, "error": str(error)})
+                print(f"[{repeat + 1}/{args.repeats}] {label:<20} failed", flush=True)
+                continue
+            print(f"[{repeat + 1}/{args.repeats}] {label:<20} whole process "
+                  f"{measured[label][-1]['whole_process']:.1f} s", flush=True)
     rows = {label: median_of(runs) for label, runs in measured.items() if runs}
     comparisons = {label: rows.pop(label) for label in list(rows) if label.startswith("compare")}
     report = {
