@@ -19,14 +19,17 @@ RSS over the whole workload.
 With --runs, the same K on whole runs: one fresh `raysim launch` per K on the embedded local
 Ray (2 workers of one CPU, as benchmarks/scale.py runs), synthetic_fedprox + logreg, 10^6
 registered clients, 1,000 per round; per-round seconds from the run's summary (the first
-round, which also warms up, left out), the workers' peak RSS.
+round, which also warms up, left out), the workers' peak RSS. With --flower too, the same work
+on Flower's simulation engine (benchmarks/scale.py's run, its own venv; 10^4 registered),
+and each K's ratio.
 
 Then the agreement: per method (FedAvg, FedProx, SCAFFOLD, MOON, FedProto), one round one by
 one to get every method's state (prototypes, control variates, previous models), and the next
 round both ways: the largest |Δw| over every client's weights, grouped (all clients in one
 group) against one by one.
 
-    .venv/bin/python benchmarks/client_groups.py [--rounds 2] [--quick] [--runs] [--only-runs]
+    .venv/bin/python benchmarks/client_groups.py [--rounds 2] [--quick] [--runs]
+        [--only-runs] [--flower]
 
 Writes benchmarks/results/client_groups.json, benchmarks/figures/client_groups.png and prints
 a table.
@@ -255,11 +258,31 @@ def time_runs(rounds: int) -> list[dict]:
     return rows
 
 
-def run_table(rows: list[dict]) -> str:
-    lines = ["| K | s/round | samples/s | speed-up | worker peak RSS MB |", "|---|---|---|---|---|"]
+def time_flower(rounds: int) -> dict:
+    """The same work (1,000 clients per round, logreg, one epoch of batch 10) on Flower's
+    simulation engine, two clients at a time, in its own venv (benchmarks/scale.py's `flower`),
+    of 10^4 registered clients (Flower makes a node for every registered client: 10^6 does
+    not start); its median seconds per round after the first."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from scale import flower
+
+    row = flower([10_000], rounds + 1, 1000)[0]
+    print(f"  run: Flower 1,000/round      {row['round_seconds_median']:7.3f} s/round",
+          flush=True)
+    return row
+
+
+def run_table(rows: list[dict], flower_row: dict | None = None) -> str:
+    lines = ["| K | s/round | samples/s | speed-up | worker peak RSS MB | against Flower |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
+        versus = f"{flower_row['round_seconds_median'] / r['round_seconds']:.1f}× faster" \
+            if flower_row else "–"
         lines.append(f"| {r['K']} | {r['round_seconds']:.3f} | {r['samples_per_second']:,.0f} | "
-                     f"{r['speedup']:.1f}× | {r['worker_peak_rss_mb']:.0f} |")
+                     f"{r['speedup']:.1f}× | {r['worker_peak_rss_mb']:.0f} | {versus} |")
+    if flower_row:
+        seconds = flower_row["round_seconds_median"]
+        lines.append(f"| Flower | {seconds:.3f} | {104_000 / seconds:,.0f} | – | – | 1.0× |")
     return "\n".join(lines)
 
 
@@ -304,14 +327,17 @@ def main() -> None:
                         help="also whole runs (raysim launch) of logreg at 1,000 per round")
     parser.add_argument("--only-runs", action="store_true",
                         help="only the whole runs; merged into the existing JSON")
+    parser.add_argument("--flower", action="store_true",
+                        help="with the runs, the same work on Flower (its own venv)")
     args = parser.parse_args()
     if args.only_runs:
         path = RESULTS / "client_groups.json"
         result = json.loads(path.read_text()) if path.exists() else {}
         result["runs"] = time_runs(args.rounds)
+        result["runs_flower"] = time_flower(args.rounds) if args.flower else None
         result["runs_load_average"] = os.getloadavg()
         path.write_text(json.dumps(result, indent=2) + "\n")
-        print(run_table(result["runs"]))
+        print(run_table(result["runs"], result["runs_flower"]))
         return
     torch.set_num_threads(1)
     torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # imports torch._dynamo
@@ -326,6 +352,7 @@ def main() -> None:
     result = {
         "benchmark": "client_groups", "timing": timing, "agreement": agreed,
         "runs": time_runs(args.rounds) if args.runs else [],
+        "runs_flower": time_flower(args.rounds) if args.runs and args.flower else None,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version(), "load_average": load},
         "notes": [
