@@ -201,18 +201,20 @@ class ClientWorker:
                        for cid, state in pairs]
         if not self.presum:
             return GroupResult(results)
-        total, unclipped = WeightSum(), 0
+        summed, counts, unclipped = [], [], 0
         for i, result in enumerate(results):
             if result.update is not None:
                 if result.clipped is not None:  # central DP: sample counts are private too
-                    total.add(result.clipped.delta, 1)
+                    summed.append(result.clipped.delta)
+                    counts.append(1)
                     unclipped += result.clipped.unclipped
                 else:
-                    total.add(result.update.weights, result.update.num_samples)
+                    summed.append(result.update.weights)
+                    counts.append(result.update.num_samples)
                 results[i] = dataclasses.replace(
                     result, update=dataclasses.replace(result.update, weights=SummedWeights()),
                     clipped=None)
-        return GroupResult(results, total, unclipped)
+        return GroupResult(results, WeightSum().add_many(summed, counts), unclipped)
 
     def client_data(self, client_id: int, part: str = "train") -> ClientData:
         """Client `client_id`'s samples of one part (`train`; `test` and `val` with

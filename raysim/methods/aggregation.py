@@ -24,6 +24,12 @@ BIN_BITS = 32  # bin j holds multiples of 2^(32·j − 52), from values below 2^
 HEADROOM_BITS = 20  # a sum may take up to 2^20 values (clients) without rounding
 LOWEST_BIN = -1  # parts below 2^(32·LOWEST_BIN − 52) = 2^-84 are dropped
 MAX_VALUES = 2**HEADROOM_BITS
+CHUNK_VALUES = 2**22  # float64 values stacked per vectorised pass of `add_many` (32 MiB)
+
+
+def _same_layout(a: Weights, b: Weights) -> bool:
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype
+                                        for k in a)
 
 
 def _unit(j: int) -> float:
@@ -37,9 +43,11 @@ def _top_bin(magnitude: float) -> int:
 
 
 def _split_into(bins: dict[int, np.ndarray], values: np.ndarray, top: int) -> None:
-    """Add `values` (float64; overwritten) to `bins` as pieces on bins top..LOWEST_BIN; the
-    pieces add up to each value rounded to the lowest bin's unit. In place: no temporaries
-    beyond one scratch array."""
+    """Add the values of `values` (float64, (k, ...): k values per element; overwritten) to
+    `bins` as pieces on bins top..LOWEST_BIN; the pieces add up to each value rounded to the
+    lowest bin's unit. A value's pieces do not depend on the others, and a bin's pieces add
+    without rounding, so adding k values at once is adding them one by one. A value below
+    a bin's range has no piece there: `top` may be any bin at or above the largest value's."""
     rest, piece = values, np.empty_like(values)
     for j in range(top, LOWEST_BIN - 1, -1):
         anchor = 1.5 * math.ldexp(1.0, BIN_BITS * j)  # rest + anchor rounds rest to bin j's unit
@@ -47,10 +55,11 @@ def _split_into(bins: dict[int, np.ndarray], values: np.ndarray, top: int) -> No
         np.subtract(piece, anchor, out=piece)
         if j > LOWEST_BIN:
             np.subtract(rest, piece, out=rest)
+        summed = piece[0] if len(piece) == 1 else piece.sum(axis=0)
         if j in bins:
-            np.add(bins[j], piece, out=bins[j])
+            np.add(bins[j], summed, out=bins[j])
         else:
-            bins[j] = piece.copy()
+            bins[j] = summed.copy()
 
 
 class WeightSum:
@@ -65,26 +74,44 @@ class WeightSum:
         self.count = 0
 
     def add(self, weights: Weights, num_samples: int) -> WeightSum:
-        if self.count >= MAX_VALUES:
+        return self.add_many([weights], [num_samples])
+
+    def add_many(self, updates: Sequence[Weights], counts: Sequence[int]) -> WeightSum:
+        """`add` each update with its sample count, the same sum exactly, in vectorised
+        passes over chunks of updates with the same tensors (a client group's uploads)."""
+        if self.count + len(updates) > MAX_VALUES:
             raise ValueError(f"a weight sum takes at most {MAX_VALUES} updates")
-        n = int(num_samples)
-        for name, tensor in weights.items():
+        start = 0
+        while start < len(updates):
+            end = start + 1
+            first = updates[start]
+            size = sum(t.numel() for t in first.values())
+            while (end < len(updates) and (end - start + 1) * size <= CHUNK_VALUES
+                   and _same_layout(updates[end], first)):
+                end += 1
+            self._add_stacked(updates[start:end], [int(n) for n in counts[start:end]])
+            start = end
+        return self
+
+    def _add_stacked(self, updates: Sequence[Weights], counts: list[int]) -> None:
+        n = np.array(counts, dtype=np.int64)
+        for name, tensor in updates[0].items():
             self.dtypes.setdefault(name, tensor.dtype)
-            array = tensor.detach().cpu().numpy()
+            arrays = [u[name].detach().cpu().numpy() for u in updates]
+            shape = (len(arrays),) + (1,) * tensor.dim()
             if not tensor.is_floating_point():
+                scaled = (np.stack(arrays).astype(np.int64) * n.reshape(shape)).sum(axis=0)
                 total = self.integers.get(name)
-                scaled = array.astype(np.int64) * n
                 self.integers[name] = scaled if total is None else total + scaled
                 continue
-            values = array.astype(np.float64)
-            values *= n  # exact: a float32 times an integer below 2^29
+            values = np.stack(arrays).astype(np.float64)
+            values *= n.reshape(shape)  # exact: a float32 times an integer below 2^29
             magnitude = max(float(values.max()), -float(values.min())) if values.size else 0.0
             if not math.isfinite(magnitude):
                 raise ValueError(f"non-finite values in {name!r}")
             _split_into(self.bins.setdefault(name, {}), values, _top_bin(magnitude))
-        self.samples += n
-        self.count += 1
-        return self
+        self.samples += int(n.sum())
+        self.count += len(updates)
 
     def merge(self, other: WeightSum) -> WeightSum:
         if self.count + other.count > MAX_VALUES:
@@ -144,10 +171,7 @@ def weighted_average(weights: Sequence[Weights], counts: Sequence[float]) -> Wei
     """Σ_k n_k·w_k / Σ_k n_k per tensor, exact and order-independent (see `WeightSum`)."""
     if not weights:
         raise ValueError("cannot average zero updates")
-    total = WeightSum()
-    for w, n in zip(weights, counts):
-        total.add(w, int(n))
-    return total.mean()
+    return WeightSum().add_many(weights, counts).mean()
 
 
 def mean(weights: Sequence[Weights]) -> Weights:

@@ -61,6 +61,29 @@ def test_any_order_and_grouping_gives_the_same_bits() -> None:
     assert not torch.equal(forward, backward)
 
 
+def test_adding_many_at_once_is_adding_them_one_by_one() -> None:
+    """`add_many` (a client group's uploads in vectorised passes) holds exactly what adding
+    each update in turn holds: across magnitudes 10^-9..10^4, integer buffers, a change of
+    tensors mid-list and updates too large to stack more than one at a time."""
+    weights, counts = _updates(10, seed=5)
+    other = [{"v": torch.ones(3, 2) * 0.5}] * 2  # other tensors: a pass of their own
+    large = [{"w": torch.from_numpy(np.random.default_rng(k).standard_normal(2**21 + 1)
+                                    .astype(np.float32))} for k in range(3)]
+    for updates, ns in [(weights, counts), (weights[:4] + other + weights[4:],
+                                           counts[:4] + [7, 9] + counts[4:]), (large, [3, 1, 2])]:
+        one_by_one = WeightSum()
+        for w, n in zip(updates, ns):
+            one_by_one.add(w, n)
+        at_once = WeightSum().add_many(updates, ns)
+        assert (at_once.count, at_once.samples) == (one_by_one.count, one_by_one.samples)
+        for name in one_by_one.bins:
+            assert np.array_equal(at_once.total(name), one_by_one.total(name))
+        for name, total in one_by_one.integers.items():
+            assert np.array_equal(at_once.integers[name], total)
+        assert all(torch.equal(a, b) for a, b in zip(at_once.mean().values(),
+                                                      one_by_one.mean().values()))
+
+
 def test_the_unweighted_mean_counts_every_update_once_exactly() -> None:
     weights, counts = _updates(7, seed=3)
     plain = mean(weights)
