@@ -186,7 +186,3 @@ def check_privacy(config: Config) -> None:
     check_method(config.privacy.mechanism, config.algorithm.name, upload_kind(algorithm),
                  algorithm.weighted_mean, task_kind(config),
                  algorithm.server_update is not Algorithm.server_update)
-    # each upload is privatised right after its client's step (raysim.engine.privatize)
-    require(config.privacy.mechanism == "none" or config.train.client_group <= 1,
-            "train.client_group", "client groups train many clients in one step, and each "
-            "upload must be privatised after its own; set client_group: 1 with privacy")
