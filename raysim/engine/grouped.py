@@ -16,6 +16,7 @@ or model that cannot be grouped (`why_one_by_one`) trains one client at a time.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -70,9 +71,9 @@ def assign_groups(client_ids: Sequence[int], costs: Sequence[int], size: int,
     return [sorted(ids) for ids in assigned]
 
 
-def why_one_by_one(algorithm: Algorithm, model: nn.Module, train: TrainConfig) -> str | None:
+def why_one_by_one(algorithm: Algorithm, model: nn.Module) -> str | None:
     """Why clients of `algorithm` on `model` train one at a time even with K > 1 (None: they
-    are grouped); one line naming the method or the setting."""
+    are grouped); one line naming the method or the model."""
     name = type(algorithm).__name__
     reason = ungroupable_reason(algorithm)
     if reason is not None:
@@ -80,9 +81,6 @@ def why_one_by_one(algorithm: Algorithm, model: nn.Module, train: TrainConfig) -
     blocker = model_blocker(model)
     if blocker is not None:
         return f"{blocker}, so {name}'s clients cannot share one vectorised step"
-    if train.keep_optimizer_state:
-        return ("train.keep_optimizer_state keeps each client's torch optimiser across rounds, "
-                "which client groups do not build")
     return None
 
 
@@ -92,7 +90,7 @@ def check_client_group(algorithm: Algorithm, model: nn.Module, train: TrainConfi
     by one (None: nothing to say)."""
     if train.client_group <= 1:
         return None
-    reason = why_one_by_one(algorithm, model, train)
+    reason = why_one_by_one(algorithm, model)
     if reason is None:
         return None
     if train.client_group_strict:
@@ -158,7 +156,7 @@ def train_clients(
         by_model.setdefault(id(model), []).append(position)
     for positions in by_model.values():
         model = models[positions[0]]
-        if len(positions) > 1 and why_one_by_one(algorithm, model, contexts[0].train) is None:
+        if len(positions) > 1 and why_one_by_one(algorithm, model) is None:
             part = [(datas[i], contexts[i], states[i]) for i in positions]
             done = train_group_of(algorithm, model, part, broadcast,
                                   lambda k, update, at=positions: finish(at[k], update))
@@ -178,7 +176,8 @@ def train_group_of(
     """The updates of clients that share `model`, trained as one group (each passed through
     `finish(k, update)` while the model holds client k's trained weights)."""
     steps = [LocalRound(ctx, model, broadcast, data, state) for data, ctx, state in clients]
-    trained_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    trained_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    trained_names = list(trained_params)
     # every client starts from the broadcast unless the method loads its own part
     same_start = type(algorithm).load_weights is Algorithm.load_weights
     if same_start:
@@ -213,8 +212,12 @@ def train_group_of(
     model.train()
     batches = group_batches([step.data for step in steps], [step.ctx.generator for step in steps],
                             train.batch_size, train.local_epochs)
-    outcome = train_group(loss, params, fixed, own, shared, batches,
-                          StackedOptimizer(settings, params, len(steps)))
+    group_optimizer = StackedOptimizer(settings, params, len(steps))
+    keep = train.keep_optimizer_state  # each client's optimiser goes on from its last round
+    if keep:
+        group_optimizer.load([(step.state or {}).get("optimizer") for step in steps],
+                             trained_names)
+    outcome = train_group(loss, params, fixed, own, shared, batches, group_optimizer)
     losses = outcome.loss_sums.tolist()
     own_state = model.state_dict(keep_vars=True)
     targets = [(own_state[n], stacked) for n, stacked in {**outcome.params, **fixed}.items()]
@@ -224,6 +227,8 @@ def train_group_of(
             for tensor, stacked in targets:
                 tensor.copy_(stacked[k])
         taken = outcome.steps[k]
+        if keep:  # what client k's own optimiser would hold, for its `next_state`
+            optimizer.state = defaultdict(dict, group_optimizer.torch_state(k, trained_params))
         step.optimizer, step.num_steps = optimizer, taken
         step.metrics = {"train_loss": losses[k] / max(taken, 1), "train_steps": float(taken)}
         if not model.training:

@@ -166,7 +166,7 @@ class ClientWorker:
         self.privacy = info.privacy  # uploads privatised before the sum and the probe
         # K > 1: clients train in groups of K where an architecture allows it (else one by one,
         # as the note printed before the run said)
-        groupable = any(why_one_by_one(self.algorithm, model, config.train) is None
+        groupable = any(why_one_by_one(self.algorithm, model) is None
                         for model in self.models)
         self.group_size = config.train.client_group if groupable else 1
         # The first optimiser built in a process imports torch._dynamo (~1 s): pay it now,

@@ -285,6 +285,42 @@ class StackedOptimizer:
                 self.state[name]["exp_avg_sq"] = torch.zeros_like(param)
         device = next(iter(params.values())).device if params else None
         self.steps = torch.zeros(num_clients, dtype=torch.float64, device=device)
+        self.started = [False] * num_clients  # whether a client's torch optimiser has state
+
+    # torch's names of the per-parameter state, and ours
+    TORCH_KEYS = {"momentum_buffer": "momentum", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
+
+    @torch.no_grad()
+    def load(self, saved: Sequence[dict | None], names: Sequence[str]) -> None:
+        """Each client's torch optimiser state (`state_dict()` of an optimiser over the
+        parameters `names`, in order; None: a fresh optimiser) into its rows, as
+        `load_state_dict` gives the client's own optimiser (`train.keep_optimizer_state`)."""
+        for k, state_dict in enumerate(saved):
+            for index, entry in (state_dict or {}).get("state", {}).items():
+                name = names[int(index)]
+                for key, value in entry.items():
+                    if key == "step":
+                        self.steps[k] = float(value)
+                    elif key in self.TORCH_KEYS and value is not None:
+                        mine = self.state[name][self.TORCH_KEYS[key]]
+                        mine[k] = value.to(device=mine.device, dtype=mine.dtype)
+                self.started[k] = True
+
+    def torch_state(self, k: int, params: dict[str, Tensor]) -> dict[Tensor, dict[str, Any]]:
+        """Client k's state in torch's form, keyed by the model's parameters (`params`: by
+        name): what its own optimiser would hold after the same steps."""
+        if not (self.started[k] or self.steps[k] > 0):
+            return {}
+        torch_key = {mine: theirs for theirs, mine in self.TORCH_KEYS.items()}
+        out = {}
+        for name, param in params.items():
+            entry = {torch_key[key]: rows[k].clone() for key, rows in self.state[name].items()}
+            if self.settings.kind == "adam":
+                entry = {"step": torch.tensor(float(self.steps[k]),
+                                              dtype=torch.get_default_dtype()), **entry}
+            if entry:
+                out[param] = entry
+        return out
 
     @torch.no_grad()
     def step(self, params: dict[str, Tensor], grads: dict[str, Tensor],

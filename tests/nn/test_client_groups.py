@@ -215,6 +215,43 @@ def test_adam_with_per_client_step_counts():
                                     train))
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_kept_optimiser_state_goes_on_per_client_as_alone(optimizer):
+    """`train.keep_optimizer_state`: each client's momentum (SGD) or moments and step count
+    (Adam) come from its last round and go to its next, as its own torch optimiser's; a
+    client without a last round (the third) starts fresh, as alone."""
+    train = dataclasses.replace(TRAIN, optimizer=optimizer, keep_optimizer_state=True,
+                                lr=0.01 if optimizer == "adam" else TRAIN.lr)
+    torch.manual_seed(0)
+    model = MLP((1, 8, 8), 10, width=32)
+    method = FedAvg(None, task(train), CPU)
+    broadcast = method.broadcast(method.init_server(model))
+    datas = digit_clients()
+    alone, grouped = alone_and_grouped(method, model, datas, broadcast, [None] * 5, train)
+    assert_close(alone, grouped)
+    forget = 2  # this client comes back without a state
+    states = [[None if k == forget else u.state for k, u in enumerate(run)]
+              for run in (alone, grouped)]
+    again_alone = [method.client_update(ctx, model, broadcast, d, s)
+                   for ctx, d, s in zip(contexts(train, 5, round_index=3), datas, states[0])]
+    again_grouped = train_clients(method, [model] * 5, datas, contexts(train, 5, round_index=3),
+                                  broadcast, states[1])
+    assert_close(again_alone, again_grouped)
+    fresh = method.client_update(contexts(train, 5, round_index=3)[forget], model, broadcast,
+                                 datas[forget], None)
+    torch.testing.assert_close(again_grouped[forget].weights, fresh.weights, atol=TOLERANCE,
+                               rtol=0)
+    for a, g in zip(again_alone, again_grouped):  # the states each leaves for its next round
+        mine, theirs = g.state["optimizer"], a.state["optimizer"]
+        assert mine["param_groups"] == theirs["param_groups"]
+        assert mine["state"].keys() == theirs["state"].keys() and mine["state"]
+        for index, entry in theirs["state"].items():
+            assert list(mine["state"][index]) == list(entry)
+            for key, value in entry.items():
+                assert mine["state"][index][key].dtype == value.dtype
+                torch.testing.assert_close(mine["state"][index][key], value, atol=1e-5, rtol=0)
+
+
 def test_fedprox_proximal_term():
     torch.manual_seed(0)
     model = MLP((1, 8, 8), 10, width=32)
