@@ -5,6 +5,9 @@ group that raises trains its clients one by one, to their own updates."""
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 from conftest import in_one_process, run_rounds, small_config, without_timing
@@ -71,6 +74,24 @@ def test_kept_optimiser_states_go_through_the_client_store_whatever_the_workers(
     gaps = [(alone[n].double() - weights_one[n].double()).abs().max().item()
             for n in alone if alone[n].is_floating_point()]
     assert 0 < max(gaps) <= 1e-5
+
+
+@pytest.mark.slow
+def test_a_killed_workers_groups_are_replayed_to_the_undisturbed_bits(ray_session, tmp_path):
+    """A worker killed (SIGKILL) with its groups in flight: a new worker trains the same
+    groups (their composition does not depend on the workers), the run's bits unchanged."""
+    keys = {"train.client_group": 4, "clients_per_round": 9, "rounds": 4}
+    expected, weights, _ = run_rounds(in_one_process(small_config(**keys)), tmp_path / "calm")
+
+    def kill_a_worker(simulation, r):
+        if r == 2:  # round 3 is in flight
+            os.kill(simulation.describe()[0]["pid"], signal.SIGKILL)
+
+    results, killed_weights, _ = run_rounds(small_config(**keys), tmp_path / "killed",
+                                            on_round=kill_a_worker)
+    assert without_timing(results) == without_timing(expected)
+    assert all(torch.equal(weights[n], killed_weights[n]) for n in weights)
+    assert [e["kind"] for r in results for e in r.events] == ["worker_restarted"]
 
 
 def test_a_method_that_cannot_be_grouped_trains_one_by_one_after_one_line(tmp_path, capsys):
