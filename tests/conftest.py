@@ -94,6 +94,25 @@ def run_rounds(config, tmp_path, num_workers=None, on_round=None):
     return results, weights, states
 
 
+def grouped_against_one_by_one(tmp_path, keys, workers=(1, 2), size=4):
+    """`small_config(**keys)` in this process with client groups of `size`, once per worker
+    count in `workers` (asserted to give the same bits), and one client at a time: the
+    grouped run's results and the largest gap of a global weight between the two."""
+    import torch
+
+    def run(group, count):
+        config = in_one_process(small_config(**{**keys, "train.client_group": group}))
+        return run_rounds(config, tmp_path / f"K{group}-{count}", num_workers=count)
+
+    (results, weights, _), *others = [run(size, count) for count in workers]
+    for other_results, other_weights, _ in others:
+        assert without_timing(other_results) == without_timing(results)
+        assert all(torch.equal(other_weights[n], weights[n]) for n in weights)
+    _, alone, _ = run(1, 2)
+    return results, max((alone[n].double() - weights[n].double()).abs().max().item()
+                        for n in alone if alone[n].is_floating_point())
+
+
 def without_timing(results):
     return [{k: v for k, v in r.metrics.items() if k not in TIMING} for r in results]
 
