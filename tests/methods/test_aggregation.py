@@ -66,6 +66,8 @@ def test_adding_many_at_once_is_adding_them_one_by_one() -> None:
     each update in turn holds: across magnitudes 10^-9..10^4, integer buffers, a change of
     tensors mid-list and updates too large to stack more than one at a time."""
     weights, counts = _updates(10, seed=5)
+    for k, w in enumerate(weights):  # a scalar parameter too (a temperature, a gate)
+        w["scale"] = torch.tensor(0.1 * k - 0.3)
     other = [{"v": torch.ones(3, 2) * 0.5}] * 2  # other tensors: a pass of their own
     large = [{"w": torch.from_numpy(np.random.default_rng(k).standard_normal(2**21 + 1)
                                     .astype(np.float32))} for k in range(3)]
