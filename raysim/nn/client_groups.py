@@ -301,7 +301,7 @@ class StackedOptimizer:
                 for key, value in entry.items():
                     if key == "step":
                         self.steps[k] = float(value)
-                    elif key in self.TORCH_KEYS and value is not None:
+                    elif self.TORCH_KEYS.get(key) in self.state[name] and value is not None:
                         mine = self.state[name][self.TORCH_KEYS[key]]
                         mine[k] = value.to(device=mine.device, dtype=mine.dtype)
                 self.started[k] = True
