@@ -106,6 +106,15 @@ def assigned_device(num_gpus: float) -> torch.device:
     return torch.device("cpu")
 
 
+def gpu_memory_mb(device: torch.device) -> dict[str, float] | None:
+    """On a CUDA device, this process's peak allocated GPU memory and what PyTorch's caching
+    allocator holds now (reserved: kept between rounds unless emptied), in MiB; else None."""
+    if device.type != "cuda":
+        return None
+    return {"peak_allocated": torch.cuda.max_memory_allocated(device) / 2**20,
+            "reserved": torch.cuda.memory_reserved(device) / 2**20}
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MiB."""
     import resource
@@ -180,7 +189,7 @@ class ClientWorker:
         return {"pid": os.getpid(), "device": str(self.device), "threads": torch.get_num_threads(),
                 "node_id": ray.get_runtime_context().get_node_id() if placed else None,
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()] if placed else [],
-                "peak_rss_mb": peak_rss_mb()}
+                "peak_rss_mb": peak_rss_mb(), "gpu_mb": gpu_memory_mb(self.device)}
 
     def ping(self) -> int:
         return os.getpid()

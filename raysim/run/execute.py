@@ -131,12 +131,16 @@ def execute(
 
 
 def peak_memory(simulation: Any) -> dict[str, Any]:
-    """Peak resident memory (MiB) of the driver, the server actor and each worker so far."""
+    """Peak resident memory (MiB) of the driver, the server actor and each worker so far;
+    with workers on GPUs, each one's GPU memory too (`raysim.engine.worker.gpu_memory_mb`)."""
     if getattr(simulation, "cluster_failed", False):  # the actors went with the cluster
         return {"driver": peak_rss_mb()}
     try:
         *workers, server = simulation.describe()
     except simulation.backend.errors:  # an actor died at the very end: report what is known
         return {"driver": peak_rss_mb()}
-    return {"driver": peak_rss_mb(), "server": server["peak_rss_mb"],
-            "workers": [w["peak_rss_mb"] for w in workers]}
+    memory = {"driver": peak_rss_mb(), "server": server["peak_rss_mb"],
+              "workers": [w["peak_rss_mb"] for w in workers]}
+    if any(w.get("gpu_mb") for w in workers):
+        memory["workers_gpu"] = [w.get("gpu_mb") for w in workers]
+    return memory

@@ -109,6 +109,7 @@ def test_launch_writes_config_metrics_and_summary(ray_session, tmp_path, capsys)
         < phases["first_round"] == summary["launch_to_first_round_seconds"]
     memory = summary["peak_rss_mb"]
     assert memory["driver"] > 50 and memory["server"] > 50 and len(memory["workers"]) == 2
+    assert "workers_gpu" not in memory  # workers on CPUs
     assert len(summary["client_train_seconds"]) == 3
     assert all(0 < t < s * 2 for t, s in zip(summary["client_train_seconds"],
                                               summary["round_seconds"]))

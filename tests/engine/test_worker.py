@@ -14,7 +14,13 @@ from conftest import small_config
 
 from algorithms.fedavg import FedAvg
 from raysim.algorithm import Broadcast, ClientContext, ClientUpdate, copy_weights
-from raysim.engine.worker import ClientWorker, as_tensor, assigned_device, check_finite
+from raysim.engine.worker import (
+    ClientWorker,
+    as_tensor,
+    assigned_device,
+    check_finite,
+    gpu_memory_mb,
+)
 from raysim.methods.aggregation import WeightSum
 from raysim.nn.training import ClientData, Preprocess
 from raysim.seeding import client_generator, sample_clients
@@ -235,6 +241,16 @@ def test_outside_ray_a_worker_describes_this_process(task):
     assert (described["node_id"] is not None) == (ray is not None and ray.is_initialized())
     assert described["gpu_ids"] == []
     assert described["peak_rss_mb"] > 50
+    assert described["gpu_mb"] is None  # on a CPU: no GPU memory to report
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_a_worker_reports_the_gpu_memory_it_used_and_holds():
+    device = torch.device("cuda", 0)
+    held = torch.ones(2**20, device=device)  # 4 MiB, alive
+    memory = gpu_memory_mb(device)
+    assert memory["peak_allocated"] >= 4 and memory["reserved"] >= 4
+    del held
 
 
 def test_arrays_are_wrapped_without_a_copy_and_devices_follow_the_gpu_request():
