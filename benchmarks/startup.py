@@ -13,8 +13,7 @@ shared machine hits them alike:
   older commit unpacked in DIR), run by this venv with DIR first on PYTHONPATH;
 - with `--warm`: in every repeat `raysim up` (its own RAYSIM_HOME), one launch that fills its
   warm pool ("raysim on raysim up, first"), a launch that finds the pool warm ("raysim
-  warm"), then `raysim down`. The cold launches never see that cluster (one running beside
-  an embedded Ray's start slows it by seconds);
+  warm"), then `raysim down`. The cold launches and the peers never run beside that cluster;
 - with `--compare`: a 2-method × 4-trial `raysim compare` (digits α = 0.5, FedAvg and FedProx,
   3 rounds, one seed), cold (`--cold`: every trial starts its actors) against warm (the
   default: a trial's process and actors go on to the next trial), interleaved; the wall time
@@ -255,9 +254,8 @@ def main() -> None:
         measured[first] = []
 
         def warm() -> dict:
-            # the cluster is up only for these two launches: a Ray cluster running beside an
-            # embedded start slows that start (by ~3.5 s on 2 cores), so the cold launches
-            # and the peers run without it
+            # the cluster is up only for these two launches: the cold launches and the peers
+            # run with no other Ray on the machine
             raysim_command("up")
             try:
                 measured[first].append(launch(first, [], home=WARM_HOME))

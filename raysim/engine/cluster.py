@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import inspect
 import logging
 import math
 import os
@@ -35,7 +36,7 @@ from typing import Any
 
 from raysim.config import Config, ConfigError, ResourcesConfig
 from raysim.engine import watchdog
-from raysim.engine.head import PRELOAD, join_settings, running_head
+from raysim.engine.head import PRELOAD, free_port, join_settings, running_head
 
 PROBE_SECONDS = 5.0
 
@@ -154,6 +155,7 @@ def start_embedded(resources: ResourcesConfig | None = None) -> str | None:
     with contextlib.ExitStack() as stack:
         if not options["include_dashboard"]:
             stack.enter_context(_without_api_server())
+        stack.enter_context(_agent_on_a_free_port())
         if threading.current_thread() is not threading.main_thread():
             # Ray's SIGTERM handler only exits; the run installs its own (run/interrupts.py)
             stack.enter_context(_quiet(logging.getLogger("ray._private.worker"),
@@ -190,6 +192,35 @@ def _without_api_server() -> Iterator[None]:
         yield
     finally:
         Node.start_api_server = original
+
+
+@contextlib.contextmanager
+def _agent_on_a_free_port() -> Iterator[None]:
+    """`ray.init` has no option for its dashboard agent's port, and its default is one fixed
+    port that another Ray on this machine (a `raysim up` head, the user's own) may hold: then
+    the node starts ~4 s later (`raysim.engine.head.free_port`). The embedded Ray's agent is
+    given a free port instead. A Ray whose parameters lack this field starts as usual."""
+    try:
+        from ray._private.parameter import RayParams
+    except ImportError:
+        yield
+        return
+    original = RayParams.__init__
+    default = inspect.signature(original).parameters.get("dashboard_agent_listen_port")
+    if default is None:
+        yield
+        return
+
+    def init(params: Any, *args: Any, **kwargs: Any) -> None:
+        original(params, *args, **kwargs)
+        if params.dashboard_agent_listen_port == default.default:
+            params.dashboard_agent_listen_port = free_port()
+
+    RayParams.__init__ = init
+    try:
+        yield
+    finally:
+        RayParams.__init__ = original
 
 
 @contextlib.contextmanager

@@ -74,13 +74,15 @@ def up(num_cpus: int | None = None, num_gpus: int | None = None,
     if ray is None:
         raise ConfigError("up: Ray's `ray` command is not installed beside this Python")
     cpus = num_cpus or os.cpu_count() or 1
-    port = _free_port()
+    port = free_port()
     temp_dir = Path(f"/tmp/raysim-up-{os.getuid()}")
     shutil.rmtree(temp_dir, ignore_errors=True)
     state_dir().mkdir(parents=True, exist_ok=True)
     log = state_dir() / "cluster.log"
     command = [ray, "start", "--head", "--block", f"--port={port}", f"--num-cpus={cpus}",
                f"--temp-dir={temp_dir}", "--disable-usage-stats",
+               # not Ray's one fixed agent port, which another Ray here may hold (`free_port`)
+               f"--dashboard-agent-listen-port={free_port()}",
                f"--include-dashboard={'true' if dashboard else 'false'}",
                "--system-config", json.dumps({"preload_python_modules": list(PRELOAD)})]
     if num_gpus is not None:
@@ -212,7 +214,10 @@ def _ray_start_cluster() -> str | None:
     return address if address and _answers(address) else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now. Ray's per-node dashboard agent listens on one fixed
+    port (52365) unless told another; where another Ray on the machine holds it, the agent
+    retries for ~4.5 s before the node counts as started."""
     with socket.socket() as probe:
         probe.bind(("", 0))
         return probe.getsockname()[1]

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import metrics_of, small_config
+from ray._private.ray_constants import DEFAULT_DASHBOARD_AGENT_LISTEN_PORT
 
 from raysim.cli.main import _overrides, _start_ray_early, build_parser, in_child_process, main
 from raysim.config import ActorResources, ResourcesConfig, config_to_dict
@@ -48,6 +49,7 @@ for dashboard in (False,):  # on: embedded_options' include_dashboard (a test be
         "cpus": ray.cluster_resources()["CPU"],
         "usage_stats": os.environ.get("RAY_USAGE_STATS_ENABLED"),
         "preloaded": [] if dashboard else ray.get(Probe.remote().preloaded.remote()),
+        "agent_port": node.dashboard_agent_listen_port,
     }
     ray.shutdown()
 print(json.dumps(seen))
@@ -55,6 +57,7 @@ print(json.dumps(seen))
 
 
 def test_the_embedded_ray_has_no_dashboard_and_preloads_its_workers():
+    """...and its dashboard agent listens on a free port (`raysim.engine.head.free_port`)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_USAGE_STATS_ENABLED")}
     done = subprocess.run([sys.executable, "-c", EMBEDDED], capture_output=True, text=True,
@@ -68,6 +71,8 @@ def test_the_embedded_ray_has_no_dashboard_and_preloads_its_workers():
     assert lean["cpus"] == min(os.cpu_count(), 3)
     assert lean["preloaded"] == list(cluster.PRELOAD)
     assert lean["usage_stats"] == "0"
+    # not the one fixed port another Ray here (this session's) may hold
+    assert lean["agent_port"] > 0 and lean["agent_port"] != DEFAULT_DASHBOARD_AGENT_LISTEN_PORT
 
 
 @pytest.mark.parametrize(("workers", "cpus", "server"),
