@@ -146,7 +146,9 @@ class Simulation:
         self.pool = pool if self.backend.name == "ray" else None
         if self.pool is not None:
             self.backend.detached = self.pool.detached
-        self._lent: Pool | None = None
+        # the book's number of the pool this run holds (0: none yet); at the end the run's
+        # actors go back under it, so a lent pool whose actors had died is replaced
+        self._pool_number = 0
         self.pool_note: str | None = None  # why the run is not (fully) warm
         self.warm = False
         self.workers: list[Any] = []
@@ -207,7 +209,7 @@ class Simulation:
         self.pool_note = lent.note
         if lent.pool is None:
             return False
-        self._lent = lent.pool
+        self._pool_number = lent.pool.number
         workers, server = lent.pool.workers, lent.pool.server
         reloads = [w.reload.remote(self.config, self.shared, self.task.info) for w in workers]
         reloads.append(server.reload.remote(self.config, *self._server_args(self.restore)))
@@ -216,7 +218,6 @@ class Simulation:
         except self.backend.errors:  # one died while parked: this run starts its own
             for actor in (*workers, server):
                 self.backend.kill(actor)
-            self._lent = None
             self.pool_note = "a warm actor had died: a fresh pool starts"
             return False
         self.workers, self.server = list(workers), server
@@ -488,9 +489,8 @@ class Simulation:
         # after a cluster failure the actors go with the cluster; asking Ray could block
         actors = [] if self.cluster_failed else [*self.workers, self.server]
         if self.pool is not None and actors and None not in actors:
-            number = self._lent.number if self._lent is not None else 0
             self.pool.give(Pool(self._shape, list(self.workers), self.server, self._holds(),
-                                number=number))
+                                number=self._pool_number))
             actors = []
         for actor in actors:
             if actor is not None:

@@ -103,6 +103,13 @@ def test_warm_actors_give_the_cold_runs_bits(ray_session, tmp_path):
         again, again_metrics, again_weights = run_with_pool(fedavg, tmp_path, "again", pool)
         assert again.warm and again.pool_note is None
         assert again.pids == first.pids  # the same processes
+        # a parked actor dies: the next run starts its own, and they replace the dead pool
+        ray_session.kill(pool.book.pools[0].workers[0])
+        third, third_metrics, _ = run_with_pool(fedavg, tmp_path, "third", pool)
+        assert not third.warm and third.pool_note == "a warm actor had died: a fresh pool starts"
+        assert third_metrics == cold_metrics
+        assert not set(third.pids) & set(first.pids)  # new processes
+        assert len(pool.book.pools) == 1  # the dead pool replaced, not kept beside
     finally:
         for actor in pool.book.drop():
             ray_session.kill(actor)
