@@ -43,13 +43,12 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from launching import launch_quickstart
 
 from raysim.algorithm import ClientContext, ServerContext
 from raysim.config import read_yaml
@@ -229,28 +228,24 @@ RUN_OVERRIDES = ["data.dataset=synthetic_fedprox", "data.partition.kind=natural"
                  "checkpoint.every=0"]
 
 
+# samples a whole-run round trains: 1,000 clients of 104 samples, one epoch
+RUN_ROUND_SAMPLES = 1000 * 104
+
+
 def time_runs(rounds: int) -> list[dict]:
     """Per K, one fresh `raysim launch` of the 10^6-client logreg workload at 1,000 clients
     per round: its per-round seconds after the first round, samples/s, workers' peak RSS."""
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for size in GROUP_SIZES:
-            run_dir = Path(scratch) / f"K{size}"
-            command = [sys.executable, "-m", "raysim.cli", "launch", "yaml/quickstart.yaml",
-                       "--quiet", "--run-dir", str(run_dir), "-o", f"rounds={rounds + 1}",
-                       *[arg for o in [*RUN_OVERRIDES, f"train.client_group={size}"]
-                         for arg in ("-o", o)]]
-            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
-                                  check=False)
-            if done.returncode != 0:
-                raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
-            summary = json.loads((run_dir / "summary.json").read_text())
+            summary = launch_quickstart([f"rounds={rounds + 1}", *RUN_OVERRIDES,
+                                         f"train.client_group={size}"], Path(scratch) / f"K{size}")
             seconds = summary["round_seconds"][1:]
             median = statistics.median(seconds)
             rows.append({"K": size, "clients_per_round": 1000, "registered": 1_000_000,
                          "workers": summary["num_workers"], "round_seconds": median,
                          "round_seconds_all": seconds,
-                         "samples_per_second": 1000 * 104 / median,
+                         "samples_per_second": RUN_ROUND_SAMPLES / median,
                          "worker_peak_rss_mb": max(summary["peak_rss_mb"]["workers"])})
             rows[-1]["speedup"] = rows[0]["round_seconds"] / median
             print(f"  run: logreg 1,000/round K={size:4d}  {median:7.3f} s/round  "
@@ -263,8 +258,7 @@ def time_flower(rounds: int) -> dict:
     simulation engine, two clients at a time, in its own venv (benchmarks/scale.py's `flower`),
     of 10^4 registered clients (Flower makes a node for every registered client: 10^6 does
     not start); its median seconds per round after the first."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from scale import flower
+    from scale import flower  # a sibling script, as `launching`
 
     row = flower([10_000], rounds + 1, 1000)[0]
     print(f"  run: Flower 1,000/round      {row['round_seconds_median']:7.3f} s/round",
@@ -273,16 +267,17 @@ def time_flower(rounds: int) -> dict:
 
 
 def run_table(rows: list[dict], flower_row: dict | None = None) -> str:
-    lines = ["| K | s/round | samples/s | speed-up | worker peak RSS MB | against Flower |",
+    lines = ["| K | s/round | samples/s | speed-up | worker peak RSS MB | Flower s ÷ raysim s |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        versus = f"{flower_row['round_seconds_median'] / r['round_seconds']:.1f}× faster" \
+        versus = f"{flower_row['round_seconds_median'] / r['round_seconds']:.1f}" \
             if flower_row else "–"
         lines.append(f"| {r['K']} | {r['round_seconds']:.3f} | {r['samples_per_second']:,.0f} | "
                      f"{r['speedup']:.1f}× | {r['worker_peak_rss_mb']:.0f} | {versus} |")
     if flower_row:
         seconds = flower_row["round_seconds_median"]
-        lines.append(f"| Flower | {seconds:.3f} | {104_000 / seconds:,.0f} | – | – | 1.0× |")
+        lines.append(f"| Flower | {seconds:.3f} | {RUN_ROUND_SAMPLES / seconds:,.0f} | – | – | "
+                     "1.0 |")
     return "\n".join(lines)
 
 
@@ -330,14 +325,17 @@ def main() -> None:
     parser.add_argument("--flower", action="store_true",
                         help="with the runs, the same work on Flower (its own venv)")
     args = parser.parse_args()
+    if args.flower and not (args.runs or args.only_runs):
+        parser.error("--flower runs with the whole runs: add --runs or --only-runs")
     if args.only_runs:
         path = RESULTS / "client_groups.json"
         result = json.loads(path.read_text()) if path.exists() else {}
         result["runs"] = time_runs(args.rounds)
-        result["runs_flower"] = time_flower(args.rounds) if args.flower else None
+        if args.flower:  # else a Flower row measured before stays
+            result["runs_flower"] = time_flower(args.rounds)
         result["runs_load_average"] = os.getloadavg()
         path.write_text(json.dumps(result, indent=2) + "\n")
-        print(run_table(result["runs"], result["runs_flower"]))
+        print(run_table(result["runs"], result.get("runs_flower")))
         return
     torch.set_num_threads(1)
     torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # imports torch._dynamo

@@ -11,15 +11,16 @@ small CNN and for ResNet10:
   step for a group's clients, one kernel launch instead of K. ResNet10 has BatchNorm, so its
   clients train one by one whatever K is (the run says so); it is not run grouped.
 
-Per setting: median seconds per round, the round's client samples per second (each trained
-for 2 epochs), each worker's peak allocated GPU
+Per setting: median seconds per round, samples/s (the engine's: a round's samples × local
+epochs ÷ its seconds; median), each worker's peak allocated GPU
 memory and what its caching allocator still holds after the last round (`summary.json`
 `peak_rss_mb.workers_gpu`): whether an idle worker keeps memory between rounds.
 
     .venv/bin/python benchmarks/gpu_groups.py [--rounds 4] [--cpu]
 
 `--cpu` runs the same launches with no GPU (num_gpus 0; 1 and 2 workers), to check the
-script where there is none. Writes benchmarks/results/gpu_groups.json and prints a table.
+script where there is none. Writes benchmarks/results/gpu_groups.json (gpu_groups_cpu.json
+with --cpu) and prints a table.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from launching import launch_quickstart
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -47,41 +48,40 @@ CPU_SETTINGS = [("cnn", 1, 0.0, 1), ("cnn", 2, 0.0, 1), ("cnn", 1, 0.0, 8)]
 
 
 def launch(model: str, workers: int, gpu: float, size: int, rounds: int) -> dict:
-    """One setting in a fresh process; its round times and workers' memory."""
+    """One setting in a fresh process; its round times, samples/s and workers' memory."""
+    import pyarrow.parquet as pq
+
     with tempfile.TemporaryDirectory() as scratch:
         run_dir = Path(scratch) / "run"
-        overrides = [*WORKLOAD, f"model.name={model}", f"rounds={rounds}",
-                     f"resources.num_workers={workers}", f"resources.worker.num_gpus={gpu}",
-                     f"train.client_group={size}"]
-        command = [sys.executable, "-m", "raysim.cli", "launch", "yaml/quickstart.yaml",
-                   "--quiet", "--run-dir", str(run_dir),
-                   *[arg for o in overrides for arg in ("-o", o)]]
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = launch_quickstart([*WORKLOAD, f"model.name={model}", f"rounds={rounds}",
+                                     f"resources.num_workers={workers}",
+                                     f"resources.worker.num_gpus={gpu}",
+                                     f"train.client_group={size}"], run_dir)
+        # the engine's own per round: the round's samples × local epochs ÷ its seconds
+        rates = [r["value"] for r in pq.read_table(run_dir / "metrics.parquet").to_pylist()
+                 if r["metric"] == "samples_per_second" and r["round"] > 1]
     seconds = summary["round_seconds"][1:]
-    samples = summary["final"].get("samples", float("nan"))
-    memory = summary["peak_rss_mb"]
-    gpus = memory.get("workers_gpu") or []
+    gpus = summary["peak_rss_mb"].get("workers_gpu") or []
     return {
         "model": model, "workers": summary["num_workers"], "gpu_per_worker": gpu, "K": size,
         "round_seconds": statistics.median(seconds), "round_seconds_all": seconds,
-        "samples_per_second": samples / statistics.median(seconds),
+        "samples_per_second": statistics.median(rates),
         "final_accuracy": summary["final"].get("test_accuracy"),
         "worker_peak_gpu_mb": max((g["peak_allocated"] for g in gpus if g), default=None),
         "worker_reserved_gpu_mb_after": max((g["reserved"] for g in gpus if g), default=None),
-        "worker_peak_rss_mb": max(memory["workers"]),
+        "worker_peak_rss_mb": max(summary["peak_rss_mb"]["workers"]),
         "devices": sorted({w["device"] for w in summary["workers"]}),
     }
+
+
+def mib(value: float | None) -> str:
+    return "–" if value is None else f"{value:,.0f}"
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| model | workers × GPU | K | s/round | samples/s | worker peak GPU MiB | "
              "held after its rounds MiB | accuracy |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        def mib(value):
-            return "–" if value is None else f"{value:,.0f}"
         lines.append(f"| {r['model']} | {r['workers']} × {r['gpu_per_worker']} | {r['K']} | "
                      f"{r['round_seconds']:.3f} | {r['samples_per_second']:,.0f} | "
                      f"{mib(r['worker_peak_gpu_mb'])} | "

@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from launching import launch_quickstart
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 FIGURES = ROOT / "benchmarks" / "figures"
@@ -52,17 +54,12 @@ def launch(clients: int, per_round: int, overrides: list[str], rounds: int, out:
     """One fresh `raysim launch`: its per-round seconds (after the first round, which also
     pays for warm-up), engine overhead per client, time to the first round and peak memory."""
     run_dir = out / f"run-{clients}-{per_round}-{len(overrides)}"
-    command = [sys.executable, "-m", "raysim.cli", "launch", "yaml/quickstart.yaml", "--quiet",
-               "--run-dir", str(run_dir), "-o", f"rounds={rounds}", "-o", "eval_every=1000",
-               "-o", f"data.partition.num_clients={clients}",
-               "-o", f"clients_per_round={per_round}", "-o", "checkpoint.every=0",
-               *[arg for o in overrides for arg in ("-o", o)]]
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    summary = launch_quickstart([f"rounds={rounds}", "eval_every=1000",
+                                 f"data.partition.num_clients={clients}",
+                                 f"clients_per_round={per_round}", "checkpoint.every=0",
+                                 *overrides], run_dir)
     wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
-    summary = json.loads((run_dir / "summary.json").read_text())
     seconds = summary["round_seconds"][1:]  # the first round also pays for warm-up
     train = summary["client_train_seconds"][1:]
     workers = summary["num_workers"]

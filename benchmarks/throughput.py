@@ -119,14 +119,13 @@ def main() -> None:
     measured: dict[str, list[dict]] = {"plain_1_thread": [], "plain_2_threads": [], "raysim": []}
     if args.group:
         grouped = load_config(args.config, [*args.override, f"train.client_group={args.group}"])
-        grouped_run = prepare(grouped, RESULTS / "scratch-grouped")
-        measured["raysim_grouped"] = []
+        measured["raysim_grouped"] = []  # the same task: K changes no data
     for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits them alike
         measured["plain_1_thread"].append(plain_pytorch(config, run.task, threads=1))
         measured["plain_2_threads"].append(plain_pytorch(config, run.task, threads=2))
         measured["raysim"].append(raysim_rounds(config, run))
         if args.group:
-            measured["raysim_grouped"].append(raysim_rounds(grouped, grouped_run))
+            measured["raysim_grouped"].append(raysim_rounds(grouped, run))
 
     seconds = {k: statistics.median(m["seconds"] for m in v) for k, v in measured.items()}
     ideal = seconds["plain_1_thread"] / 2
