@@ -33,7 +33,7 @@ Everything else — the clamps and τ = 0.005 (§3.4), FSR's T = 0.1, persistent
 
 Privacy: local DP (`privacy.mechanism: local`) uploads the prototypes of
 `raysim.methods.privacy.private_pixel_prototypes`: each last-epoch batch's (background,
-foreground) class means of a level, which the objective keeps beside their running sum, clipped
+foreground) class means of a level, which the objective keeps (its prototypes average them), clipped
 jointly to B, summed and noised, with the batches showing each class counted and noised. It
 protects any one image (replacing it changes one batch of the last epoch) and, through the
 weights part, the client's whole dataset; it does not protect which classes a site's images

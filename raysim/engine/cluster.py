@@ -69,8 +69,9 @@ def cluster_address(address: str | None) -> str | None:
     local Ray."""
     if address and address != "auto":
         return address
-    if os.environ.get("RAY_ADDRESS") or address:
-        return os.environ.get("RAY_ADDRESS") or address
+    given = os.environ.get("RAY_ADDRESS") or address
+    if given:
+        return given
     head = running_head()
     return head.address if head is not None else None
 

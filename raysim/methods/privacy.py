@@ -32,7 +32,7 @@ per record and noised as sums with noised counts (`noised_class_statistics`):
   one level, clipped jointly to B, summed, plus N(0, σ²B²); the batches showing each class,
   plus N(0, σ²). Protects any one image (replace-one: it changes one batch), at sensitivity 2B
   on the sums and √2 on the counts (the accountant sees σ/2 and σ/√2). FedBCS's objective
-  keeps each last-epoch batch's class means beside their sum for it.
+  keeps each last-epoch batch's class means (its prototypes average them) for it.
 - `weights`: the weights alone. Protects the client's whole dataset (any two datasets: 2C).
 
 Counts are `noised` (uploaded rounded, at least 0) or `withheld` (only whether the noised
