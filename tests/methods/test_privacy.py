@@ -221,16 +221,13 @@ def test_noiseless_prototype_upload_is_fedprotos_own_and_weights_are_privatised(
 
 
 def fedbcs_rounds(tmp_path, name, **privacy):
-    from test_durable import METHODS
+    from test_durable import tiny_raw
 
-    from raysim.config import config_to_dict
     from raysim.run import execute, prepare
     from raysim.run.validate import config_from_dict
 
-    raw = config_to_dict(small_config(rounds=2))
-    raw.update({k: v for k, v in METHODS["fedbcs"].items() if k not in ("data", "train")})
-    raw["data"] = METHODS["fedbcs"]["data"]
-    raw["train"] = {**raw["train"], **METHODS["fedbcs"]["train"], "local_epochs": 2}
+    raw = tiny_raw("fedbcs", rounds=2)  # the durable tests' small FedBCS run
+    raw["train"]["local_epochs"] = 2
     raw["resources"]["backend"] = "local"
     if privacy:
         raw["privacy"] = {"mechanism": "local", **privacy}

@@ -237,10 +237,11 @@ def test_kept_optimiser_state_goes_on_per_client_as_alone(optimizer):
     again_grouped = train_clients(method, [model] * 5, datas, contexts(train, 5, round_index=3),
                                   broadcast, states[1])
     assert_close(again_alone, again_grouped)
-    fresh = method.client_update(contexts(train, 5, round_index=3)[forget], model, broadcast,
-                                 datas[forget], None)
-    torch.testing.assert_close(again_grouped[forget].weights, fresh.weights, atol=TOLERANCE,
-                               rtol=0)
+    # the kept state is used: client 0 resumed lands far from where a fresh start lands
+    fresh = method.client_update(contexts(train, 5, round_index=3)[0], model, broadcast,
+                                 datas[0], None)
+    assert max((again_grouped[0].weights[n] - w).abs().max().item()
+               for n, w in fresh.weights.items()) > 1e-3  # measured 0.026 (SGD), 0.030 (Adam)
     for a, g in zip(again_alone, again_grouped):  # the states each leaves for its next round
         mine, theirs = g.state["optimizer"], a.state["optimizer"]
         assert mine["param_groups"] == theirs["param_groups"]
