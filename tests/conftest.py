@@ -123,3 +123,29 @@ def metrics_of(run_dir: Path) -> dict:
 
     rows = pq.read_table(Path(run_dir) / "metrics.parquet").to_pylist()
     return {(r["round"], r["metric"]): r["value"] for r in rows if r["metric"] not in TIMING}
+
+
+def without_ray_settings(site: Path | None = None, **extra: str) -> dict[str, str]:
+    """This environment for a `raysim` process of its own: none of Ray's settings (it starts or
+    joins a cluster as its command says), `site` first on PYTHONPATH, then `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    if site is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    return {**env, **extra}
+
+
+def raysim_at_once(*commands: list[str], env: dict | list[dict], timeout: float = 300) -> list:
+    """Each command in a `raysim` process of its own, all at once (most of each one's time is
+    importing, which the cores share); their results (CompletedProcess) in order. `env`: one
+    for every command, or one each."""
+    import subprocess
+
+    envs = env if isinstance(env, list) else [env] * len(commands)
+    started = [subprocess.Popen([sys.executable, "-m", "raysim.cli", *command], text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=each,
+                                cwd=ROOT) for command, each in zip(commands, envs, strict=True)]
+    results = []
+    for process in started:
+        out, err = process.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    return results

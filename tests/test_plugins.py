@@ -5,24 +5,22 @@ and clashing plug-ins each give one error line before Ray starts."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import raysim_at_once, without_ray_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "plugin"
 
 
 def raysim(*args: str, site: Path, timeout: float = 600, **env: str):
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    environment["PYTHONPATH"] = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
-    environment.update(env)
     return subprocess.run([sys.executable, "-m", "raysim.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env=environment, cwd=ROOT)
+                          text=True, timeout=timeout, env=without_ray_settings(site, **env),
+                          cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -139,23 +137,17 @@ def config_errors(tmp_path_factory) -> dict[str, list[str]]:
     """Each MISTAKES case's stderr lines (exit status 2): its plug-ins installed in a folder of
     its own, its `raysim config` in a process of its own, all at once (most of each one's time
     is importing, which the cores share)."""
-    started = {}
-    for name, (install, overrides) in MISTAKES.items():
+    envs = []
+    for install, _ in MISTAKES.values():
         site = tmp_path_factory.mktemp("site")
         install(site)
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        environment["PYTHONPATH"] = os.pathsep.join([str(site),
-                                                     os.environ.get("PYTHONPATH", "")])
-        environment["RAY_ADDRESS"] = "127.0.0.1:9"
-        started[name] = subprocess.Popen(
-            [sys.executable, "-m", "raysim.cli", "config", "yaml/quickstart.yaml",
-             *[f"-o{o}" for o in overrides]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env=environment, cwd=ROOT)
+        envs.append(without_ray_settings(site, RAY_ADDRESS="127.0.0.1:9"))
+    results = raysim_at_once(*[["config", "yaml/quickstart.yaml", *[f"-o{o}" for o in overrides]]
+                               for _, overrides in MISTAKES.values()], env=envs)
     errors = {}
-    for name, process in started.items():
-        out, err = process.communicate(timeout=300)
-        assert process.returncode == 2, f"{name}: {out}{err}"
-        errors[name] = err.strip().splitlines()
+    for name, result in zip(MISTAKES, results):
+        assert result.returncode == 2, f"{name}: {result.stdout}{result.stderr}"
+        errors[name] = result.stderr.strip().splitlines()
     return errors
 
 
@@ -184,6 +176,9 @@ def test_a_plugin_config_that_rejects_a_key_names_the_plugin_and_the_key(config_
     assert config_errors["rejects a key"] == [
         "raysim: error: unknown key 'data.sample' for dataset 'sized'; did you "
         "mean 'data.samples'?"]
+
+
+def test_a_plugin_config_that_is_not_a_dataclass_is_named(config_errors):
     assert config_errors["untyped config"] == [
         "raysim: error: data.dataset: the dataset plug-in 'untyped' "
         "(sized_module:untyped, from sized_plugin) has a Config that is not a "

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import raysim_at_once, without_ray_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -95,9 +96,8 @@ def alive(pid: int) -> bool:
 def cluster():
     temp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths
     gcs, dashboard, client, *agents = free_ports(11)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
-               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    env = without_ray_settings(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
+                               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     common = ["--num-cpus=1", "--object-store-memory=200000000", "--disable-usage-stats"]
     head = [str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--temp-dir={temp}",
             "--num-gpus=1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -119,23 +119,6 @@ def cluster():
 def raysim(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "raysim.cli", *args], capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=timeout)
-
-
-def raysim_at_once(*commands: list[str], env: dict, timeout: float = 60) -> list:
-    """Each command in a `raysim` process of its own, all at once (most of each one's time is
-    importing, which the cores share); their results in order."""
-    started = [subprocess.Popen([sys.executable, "-m", "raysim.cli", *command], text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                                cwd=ROOT) for command in commands]
-    results = []
-    for process in started:
-        out, err = process.communicate(timeout=timeout)
-        results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
-    return results
-
-
-def without_ray_settings() -> dict:
-    return {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
 
 
 UNREACHABLE = {

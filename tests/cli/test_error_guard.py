@@ -5,13 +5,12 @@ at `raysim resume`."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, small_config
+from conftest import raysim_at_once, small_config, without_ray_settings
 
 from raysim.cli.main import main
 from raysim.config import dump_config
@@ -80,24 +79,16 @@ PLUGGED = {"exits": "algorithm.name=exits", "explodes": "data.dataset=explodes"}
 def launched(site, tmp_path_factory) -> dict[str, tuple[Path, Path, subprocess.CompletedProcess]]:
     """Each PLUGGED launch in a process of its own, both at once (most of each one's time is
     importing, which the cores share): its config file, its run directory, its result."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
-    started = {}
-    for name, override in PLUGGED.items():
+    paths = {}
+    for name in PLUGGED:
         folder = tmp_path_factory.mktemp(name)
-        config = folder / "guard.yaml"
-        config.write_text(CONFIG)
-        process = subprocess.Popen(
-            [sys.executable, "-m", "raysim.cli", "launch", str(config), "-o", override,
-             "--local", "--run-dir", str(folder / "run")], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-        started[name] = config, folder / "run", process
-    done = {}
-    for name, (config, run_dir, process) in started.items():
-        out, err = process.communicate(timeout=300)
-        done[name] = config, run_dir, subprocess.CompletedProcess(process.args,
-                                                                  process.returncode, out, err)
-    return done
+        (folder / "guard.yaml").write_text(CONFIG)
+        paths[name] = folder / "guard.yaml", folder / "run"
+    results = raysim_at_once(*[["launch", str(config), "-o", PLUGGED[name], "--local",
+                                "--run-dir", str(run_dir)]
+                               for name, (config, run_dir) in paths.items()],
+                             env=without_ray_settings(site))
+    return {name: (*paths[name], result) for name, result in zip(paths, results)}
 
 
 def test_a_plugin_that_exits_at_import_fails_the_launch_with_one_line(launched):
