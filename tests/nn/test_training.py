@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from raysim.data import DatasetSpec
@@ -21,6 +22,26 @@ def test_weighted_average_is_sample_weighted_and_casts_back():
 def test_preprocess_scales_then_normalises():
     x = torch.full((1, 1, 2, 2), 5.0)
     assert torch.allclose(Preprocess(SPEC, torch.device("cpu"))(x), torch.zeros(1, 1, 2, 2))
+
+
+@pytest.mark.parametrize(("mean", "std", "scale"), [((0.5,), (0.25,), 10.0),
+                                                   ((0.0,), (1.0,), 1.0)])
+def test_preprocess_in_place_gives_the_formulas_bits_and_leaves_its_input(mean, std, scale):
+    spec = DatasetSpec("t", 2, (1, 2, 2), mean, std, scale, None)
+    stored = torch.randn(7, 1, 2, 2) * 20
+    batch = stored[2:6]  # a view of stored samples, as evaluation passes them
+    kept = stored.clone()
+    out = Preprocess(spec, torch.device("cpu"))(batch)
+    expected = (batch / scale - torch.tensor(mean).view(1, 1, 1, 1)) \
+        / torch.tensor(std).view(1, 1, 1, 1)
+    assert torch.equal(out, expected) and out.data_ptr() != batch.data_ptr()
+    assert torch.equal(stored, kept)
+    images = torch.randint(0, 256, (3, 5, 1, 2, 2), dtype=torch.uint8)  # a group's batches
+    assert torch.equal(Preprocess(spec, torch.device("cpu"))(images),
+                       (images.float() / scale - torch.tensor(mean).view(1, 1, 1, 1))
+                       / torch.tensor(std).view(1, 1, 1, 1))
+    flat = torch.randn(4, 2)  # fewer dimensions than the mean's: broadcast, as the formula
+    assert Preprocess(spec, torch.device("cpu"))(flat).shape == (1, 1, 4, 2)
 
 
 def test_epoch_visits_every_sample_once_and_drops_a_trailing_single():
