@@ -101,7 +101,8 @@ class Dataset:
 
     A dataset with any number of clients (`synthetic_fedprox`) has no train split in memory:
     `clients` generates each client's samples on the worker when the client is sampled
-    (an object with `sizes`, the (num_clients,) sample counts, and `client(k) -> (x, y)`)."""
+    (an object with `sizes`, the (num_clients,) sample counts, and `client(k) -> (x, y)`;
+    optionally `many(ids)`, the same for a worker's group of clients at once)."""
 
     spec: DatasetSpec
     train: ArraySplit | None

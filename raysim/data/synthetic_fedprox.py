@@ -24,6 +24,7 @@ their own.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,7 @@ from raysim.data.datasets import (
     format_bytes,
     require_generated_fits,
 )
+from raysim.seeding import numpy_generators
 
 FEATURES, CLASSES = 60, 10
 # stream tags: sizes, per-client parameters, train samples, test samples, the IID model
@@ -82,14 +84,15 @@ class FedProxClients:
     def num_clients(self) -> int:
         return len(self.sizes)
 
-    def model(self, k: int) -> ClientModel:
-        """Client k's labelling model (W_k, b_k) and input mean v_k."""
+    def model(self, k: int, rng: np.random.Generator | None = None) -> ClientModel:
+        """Client k's labelling model (W_k, b_k) and input mean v_k (`rng`: its stream,
+        seeded ahead)."""
         if self.iid:
             shared = np.random.default_rng([self.seed, _SHARED])
             weight = shared.normal(0.0, 1.0, (FEATURES, CLASSES))
             bias = shared.normal(0.0, 1.0, CLASSES)
             return ClientModel(weight, bias, np.zeros(FEATURES))
-        rng = np.random.default_rng([self.seed, _CLIENT, int(k)])
+        rng = rng or np.random.default_rng([self.seed, _CLIENT, int(k)])
         u = rng.normal(0.0, self.alpha)
         b_mean = rng.normal(0.0, self.beta)
         input_mean = rng.normal(b_mean, 1.0, FEATURES)
@@ -97,17 +100,31 @@ class FedProxClients:
         bias = rng.normal(u, 1.0, CLASSES)
         return ClientModel(weight, bias, input_mean)
 
-    def samples(self, k: int, n: int, stream: int = _TRAIN) -> tuple[np.ndarray, np.ndarray]:
-        """n samples of client k's distribution: x (n, 1, 1, 60) float32, y (n,) int64."""
-        model = self.model(k)
-        rng = np.random.default_rng([self.seed, stream, int(k)])
-        x = model.input_mean + rng.standard_normal((n, FEATURES)) * _STD
+    def samples(self, k: int, n: int, stream: int = _TRAIN,
+                rngs: tuple[np.random.Generator, np.random.Generator] | None = None,
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """n samples of client k's distribution: x (n, 1, 1, 60) float32, y (n,) int64
+        (`rngs`: the streams of its model and of these samples, seeded ahead)."""
+        model_rng, rng = rngs or (None, np.random.default_rng([self.seed, stream, int(k)]))
+        model = self.model(k, model_rng)
+        x = rng.standard_normal((n, FEATURES))
+        x *= _STD  # in place: the same values as v_k + z·√Σ
+        x += model.input_mean
         y = np.argmax(x @ model.weight + model.bias, axis=1)
         return x.astype(np.float32).reshape(n, 1, 1, FEATURES), y.astype(np.int64)
 
     def client(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Client k's training samples."""
         return self.samples(k, int(self.sizes[k]))
+
+    def many(self, ids: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`client(k)` for each of `ids`, their streams seeded at once (a worker's group)."""
+        ids = [int(k) for k in ids]
+        models = numpy_generators([[self.seed, _CLIENT, k] for k in ids]) if not self.iid \
+            else [None] * len(ids)
+        streams = numpy_generators([[self.seed, _TRAIN, k] for k in ids])
+        return [self.samples(k, int(self.sizes[k]), rngs=(m, s))
+                for k, m, s in zip(ids, models, streams, strict=True)]
 
     def test_split(self, test_clients: int, per_client: int) -> ArraySplit:
         """Held-out samples of `test_clients` clients spread evenly over the ids."""

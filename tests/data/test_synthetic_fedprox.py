@@ -10,8 +10,10 @@ from conftest import run_rounds, without_timing
 
 from raysim.config import ConfigError
 from raysim.data.synthetic_fedprox import CLASSES, FEATURES, FedProxClients
+from raysim.engine.worker import ClientWorker
 from raysim.run import prepare
 from raysim.run.validate import config_from_dict
+from raysim.task import build_task
 
 
 def synthetic_config(**overrides):
@@ -42,6 +44,28 @@ def test_a_client_is_the_same_whoever_generates_it_and_however_many_there_are() 
     assert not np.array_equal(few.client(1)[0][:5], few.client(2)[0][:5])
     other = FedProxClients.build(10, alpha=0.5, beta=0.5, seed=4)
     assert not np.array_equal(other.client(0)[0][:5], few.client(0)[0][:5])
+
+
+@pytest.mark.parametrize("iid", [False, True])
+def test_clients_generated_together_are_the_clients_generated_alone(iid) -> None:
+    clients = FedProxClients.build(1000, alpha=0.5, beta=0.5, iid=iid, seed=3)
+    ids = [999, 0, 41, 42]
+    for k, (x, y) in zip(ids, clients.many(ids), strict=True):
+        alone_x, alone_y = clients.client(k)
+        np.testing.assert_array_equal(x, alone_x)
+        np.testing.assert_array_equal(y, alone_y)
+        assert x.dtype == np.float32 and x.shape == (clients.sizes[k], 1, 1, FEATURES)
+
+
+def test_a_workers_group_gets_each_generated_clients_own_samples() -> None:
+    task = build_task(synthetic_config())
+    worker = ClientWorker(synthetic_config(), task.dataset,
+                          (task.partition.offsets, task.partition.indices), task.info)
+    ids = [3, 17, 400, 999]
+    for k, data in zip(ids, worker.client_datas(ids), strict=True):
+        alone = worker.client_data(k)
+        assert torch.equal(data.x, alone.x) and torch.equal(data.y, alone.y)
+        assert data.indices.tolist() == list(range(task.partition.sizes[k]))
 
 
 def test_sizes_follow_the_papers_lognormal() -> None:
