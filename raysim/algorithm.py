@@ -180,8 +180,8 @@ def extend(message: Any, cls: type, **fields: Any) -> Any:
 def copy_tensors(tree: Any) -> Any:
     """`tree` (a state dict, an optimiser's state) with every tensor a detached CPU copy, safe
     to send and to keep."""
-    if torch.is_tensor(tree):
-        return tree.detach().to("cpu", copy=True)
+    if torch.is_tensor(tree):  # clone: the same copy as .to("cpu", copy=True), sooner on CPU
+        return tree.detach().clone() if tree.device.type == "cpu" else tree.detach().to("cpu")
     if isinstance(tree, dict):
         return {k: copy_tensors(v) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):

@@ -16,6 +16,7 @@ from algorithms.fedavg import FedAvg
 from raysim.algorithm import Broadcast, ClientContext, ClientUpdate, copy_weights
 from raysim.engine.worker import (
     ClientWorker,
+    all_finite,
     as_tensor,
     assigned_device,
     check_finite,
@@ -184,6 +185,17 @@ def test_non_finite_weights_are_dropped_without_a_retry(task):
     assert check_finite(ClientUpdate({"w": torch.ones(2), "n": torch.tensor(3)}, 1)) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+def test_all_finite_finds_every_kind_of_non_finite_value_in_any_layout(dtype, bad):
+    base = torch.ones(4, 6, dtype=dtype)
+    if bad is not None:
+        base[2, 3] = bad
+    views = [base, base.t(), base[:, 1:], torch._neg_view(base), base.clone().requires_grad_()]
+    for view in views:
+        assert all_finite(view) is (bad is None)
+
+
 def test_the_leakage_probe_measures_the_lowest_sampled_clients_of_its_rounds_only(task):
     config = small_config()
     worker = make_worker(task, **{"diagnostics.leakage.clients_per_round": 1,
@@ -257,6 +269,8 @@ def test_arrays_are_wrapped_without_a_copy_and_devices_follow_the_gpu_request():
     array.flags.writeable = False  # as the object store hands them out
     tensor = as_tensor(array, CPU)
     assert tensor.data_ptr() == array.ctypes.data and tensor.tolist() == array.tolist()
+    fresh = np.arange(4, dtype=np.int64)  # a writable array (generated here): no copy either
+    assert as_tensor(fresh, CPU).data_ptr() == fresh.ctypes.data
     assert assigned_device(0.0) == CPU
     assert assigned_device(0.5) == (torch.device("cuda", 0) if torch.cuda.is_available()
                                     else CPU)
