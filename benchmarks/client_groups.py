@@ -16,12 +16,12 @@ table shows the median over the timed rounds. Memory: the estimate `check_group_
 for one group of K (stacked weights, gradients, moments, activations), and the process's peak
 RSS over the whole workload.
 
-With --runs, the same K on whole runs: one fresh `raysim launch` per K on the embedded local
-Ray (2 workers of one CPU, as benchmarks/scale.py runs), synthetic_fedprox + logreg, 10^6
-registered clients, 1,000 per round; per-round seconds from the run's summary (the first
-round, which also warms up, left out), the workers' peak RSS. With --flower too, the same work
-on Flower's simulation engine (benchmarks/scale.py's run, its own venv; 10^4 registered),
-and each K's ratio.
+With --runs, the same K on whole runs: fresh `raysim launch`es per K (--repeats of them, the
+K taking turns) on the embedded local Ray (2 workers of one CPU, as benchmarks/scale.py runs),
+synthetic_fedprox + logreg, 10^6 registered clients, 1,000 per round; per-round seconds from
+the runs' summaries (each launch's first round, which also warms up, left out), the workers'
+peak RSS. With --flower too, the same work on Flower's simulation engine (benchmarks/scale.py's
+run, its own venv; 10^4 registered), and each K's ratio.
 
 Then the agreement: per method (FedAvg, FedProx, SCAFFOLD, MOON, FedProto), one round one by
 one to get every method's state (prototypes, control variates, previous models), and the next
@@ -29,7 +29,7 @@ round both ways: the largest |Δw| over every client's weights, grouped (all cli
 group) against one by one.
 
     .venv/bin/python benchmarks/client_groups.py [--rounds 2] [--quick] [--runs]
-        [--only-runs] [--flower]
+        [--only-runs] [--repeats 1] [--flower]
 
 Writes benchmarks/results/client_groups.json, benchmarks/figures/client_groups.png and prints
 a table.
@@ -232,24 +232,37 @@ RUN_OVERRIDES = ["data.dataset=synthetic_fedprox", "data.partition.kind=natural"
 RUN_ROUND_SAMPLES = 1000 * 104
 
 
-def time_runs(rounds: int) -> list[dict]:
-    """Per K, one fresh `raysim launch` of the 10^6-client logreg workload at 1,000 clients
-    per round: its per-round seconds after the first round, samples/s, workers' peak RSS."""
-    rows = []
+def time_runs(rounds: int, repeats: int = 1) -> list[dict]:
+    """Per K, `repeats` fresh `raysim launch`es of the 10^6-client logreg workload at 1,000
+    clients per round, the K taking turns (so a change of the machine's load moves them alike):
+    the median per-round seconds over every launch's rounds after its first, samples/s, the
+    workers' peak RSS."""
+    seconds: dict[int, list[float]] = {size: [] for size in GROUP_SIZES}
+    rss: dict[int, float] = {size: 0.0 for size in GROUP_SIZES}
+    workers = 0
     with tempfile.TemporaryDirectory() as scratch:
-        for size in GROUP_SIZES:
-            summary = launch_quickstart([f"rounds={rounds + 1}", *RUN_OVERRIDES,
-                                         f"train.client_group={size}"], Path(scratch) / f"K{size}")
-            seconds = summary["round_seconds"][1:]
-            median = statistics.median(seconds)
-            rows.append({"K": size, "clients_per_round": 1000, "registered": 1_000_000,
-                         "workers": summary["num_workers"], "round_seconds": median,
-                         "round_seconds_all": seconds,
-                         "samples_per_second": RUN_ROUND_SAMPLES / median,
-                         "worker_peak_rss_mb": max(summary["peak_rss_mb"]["workers"])})
-            rows[-1]["speedup"] = rows[0]["round_seconds"] / median
-            print(f"  run: logreg 1,000/round K={size:4d}  {median:7.3f} s/round  "
-                  f"x{rows[-1]['speedup']:.1f}", flush=True)
+        for repeat in range(repeats):
+            for size in GROUP_SIZES:
+                summary = launch_quickstart(
+                    [f"rounds={rounds + 1}", *RUN_OVERRIDES, f"train.client_group={size}"],
+                    Path(scratch) / f"K{size}-{repeat}")
+                seconds[size] += summary["round_seconds"][1:]
+                rss[size] = max(rss[size], *summary["peak_rss_mb"]["workers"])
+                workers = summary["num_workers"]
+                print(f"  run {repeat + 1}/{repeats}: logreg 1,000/round K={size:4d}  "
+                      f"{statistics.median(summary['round_seconds'][1:]):7.3f} s/round",
+                      flush=True)
+    one_by_one = statistics.median(seconds[GROUP_SIZES[0]])
+    rows = []
+    for size in GROUP_SIZES:
+        median = statistics.median(seconds[size])
+        rows.append({"K": size, "clients_per_round": 1000, "registered": 1_000_000,
+                     "workers": workers, "launches": repeats, "round_seconds": median,
+                     "round_seconds_all": seconds[size],
+                     "samples_per_second": RUN_ROUND_SAMPLES / median,
+                     "worker_peak_rss_mb": rss[size], "speedup": one_by_one / median})
+        print(f"  run: logreg 1,000/round K={size:4d}  {median:7.3f} s/round  "
+              f"x{rows[-1]['speedup']:.1f}", flush=True)
     return rows
 
 
@@ -322,6 +335,8 @@ def main() -> None:
                         help="also whole runs (raysim launch) of logreg at 1,000 per round")
     parser.add_argument("--only-runs", action="store_true",
                         help="only the whole runs; merged into the existing JSON")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="launches per K for the whole runs, the K taking turns")
     parser.add_argument("--flower", action="store_true",
                         help="with the runs, the same work on Flower (its own venv)")
     args = parser.parse_args()
@@ -330,7 +345,7 @@ def main() -> None:
     if args.only_runs:
         path = RESULTS / "client_groups.json"
         result = json.loads(path.read_text()) if path.exists() else {}
-        result["runs"] = time_runs(args.rounds)
+        result["runs"] = time_runs(args.rounds, args.repeats)
         if args.flower:  # else a Flower row measured before stays
             result["runs_flower"] = time_flower(args.rounds)
         result["runs_load_average"] = os.getloadavg()
@@ -349,7 +364,7 @@ def main() -> None:
     load = os.getloadavg()
     result = {
         "benchmark": "client_groups", "timing": timing, "agreement": agreed,
-        "runs": time_runs(args.rounds) if args.runs else [],
+        "runs": time_runs(args.rounds, args.repeats) if args.runs else [],
         "runs_flower": time_flower(args.rounds) if args.runs and args.flower else None,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version(), "load_average": load},
