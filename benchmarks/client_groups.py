@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -294,6 +295,56 @@ def run_table(rows: list[dict], flower_row: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def cnn_ceiling(group: int = 10, repeats: int = 40, trials: int = 5) -> dict:
+    """How far grouping can speed up the quickstart CNN's step on this CPU (one thread): the
+    FLOP rate of one client's step (forward, backward, SGD with momentum, batch 16), of a
+    vmapped step of `group` clients on equal batches, and of a large single-precision matrix
+    product, the most this core does; a step's FLOPs counted by torch's FlopCounterMode. Each
+    rate is the best of `trials` timings of `repeats` calls (the machine's best, not its load)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from raysim.nn.models import SmallCNN
+
+    def rate(step, flops: float) -> float:
+        step()
+        best = math.inf
+        for _ in range(trials):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                step()
+            best = min(best, (time.perf_counter() - start) / repeats)
+        return flops / best / 1e9
+
+    torch.manual_seed(0)
+    model = SmallCNN((1, 8, 8), 10)
+    x, y = torch.randn(group, 16, 1, 8, 8), torch.randint(0, 10, (group, 16))
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.cross_entropy(model(x[0]).logits, y[0]).backward()
+    flops = counter.get_total_flops()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def one_step() -> None:
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[0]).logits, y[0]).backward()
+        optimizer.step()
+
+    stacked = {n: p.detach().expand(group, *p.shape).clone() for n, p in
+               model.named_parameters()}
+
+    def loss(params, xs, ys):
+        logits = torch.func.functional_call(model, params, (xs,)).logits
+        return torch.nn.functional.cross_entropy(logits, ys)
+
+    vmapped = torch.func.vmap(torch.func.grad(loss))
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    matmul = rate(lambda: a @ b, 2 * 1024**3)
+    one = rate(one_step, flops)
+    grouped = rate(lambda: vmapped(stacked, x, y), flops * group)
+    return {"step_mflop": flops / 1e6, "one_by_one_gflops": one, "grouped_gflops": grouped,
+            "matmul_gflops": matmul, "group": group,
+            "ceiling": matmul / one}  # no grouping beats one by one by more than this
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| workload | clients/round | K | s/round | samples/s | speed-up | max abs Δw | "
              "group MB (est.) | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
@@ -359,11 +410,17 @@ def main() -> None:
         if args.quick and per_round > 100:
             continue
         timing += time_workload(label, overrides, per_round, args.rounds)
+    ceiling = cnn_ceiling()
+    print(f"  quickstart cnn step: one by one {ceiling['one_by_one_gflops']:.1f} GFLOP/s, "
+          f"vmapped K={ceiling['group']} {ceiling['grouped_gflops']:.1f}, a 1024² matmul "
+          f"{ceiling['matmul_gflops']:.1f}: at most {ceiling['ceiling']:.2f}× from grouping",
+          flush=True)
     agreed = [row for label, overrides, per_round in AGREEMENT
               for row in agreement(label, overrides, per_round)]
     load = os.getloadavg()
     result = {
         "benchmark": "client_groups", "timing": timing, "agreement": agreed,
+        "cnn_ceiling": ceiling,
         "runs": time_runs(args.rounds, args.repeats) if args.runs else [],
         "runs_flower": time_flower(args.rounds) if args.runs and args.flower else None,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
