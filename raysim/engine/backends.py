@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from raysim.engine.deferred import Deferred
 from raysim.engine.server import Server
 from raysim.engine.worker import ClientWorker
 
@@ -44,6 +45,10 @@ class RayBackend:
 
     def get(self, refs: Any, timeout: float | None = None) -> Any:
         return self.ray.get(refs, timeout=timeout)
+
+    def later(self, ref: Any) -> Deferred:
+        """`ref` as an argument the receiving actor fetches when it needs it."""
+        return Deferred(ref)
 
     def share(self, dataset: Any, client_split: Any) -> list[Any]:
         """Put once, read zero-copy by every worker on a node."""
@@ -145,6 +150,9 @@ class LocalBackend:
         if isinstance(refs, list):
             return [_resolve(r) for r in refs]
         return _resolve(refs)
+
+    def later(self, ref: Any) -> Any:
+        return ref  # made already: resolved as every argument is
 
     def share(self, dataset: Any, client_split: Any) -> tuple[Any, Any]:
         return dataset, client_split

@@ -295,11 +295,16 @@ class Simulation:
         return work
 
     def _train(self, slot: int, r: int, group: list[int]) -> Any:
-        states = self.server.states_for.remote(group) if self.stateful else [None] * len(group)
+        """A worker's share of round r. What the server makes for it (the broadcast, the
+        clients' states, the round's clip) goes deferred: the worker starts on its clients'
+        data while the server still finishes round r-1."""
+        later = self.backend.later
+        states = later(self.server.states_for.remote(group)) if self.stateful \
+            else [None] * len(group)
         if self.adaptive_clip:  # this round's C, set by the server step before it
-            return self.workers[slot].train.remote(self._broadcast(r), r, group, states,
-                                                   self.server.privacy_clip.remote(r))
-        return self.workers[slot].train.remote(self._broadcast(r), r, group, states)
+            return self.workers[slot].train.remote(later(self._broadcast(r)), r, group, states,
+                                                   later(self.server.privacy_clip.remote(r)))
+        return self.workers[slot].train.remote(later(self._broadcast(r)), r, group, states)
 
     def _aggregate(self, work: RoundWork) -> None:
         refs = [ref for ref in work.train_refs if ref is not None]

@@ -46,6 +46,7 @@ from raysim.config import Config
 from raysim.data import Dataset
 from raysim.data.domain_split import UNSEEN
 from raysim.data.personal import split_client
+from raysim.engine.deferred import Deferred, arrived
 from raysim.engine.grouped import client_groups, train_clients, why_one_by_one
 from raysim.engine.personal_eval import ClientSums
 from raysim.engine.privatize import ClippedDelta, privatize_client
@@ -143,6 +144,16 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
+@dataclass
+class PreparedGroup:
+    """A group's clients' data, models and contexts, and the seconds it took to make them."""
+
+    datas: list[ClientData]
+    models: list[torch.nn.Module]
+    contexts: list[ClientContext]
+    seconds: float
+
+
 class ClientWorker:
     def __init__(
         self, config: Config, dataset: Dataset, client_split: tuple, info: TaskInfo,
@@ -208,19 +219,25 @@ class ClientWorker:
         return os.getpid()
 
     def train(
-        self, broadcast: Broadcast, round_index: int, client_ids: list[int], states: list[Any],
-        clip: float | None = None,
+        self, broadcast: Broadcast | Deferred, round_index: int, client_ids: list[int],
+        states: list[Any] | Deferred, clip: float | Deferred | None = None,
     ) -> GroupResult:
-        """`clip`: central DP's C of this round where clipping adapts (else the plan's)."""
-        pairs = sorted(zip(client_ids, states), key=lambda pair: pair[0])
-        if self.group_size > 1:
-            by_id = dict(pairs)
-            results = [result for group in client_groups(list(by_id), self.group_size)
-                       for result in self._train_group(broadcast, round_index, group,
-                                                       [by_id[c] for c in group], clip)]
+        """Round `round_index` of these clients, in client-id order. `clip`: central DP's C of
+        this round where clipping adapts (else the plan's). What the server sends may come
+        `Deferred`: the first group's data are made before it is fetched."""
+        ordered = sorted(client_ids)
+        groups = client_groups(ordered, self.group_size) if self.group_size > 1 else []
+        first = self._prepare_group(round_index, groups[0]) if groups else None
+        broadcast, states, clip = arrived(broadcast), arrived(states), arrived(clip)
+        by_id = dict(zip(client_ids, states, strict=True))
+        if groups:
+            results = [result for i, group in enumerate(groups)
+                       for result in self._train_group(
+                           broadcast, round_index, group, [by_id[c] for c in group], clip,
+                           first if i == 0 else self._prepare_group(round_index, group))]
         else:
-            results = [self._train_one(broadcast, round_index, cid, state, clip)
-                       for cid, state in pairs]
+            results = [self._train_one(broadcast, round_index, cid, by_id[cid], clip)
+                       for cid in ordered]
         if not self.presum:
             return GroupResult(results)
         summed, counts, unclipped = [], [], 0
@@ -346,19 +363,26 @@ class ClientWorker:
         return dataclasses.replace(result, seconds=time.perf_counter() - start,
                                    retries=tuple(failed), train_seconds=trained)
 
-    def _train_group(
-        self, broadcast: Broadcast, round_index: int, client_ids: list[int], states: list[Any],
-        clip: float | None = None,
-    ) -> list[ClientResult]:
-        """One group of `train.client_group` clients (ascending ids) trained at once
-        (`raysim.engine.grouped`), each update finished as `_train_one` finishes it. A group
-        that raises trains its clients one by one, under `_train_one`'s retry rules."""
+    def _prepare_group(self, round_index: int, client_ids: list[int]) -> PreparedGroup:
+        """What a group's step needs before anything from the server: its clients' data,
+        models and contexts."""
         start = time.perf_counter()
         datas = self.client_datas(client_ids)
         models = [self.model_for(cid) for cid in client_ids]
         generators = client_generators(self.config.seed, round_index, client_ids)
         contexts = [self.context(cid, round_index, generator)
                     for cid, generator in zip(client_ids, generators, strict=True)]
+        return PreparedGroup(datas, models, contexts, time.perf_counter() - start)
+
+    def _train_group(
+        self, broadcast: Broadcast, round_index: int, client_ids: list[int], states: list[Any],
+        clip: float | None, prepared: PreparedGroup,
+    ) -> list[ClientResult]:
+        """One group of `train.client_group` clients (ascending ids) trained at once
+        (`raysim.engine.grouped`), each update finished as `_train_one` finishes it. A group
+        that raises trains its clients one by one, under `_train_one`'s retry rules."""
+        start = time.perf_counter() - prepared.seconds
+        datas, models, contexts = prepared.datas, prepared.models, prepared.contexts
 
         def finish(i: int, update: ClientUpdate) -> ClientResult:
             return self._finish(LocalRound(contexts[i], models[i], broadcast, datas[i],

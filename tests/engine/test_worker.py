@@ -291,8 +291,16 @@ def test_a_worker_actor_trains_its_clients_and_sends_their_exact_sum(ray_session
         described = backend.get(actor.describe.remote())
         broadcast = first_broadcast(task)
         group = backend.get(actor.train.remote(broadcast, 4, [8, 1, 6], [None] * 3))
+        # as the simulation sends a round: what the server makes, deferred (fetched by the
+        # worker after its clients' data), the same result
+        deferred = backend.get(actor.train.remote(
+            backend.later(backend.put(broadcast)), 4, [8, 1, 6],
+            backend.later(backend.put([None] * 3))))
     finally:
         backend.kill(actor)
+    assert [r.update.metrics for r in deferred.clients] == \
+        [r.update.metrics for r in group.clients]
+    assert_weights_equal(deferred.weight_sum.mean(), group.weight_sum.mean())
     assert described["pid"] != os.getpid() and described["threads"] == 1
     assert described["node_id"] == ray_session.get_runtime_context().get_node_id()
     assert [r.client_id for r in group.clients] == [1, 6, 8]
