@@ -4,6 +4,7 @@ run in the same process (a warm pool, `raysim.engine.warm`)."""
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import ray
@@ -26,10 +27,14 @@ class RemoteClientWorker(Reloadable, ClientWorker):
         register_tensor_transport()
         dataset, client_split = ray.get(shared)
         super().__init__(config, dataset, client_split, info)
+        # What the process holds now (torch, Ray, the dataset: ~10^5 objects) lives as long as
+        # it does: kept out of the cyclic collector's full passes, each ~0.15 s of a round.
+        gc.freeze()
 
 
 class RemoteServer(Reloadable, Server):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         register_tensor_transport()
         super().__init__(*args, **kwargs)
+        gc.freeze()  # as a worker's: its rounds are on every worker's path
 
