@@ -259,6 +259,7 @@ def time_runs(rounds: int, repeats: int = 1) -> list[dict]:
         median = statistics.median(seconds[size])
         rows.append({"K": size, "clients_per_round": 1000, "registered": 1_000_000,
                      "workers": workers, "launches": repeats, "round_seconds": median,
+                     "round_seconds_mean": statistics.mean(seconds[size]),
                      "round_seconds_all": seconds[size],
                      "samples_per_second": RUN_ROUND_SAMPLES / median,
                      "worker_peak_rss_mb": rss[size], "speedup": one_by_one / median})
@@ -281,17 +282,20 @@ def time_flower(rounds: int) -> dict:
 
 
 def run_table(rows: list[dict], flower_row: dict | None = None) -> str:
-    lines = ["| K | s/round | samples/s | speed-up | worker peak RSS MB | Flower s ÷ raysim s |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| K | s/round (median) | s/round (mean) | samples/s | speed-up | "
+             "worker peak RSS MB | Flower s ÷ raysim s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         versus = f"{flower_row['round_seconds_median'] / r['round_seconds']:.1f}" \
             if flower_row else "–"
-        lines.append(f"| {r['K']} | {r['round_seconds']:.3f} | {r['samples_per_second']:,.0f} | "
-                     f"{r['speedup']:.1f}× | {r['worker_peak_rss_mb']:.0f} | {versus} |")
+        mean = r.get("round_seconds_mean")
+        lines.append(f"| {r['K']} | {r['round_seconds']:.3f} | "
+                     f"{'–' if mean is None else f'{mean:.3f}'} | "
+                     f"{r['samples_per_second']:,.0f} | {r['speedup']:.1f}× | "
+                     f"{r['worker_peak_rss_mb']:.0f} | {versus} |")
     if flower_row:
         seconds = flower_row["round_seconds_median"]
-        lines.append(f"| Flower | {seconds:.3f} | {RUN_ROUND_SAMPLES / seconds:,.0f} | – | – | "
-                     "1.0 |")
+        lines.append(f"| Flower | {seconds:.3f} | – | {RUN_ROUND_SAMPLES / seconds:,.0f} | – | "
+                     "– | 1.0 |")
     return "\n".join(lines)
 
 
