@@ -29,7 +29,7 @@ round both ways: the largest |Δw| over every client's weights, grouped (all cli
 group) against one by one.
 
     .venv/bin/python benchmarks/client_groups.py [--rounds 2] [--quick] [--runs]
-        [--only-runs] [--repeats 1] [--flower]
+        [--only-runs] [--run-rounds R] [--repeats 1] [--flower]
 
 Writes benchmarks/results/client_groups.json, benchmarks/figures/client_groups.png and prints
 a table.
@@ -390,6 +390,8 @@ def main() -> None:
                         help="also whole runs (raysim launch) of logreg at 1,000 per round")
     parser.add_argument("--only-runs", action="store_true",
                         help="only the whole runs; merged into the existing JSON")
+    parser.add_argument("--run-rounds", type=int, default=None,
+                        help="timed rounds per whole-run launch (default: --rounds)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="launches per K for the whole runs, the K taking turns")
     parser.add_argument("--flower", action="store_true",
@@ -397,10 +399,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.flower and not (args.runs or args.only_runs):
         parser.error("--flower runs with the whole runs: add --runs or --only-runs")
+    run_rounds = args.run_rounds or args.rounds
     if args.only_runs:
         path = RESULTS / "client_groups.json"
         result = json.loads(path.read_text()) if path.exists() else {}
-        result["runs"] = time_runs(args.rounds, args.repeats)
+        result["runs"] = time_runs(run_rounds, args.repeats)
         if args.flower:  # else a Flower row measured before stays
             result["runs_flower"] = time_flower(args.rounds)
         result["runs_load_average"] = os.getloadavg()
@@ -425,7 +428,7 @@ def main() -> None:
     result = {
         "benchmark": "client_groups", "timing": timing, "agreement": agreed,
         "cnn_ceiling": ceiling,
-        "runs": time_runs(args.rounds, args.repeats) if args.runs else [],
+        "runs": time_runs(run_rounds, args.repeats) if args.runs else [],
         "runs_flower": time_flower(args.rounds) if args.runs and args.flower else None,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version(), "load_average": load},
