@@ -19,6 +19,8 @@ class Reloadable:
         """Become what the new run's arguments would create, in this process: everything
         the last run left is dropped, and `__init__` runs again."""
         self.__dict__.clear()
+        gc.unfreeze()  # the last run's objects, frozen at its start, may be garbage now
+        gc.collect()
         type(self).__init__(self, *args)
 
 

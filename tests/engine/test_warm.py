@@ -3,10 +3,12 @@ trials, on the cluster `raysim up` started for launches) and gives the cold run'
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -15,8 +17,32 @@ import yaml
 from conftest import metrics_of, small_config, without_timing
 
 from raysim.engine.head import process_alive
+from raysim.engine.remote import Reloadable
 from raysim.engine.warm import Pool, PoolBook, PoolShape, ProcessPool
 
+
+class _Cycle:
+    pass
+
+
+class _FrozenRun(Reloadable):
+    """A run that leaves a reference cycle and freezes the heap, as the actors do."""
+
+    def __init__(self) -> None:
+        self.cycle = _Cycle()
+        self.cycle.me = self.cycle
+        gc.freeze()
+
+
+def test_a_reload_frees_what_the_last_run_left_frozen():
+    run = _FrozenRun()
+    last = weakref.ref(run.cycle)
+    try:
+        run.reload()
+        assert last() is None  # collected, not kept frozen for the pool's lifetime
+        assert run.cycle is not None and run.cycle.me is run.cycle
+    finally:
+        gc.unfreeze()
 
 def shape(workers=2, cpus=1.0):
     return PoolShape(workers, (cpus, 0.0), (0.0, 0.0), False)
