@@ -396,17 +396,8 @@ def train_group(
     are stacked along the client dimension (K, ...), `shared` is passed to every client as it
     is (`split_extras`); `params` are updated in place."""
     num_clients = len(next(iter(params.values()))) if params else 0
-    one = torch.func.grad_and_value(loss)
-    vmapped = torch.func.vmap(one, in_dims=(0, 0, 0, 0, 0, None), randomness="error")
-
-    def gradient(p: dict, c: dict, x: Tensor, y: Tensor, mine: Any, theirs: Any) -> tuple:
-        if len(x) > 1:
-            return vmapped(p, c, x, y, mine, theirs)
-        # a bucket of one client: its own step, unbatched (a batched kernel of one client is
-        # slower), its results given the client dimension back
-        grads, value = one(index_tree(p, 0), index_tree(c, 0), x[0], y[0],
-                           index_tree(mine, 0), theirs)
-        return {n: g.unsqueeze(0) for n, g in grads.items()}, value.unsqueeze(0)
+    gradient = torch.func.vmap(torch.func.grad_and_value(loss),
+                               in_dims=(0, 0, 0, 0, 0, None), randomness="error")
     device = next(iter(params.values())).device if params else torch.device("cpu")
     loss_sums = torch.zeros(num_clients, device=device)
     steps = [0] * num_clients

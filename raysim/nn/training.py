@@ -28,15 +28,17 @@ class Preprocess:
         self.mean = torch.tensor(spec.mean, device=device).view(1, channels, 1, 1)
         self.std = torch.tensor(spec.std, device=device).view(1, channels, 1, 1)
         self.augment = spec.augment
-        # steps that leave every value as it is (÷1, −0, ÷1) are skipped: same bits, less work
+        # steps that leave every value as it is (÷1, −(+0), ÷1) are skipped: same bits, less
+        # work (subtracting −0 turns a −0 into +0: kept)
+        keeps_values = bool((self.mean == 0).all() and not self.mean.signbit().any())
         self._steps = [(torch.Tensor.div_, self.scale)] * (self.scale != 1.0) + \
-            [(torch.Tensor.sub_, self.mean)] * bool(self.mean.any()) + \
+            [(torch.Tensor.sub_, self.mean)] * (not keeps_values) + \
             [(torch.Tensor.div_, self.std)] * bool((self.std != 1).any())
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """(x / scale − mean) / std as float32, on a copy of `x`, normalised in place: a new
         tensor per step would cost more than the arithmetic on a group's stacked batches."""
-        if x.dim() < self.mean.dim():  # broadcasting widens it: not in place
+        if torch.broadcast_shapes(x.shape, self.mean.shape) != x.shape:  # widened: not in place
             x = (x.float() / self.scale - self.mean) / self.std
         else:
             x = x.to(torch.float32, copy=True)

@@ -55,6 +55,12 @@ def test_clients_generated_together_are_the_clients_generated_alone(iid) -> None
         np.testing.assert_array_equal(x, alone_x)
         np.testing.assert_array_equal(y, alone_y)
         assert x.dtype == np.float32 and x.shape == (clients.sizes[k], 1, 1, FEATURES)
+        # both are the definition: x = v_k + z·√Σ from the client's own stream, y = argmax
+        model, n = clients.model(k), int(clients.sizes[k])
+        z = np.random.default_rng([3, 0x53, k]).standard_normal((n, FEATURES))
+        defined = model.input_mean + z * np.sqrt(np.arange(1, FEATURES + 1.0) ** -1.2)
+        np.testing.assert_array_equal(x.reshape(n, FEATURES), defined.astype(np.float32))
+        np.testing.assert_array_equal(y, np.argmax(defined @ model.weight + model.bias, 1))
 
 
 def test_a_workers_group_gets_each_generated_clients_own_samples() -> None:

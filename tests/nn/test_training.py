@@ -25,16 +25,19 @@ def test_preprocess_scales_then_normalises():
 
 
 @pytest.mark.parametrize(("mean", "std", "scale"), [((0.5,), (0.25,), 10.0),
-                                                   ((0.0,), (1.0,), 1.0)])
+                                                   ((0.0,), (1.0,), 1.0),
+                                                   ((-0.0,), (1.0,), 1.0)])
 def test_preprocess_in_place_gives_the_formulas_bits_and_leaves_its_input(mean, std, scale):
     spec = DatasetSpec("t", 2, (1, 2, 2), mean, std, scale, None)
     stored = torch.randn(7, 1, 2, 2) * 20
+    stored[3, 0, 0, 0] = -0.0  # x − (−0) is +0: the sign bit must come out as the formula's
     batch = stored[2:6]  # a view of stored samples, as evaluation passes them
     kept = stored.clone()
     out = Preprocess(spec, torch.device("cpu"))(batch)
     expected = (batch / scale - torch.tensor(mean).view(1, 1, 1, 1)) \
         / torch.tensor(std).view(1, 1, 1, 1)
     assert torch.equal(out, expected) and out.data_ptr() != batch.data_ptr()
+    assert torch.equal(out.signbit(), expected.signbit())  # equal() holds −0 == +0
     assert torch.equal(stored, kept)
     images = torch.randint(0, 256, (3, 5, 1, 2, 2), dtype=torch.uint8)  # a group's batches
     assert torch.equal(Preprocess(spec, torch.device("cpu"))(images),
@@ -42,6 +45,12 @@ def test_preprocess_in_place_gives_the_formulas_bits_and_leaves_its_input(mean, 
                        / torch.tensor(std).view(1, 1, 1, 1))
     flat = torch.randn(4, 2)  # fewer dimensions than the mean's: broadcast, as the formula
     assert Preprocess(spec, torch.device("cpu"))(flat).shape == (1, 1, 4, 2)
+    colour = DatasetSpec("c", 2, (3, 2, 2), mean * 3, std * 3, scale, None)
+    grey = torch.randn(2, 1, 2, 2)  # one channel against three channels' statistics
+    widened = Preprocess(colour, torch.device("cpu"))(grey)
+    assert widened.shape == (2, 3, 2, 2)
+    assert torch.equal(widened, (grey / scale - torch.tensor(mean * 3).view(1, 3, 1, 1))
+                       / torch.tensor(std * 3).view(1, 3, 1, 1))
 
 
 def test_epoch_visits_every_sample_once_and_drops_a_trailing_single():
