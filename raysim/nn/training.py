@@ -4,6 +4,7 @@ input preprocessing and augmentation, optimisers, and the evaluation loop."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,15 +31,24 @@ class Preprocess:
         self.augment = spec.augment
         # steps that leave every value as it is (÷1, −(+0), ÷1) are skipped: same bits, less
         # work (subtracting −0 turns a −0 into +0: kept)
-        keeps_values = bool((self.mean == 0).all() and not self.mean.signbit().any())
-        self._steps = [(torch.Tensor.div_, self.scale)] * (self.scale != 1.0) + \
-            [(torch.Tensor.sub_, self.mean)] * (not keeps_values) + \
-            [(torch.Tensor.div_, self.std)] * bool((self.std != 1).any())
+        self._steps: list[tuple[Any, float | Tensor]] = []
+        if self.scale != 1.0:
+            self._steps.append((torch.Tensor.div_, self.scale))
+        if (self.mean != 0).any() or self.mean.signbit().any():
+            self._steps.append((torch.Tensor.sub_, self.mean))
+        if (self.std != 1).any():
+            self._steps.append((torch.Tensor.div_, self.std))
+
+    def _widens(self, x: Tensor) -> bool:
+        """Whether the statistics (1, C, 1, 1) broadcast `x` to another shape (fewer
+        dimensions, or one channel against C), where it cannot be normalised in place."""
+        channels = self.mean.shape[1]
+        return x.dim() < self.mean.dim() or (channels != 1 and x.shape[-3] != channels)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """(x / scale − mean) / std as float32, on a copy of `x`, normalised in place: a new
         tensor per step would cost more than the arithmetic on a group's stacked batches."""
-        if torch.broadcast_shapes(x.shape, self.mean.shape) != x.shape:  # widened: not in place
+        if self._widens(x):
             x = (x.float() / self.scale - self.mean) / self.std
         else:
             x = x.to(torch.float32, copy=True)
