@@ -109,15 +109,16 @@ class PooledSeed(ISeedSequence):
         return words
 
 
-def _fits_words(rows: Sequence[Sequence[int]]) -> bool:
-    return all(0 <= int(p) < 2**32 for row in rows for p in row)
+def _mixable(rows: Sequence[Sequence[int]]) -> bool:
+    """Whether `seed_pools` takes these rows: one length, every word below 2**32 (else each
+    row is mixed on its own)."""
+    return len({len(row) for row in rows}) == 1 and \
+        all(0 <= int(p) < 2**32 for row in rows for p in row)
 
 
 def derive_seeds(rows: Sequence[Sequence[int]]) -> list[int]:
     """`derive_seed(*row)` for every row (rows of one length), mixed at once."""
-    if not rows:
-        return []
-    if not _fits_words(rows) or len({len(row) for row in rows}) != 1:
+    if not _mixable(rows):
         return [derive_seed(*row) for row in rows]
     state = pool_states(seed_pools(np.array(rows, dtype=np.int64)), 2).astype(np.int64)
     return (((state[:, 0] << 31) ^ state[:, 1]) & (2**63 - 1)).tolist()
@@ -126,9 +127,7 @@ def derive_seeds(rows: Sequence[Sequence[int]]) -> list[int]:
 def numpy_generators(rows: Sequence[Sequence[int]]) -> list[np.random.Generator]:
     """`np.random.default_rng(row)` for every row (rows of one length): the same streams,
     their seeds mixed at once."""
-    if not rows:
-        return []
-    if not _fits_words(rows) or len({len(row) for row in rows}) != 1:
+    if not _mixable(rows):
         return [np.random.default_rng([int(p) for p in row]) for row in rows]
     pools = seed_pools(np.array(rows, dtype=np.int64))
     words = pool_states(pools, 8)  # what PCG64 asks for: 4 uint64 words

@@ -301,10 +301,9 @@ class Simulation:
         later = self.backend.later
         states = later(self.server.states_for.remote(group)) if self.stateful \
             else [None] * len(group)
-        if self.adaptive_clip:  # this round's C, set by the server step before it
-            return self.workers[slot].train.remote(later(self._broadcast(r)), r, group, states,
-                                                   later(self.server.privacy_clip.remote(r)))
-        return self.workers[slot].train.remote(later(self._broadcast(r)), r, group, states)
+        # adaptive clipping: this round's C, set by the server step before it
+        clip = (later(self.server.privacy_clip.remote(r)),) if self.adaptive_clip else ()
+        return self.workers[slot].train.remote(later(self._broadcast(r)), r, group, states, *clip)
 
     def _aggregate(self, work: RoundWork) -> None:
         refs = [ref for ref in work.train_refs if ref is not None]

@@ -278,7 +278,7 @@ class ClientWorker:
         """`client_data` (train) of each client; a generated dataset that can generate many
         clients at once (`many`) does so for all of them."""
         many = getattr(self.generated, "many", None)
-        if many is None or len(client_ids) < 2:
+        if many is None:
             return [self.client_data(cid) for cid in client_ids]
         datas = []
         for cid, (x, y) in zip(client_ids, many(client_ids), strict=True):
