@@ -44,6 +44,7 @@ def test_a_reload_frees_what_the_last_run_left_frozen():
     finally:
         gc.unfreeze()
 
+
 def shape(workers=2, cpus=1.0):
     return PoolShape(workers, (cpus, 0.0), (0.0, 0.0), False)
 
