@@ -109,27 +109,34 @@ class PooledSeed(ISeedSequence):
         return words
 
 
-def _mixable(rows: Sequence[Sequence[int]]) -> bool:
-    """Whether `seed_pools` takes these rows: one length, every word below 2**32 (else each
-    row is mixed on its own)."""
-    return len({len(row) for row in rows}) == 1 and \
-        all(0 <= int(p) < 2**32 for row in rows for p in row)
+def _entropy(rows: Sequence[Sequence[int]]) -> np.ndarray | None:
+    """`rows` as the (N, W) entropy `seed_pools` takes, or None where it cannot (rows of unequal
+    lengths, a word outside [0, 2**32)): each row is then mixed on its own."""
+    try:
+        entropy = np.array(rows, dtype=np.int64)
+    except (ValueError, OverflowError):  # ragged rows; a word past int64
+        return None
+    if entropy.ndim != 2 or not ((entropy >= 0) & (entropy < 2**32)).all():
+        return None
+    return entropy
 
 
 def derive_seeds(rows: Sequence[Sequence[int]]) -> list[int]:
     """`derive_seed(*row)` for every row (rows of one length), mixed at once."""
-    if not _mixable(rows):
+    entropy = _entropy(rows)
+    if entropy is None:
         return [derive_seed(*row) for row in rows]
-    state = pool_states(seed_pools(np.array(rows, dtype=np.int64)), 2).astype(np.int64)
+    state = pool_states(seed_pools(entropy), 2).astype(np.int64)
     return (((state[:, 0] << 31) ^ state[:, 1]) & (2**63 - 1)).tolist()
 
 
 def numpy_generators(rows: Sequence[Sequence[int]]) -> list[np.random.Generator]:
     """`np.random.default_rng(row)` for every row (rows of one length): the same streams,
     their seeds mixed at once."""
-    if not _mixable(rows):
+    entropy = _entropy(rows)
+    if entropy is None:
         return [np.random.default_rng([int(p) for p in row]) for row in rows]
-    pools = seed_pools(np.array(rows, dtype=np.int64))
+    pools = seed_pools(entropy)
     words = pool_states(pools, 8)  # what PCG64 asks for: 4 uint64 words
     return [np.random.Generator(np.random.PCG64(PooledSeed(pool, own)))
             for pool, own in zip(pools, words, strict=True)]

@@ -45,6 +45,7 @@ def test_mixed_pools_give_numpys_seed_sequence_words(width, data, n_words):
 @pytest.mark.parametrize("rows", [
     [[0, 0x53, k] for k in (0, 1, 999_999, 2**32 - 1)],
     [[7, 2**40, 3], [7, 2, 3]],  # a word past 32 bits: mixed one at a time
+    [[7, 2**64 + 5, 3], [7, 2, 3]],  # past 64 bits (no int64 array holds it): the same
     [[1, 2], [1, 2, 3]],  # rows of two lengths: mixed one at a time
 ])
 def test_generators_mixed_at_once_draw_the_streams_of_one_at_a_time(rows):
