@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -138,8 +139,6 @@ def raysim_at_once(*commands: list[str], env: dict | list[dict], timeout: float 
     """Each command in a `raysim` process of its own, all at once (most of each one's time is
     importing, which the cores share); their results (CompletedProcess) in order. `env`: one
     for every command, or one each."""
-    import subprocess
-
     envs = env if isinstance(env, list) else [env] * len(commands)
     started = [subprocess.Popen([sys.executable, "-m", "raysim.cli", *command], text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=each,

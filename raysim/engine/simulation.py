@@ -302,8 +302,8 @@ class Simulation:
         states = later(self.server.states_for.remote(group)) if self.stateful \
             else [None] * len(group)
         # adaptive clipping: this round's C, set by the server step before it
-        clip = (later(self.server.privacy_clip.remote(r)),) if self.adaptive_clip else ()
-        return self.workers[slot].train.remote(later(self._broadcast(r)), r, group, states, *clip)
+        clip = later(self.server.privacy_clip.remote(r)) if self.adaptive_clip else None
+        return self.workers[slot].train.remote(later(self._broadcast(r)), r, group, states, clip)
 
     def _aggregate(self, work: RoundWork) -> None:
         refs = [ref for ref in work.train_refs if ref is not None]

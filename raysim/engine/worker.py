@@ -260,9 +260,7 @@ class ClientWorker:
         `evaluation.personal`): an index view of the worker's dataset, or generated (and then
         split here, as the driver splits in-memory data)."""
         if self.generated is not None:
-            x, y = self._generated_client(client_id)
-            positions = self._generated_part(y, client_id, part)
-            return ClientData(x, y, positions, self.preprocess)
+            return self._generated_data(client_id, *self._generated_client(client_id), part)
         if part == "train":
             offsets, indices, source = self.offsets, self.indices, "train"
         else:
@@ -280,12 +278,8 @@ class ClientWorker:
         many = getattr(self.generated, "many", None)
         if many is None:
             return [self.client_data(cid) for cid in client_ids]
-        datas = []
-        for cid, (x, y) in zip(client_ids, many(client_ids), strict=True):
-            x, y = as_tensor(x, self.device), as_tensor(y, self.device)
-            datas.append(ClientData(x, y, self._generated_part(y, cid, "train"),
-                                    self.preprocess))
-        return datas
+        return [self._generated_data(cid, as_tensor(x, self.device), as_tensor(y, self.device))
+                for cid, (x, y) in zip(client_ids, many(client_ids), strict=True)]
 
     def _generated_client(self, client_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A generated client's samples, kept for the client last asked for: its training,
@@ -296,17 +290,20 @@ class ClientWorker:
                                     as_tensor(y, self.device))
         return self._last_generated[1], self._last_generated[2]
 
-    def _generated_part(self, y: torch.Tensor, client_id: int, part: str) -> torch.Tensor:
+    def _generated_data(self, client_id: int, x: torch.Tensor, y: torch.Tensor,
+                        part: str = "train") -> ClientData:
+        """A generated client's samples (x, y) as the ClientData of one of its parts."""
         if self.personal_config is None:  # every sample: a view of one arange, made once
             if len(self._positions) < len(y):
                 self._positions = torch.arange(max(len(y), 2 * len(self._positions)),
                                                device=self.device)
-            return self._positions[:len(y)]
+            return ClientData(x, y, self._positions[:len(y)], self.preprocess)
         personal = self.personal_config
         train, val, test = split_client(sample_labels(y.cpu().numpy()), personal.test_fraction,
                                         personal.val_fraction, self.config.seed, client_id)
         chosen = {"train": train, "val": val, "test": test}[part]
-        return as_tensor(np.ascontiguousarray(chosen, dtype=np.int64), self.device)
+        positions = as_tensor(np.ascontiguousarray(chosen, dtype=np.int64), self.device)
+        return ClientData(x, y, positions, self.preprocess)
 
     def personal_parts(self) -> tuple[str, ...]:
         """The parts each client's deployed model is scored on: test, and val where asked."""

@@ -55,9 +55,8 @@ def _split_into(bins: dict[int, np.ndarray], values: np.ndarray, top: int) -> No
         np.subtract(piece, anchor, out=piece)
         if j > LOWEST_BIN:
             np.subtract(rest, piece, out=rest)
-        # an array of the element shape even for scalars (numpy's [0] and sum give a float)
-        summed = piece.reshape(piece.shape[1:]) if len(piece) == 1 else \
-            piece.sum(axis=0, keepdims=True).reshape(piece.shape[1:])
+        # [0, ...]: an array of the element shape even for scalars (piece[0] gives a float)
+        summed = (piece if len(piece) == 1 else piece.sum(axis=0, keepdims=True))[0, ...]
         if j in bins:
             np.add(bins[j], summed, out=bins[j])
         else:
