@@ -14,6 +14,7 @@ from conftest import small_config
 
 from algorithms.fedavg import FedAvg
 from raysim.algorithm import Broadcast, ClientContext, ClientUpdate, copy_weights
+from raysim.engine.deferred import Deferred
 from raysim.engine.worker import (
     ClientWorker,
     all_finite,
@@ -276,6 +277,34 @@ def test_arrays_are_wrapped_without_a_copy_and_devices_follow_the_gpu_request():
                                     else CPU)
 
 
+
+def test_a_grouped_worker_makes_its_first_groups_data_before_fetching_the_servers_part(
+        ray_session, task):
+    """What the server sends deferred is fetched after the first group is prepared, and the
+    round is the round given everything at once."""
+    worker = make_worker(task, **{"train.client_group": 2})
+    order = []
+    prepare = worker._prepare_group
+
+    def prepared(*args):
+        order.append("prepare")
+        return prepare(*args)
+
+    class Watched(Deferred):
+        def fetch(self):
+            order.append("fetch")
+            return super().fetch()
+
+    broadcast = first_broadcast(task)
+    direct = worker.train(broadcast, 4, [8, 1, 6], [None] * 3)
+    worker._prepare_group = prepared
+    late = worker.train(Watched(ray_session.put(broadcast)), 4, [8, 1, 6],
+                        Watched(ray_session.put([None] * 3)))
+    assert order == ["prepare", "fetch", "fetch", "prepare"]  # groups [1, 6] and [8]
+    assert [r.client_id for r in late.clients] == [1, 6, 8]
+    assert [r.update.metrics for r in late.clients] == [r.update.metrics for r in direct.clients]
+    assert_weights_equal(late.weight_sum.mean(), direct.weight_sum.mean())
+
 def test_a_worker_actor_trains_its_clients_and_sends_their_exact_sum(ray_session, task):
     """On Ray: the actor reads the shared dataset from the object store, runs its client loop
     in its own process and sends the exact sum the clients' updates make here."""
@@ -291,8 +320,7 @@ def test_a_worker_actor_trains_its_clients_and_sends_their_exact_sum(ray_session
         described = backend.get(actor.describe.remote())
         broadcast = first_broadcast(task)
         group = backend.get(actor.train.remote(broadcast, 4, [8, 1, 6], [None] * 3))
-        # as the simulation sends a round: what the server makes, deferred (fetched by the
-        # worker after its clients' data), the same result
+        # as the simulation sends a round: what the server makes, deferred, the same result
         deferred = backend.get(actor.train.remote(
             backend.later(backend.put(broadcast)), 4, [8, 1, 6],
             backend.later(backend.put([None] * 3))))
